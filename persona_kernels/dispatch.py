@@ -1,0 +1,84 @@
+"""One dispatch for every kernel: ``backend`` names -> implementation modules.
+
+Each backend lives in ``persona_kernels.kernels.<backend>`` and exposes one function per op with the
+same signature across backends (inputs already validated, 2-D and contiguous). ``"auto"`` picks the
+fastest backend available for the tensors' device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+_MODULES = {
+    "torch": "persona_kernels.kernels.torch_ref",
+    "cpu": "persona_kernels.kernels.cpu",
+    "triton": "persona_kernels.kernels.triton",
+    "cuda": "persona_kernels.kernels.cuda",
+}
+# Preference order of "auto" per device type.
+_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _backend_module(backend: str):
+    return importlib.import_module(_MODULES[backend])
+
+
+def is_available(backend: str, device: torch.device | str) -> bool:
+    """Whether ``backend`` can run on ``device`` on this machine."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        return False
+    try:
+        module = _backend_module(backend)
+    except ImportError:
+        return False
+    return bool(module.is_available(device))
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends usable for tensors on ``device``, in the order ``"auto"`` prefers them."""
+    device = torch.device(device)
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    rest = [b for b in BACKENDS if b not in order]
+    return [b for b in (*order, *rest) if is_available(b, device)]
+
+
+def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
+    """Turn a user's ``backend`` argument into a concrete backend that implements ``op`` on ``device``."""
+    device = torch.device(device)
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(
+            f"persona_kernels: argument 'backend': expected one of 'auto', {', '.join(map(repr, BACKENDS))}; "
+            f"got {backend!r}"
+        )
+    if backend == "auto":
+        forced = os.environ.get("PERSONA_KERNELS_BACKEND")
+        if forced:
+            return resolve_backend(forced, device, op)
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            if is_available(candidate, device) and hasattr(_backend_module(candidate), op):
+                return candidate
+        return "torch"
+    if not is_available(backend, device):
+        raise RuntimeError(
+            f"persona_kernels: argument 'backend': backend {backend!r} is not available for {device.type} tensors "
+            f"on this machine (available: {', '.join(available_backends(device))})"
+        )
+    if not hasattr(_backend_module(backend), op):
+        raise RuntimeError(f"persona_kernels: argument 'backend': backend {backend!r} does not implement {op!r}")
+    return backend
+
+
+def get_kernel(op: str, backend: str, device: torch.device | str) -> Callable:
+    """The function implementing ``op`` for ``backend`` (``"auto"`` allowed) on ``device``."""
+    return getattr(_backend_module(resolve_backend(backend, device, op)), op)

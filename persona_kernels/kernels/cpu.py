@@ -1,0 +1,25 @@
+"""The ``"cpu"`` backend: C++ kernels of the compiled extension (csrc/*.cpp), OpenMP + AVX-512/AVX2."""
+
+from __future__ import annotations
+
+import torch
+
+from persona_kernels import _extension
+
+
+def is_available(device: torch.device) -> bool:
+    return device.type == "cpu" and _extension.has_cpu_kernels()
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    return _extension.ops().pack_mask(mask)
+
+
+def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    return _extension.ops().unpack_mask(packed, in_features)
+
+
+def gated_linear(
+    x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, gamma: float
+) -> torch.Tensor:
+    return _extension.ops().gated_linear_cpu(x, weight, packed, bias, float(gamma))

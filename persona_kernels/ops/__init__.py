@@ -1,0 +1,1 @@
+"""Public operators: argument checking, custom-op registration, dispatch to a backend kernel."""

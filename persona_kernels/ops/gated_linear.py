@@ -1,0 +1,150 @@
+"""The bitmask-gated linear: ``y = x @ (W * G).T + b`` with ``G = m + gamma * (1 - m)``.
+
+``m`` is a bit-packed keep-mask (see :mod:`persona_kernels.ops.packing`). The weights are never
+copied or modified. Registered as the custom op ``torch.ops.persona_kernels.gated_linear`` (with a
+fake implementation for ``torch.compile`` and a backward for ``x``, ``weight`` and ``bias``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from persona_kernels.dispatch import BACKENDS, get_kernel
+from persona_kernels.ops.packing import packed_words
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_gated_linear_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed_mask: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    gamma: float,
+    backend: str,
+) -> None:
+    """Raise a clear error naming the offending argument; returns None when everything fits."""
+    def fail(arg: str, msg: str, exc=ValueError):
+        raise exc(f"persona_kernels.gated_linear: argument '{arg}': {msg}")
+
+    for name, t in (("x", x), ("weight", weight), ("packed_mask", packed_mask)):
+        if not isinstance(t, torch.Tensor):
+            fail(name, f"expected a torch.Tensor, got {type(t).__name__}", TypeError)
+    if weight.dim() != 2:
+        fail("weight", f"expected shape [N, K], got {tuple(weight.shape)}")
+    n, k = weight.shape
+    if weight.dtype not in _FLOAT_DTYPES:
+        fail("weight", f"expected dtype float32, float16 or bfloat16, got {weight.dtype}", TypeError)
+    if x.dim() < 1:
+        fail("x", "expected shape [..., K], got a 0-d tensor")
+    if x.shape[-1] != k:
+        fail("x", f"last dimension {x.shape[-1]} does not match weight's in_features K={k}")
+    if x.dtype != weight.dtype:
+        fail("x", f"dtype {x.dtype} does not match weight's dtype {weight.dtype}", TypeError)
+    if x.device != weight.device:
+        fail("x", f"device {x.device} does not match weight's device {weight.device}")
+    if packed_mask.dtype != torch.int32:
+        fail("packed_mask", f"expected dtype torch.int32 (use persona_kernels.pack_mask), got {packed_mask.dtype}", TypeError)
+    if tuple(packed_mask.shape) != (n, packed_words(k)):
+        fail("packed_mask", f"expected shape [N, ceil(K/32)] = [{n}, {packed_words(k)}], got {tuple(packed_mask.shape)}")
+    if packed_mask.device != weight.device:
+        fail("packed_mask", f"device {packed_mask.device} does not match weight's device {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            fail("bias", f"expected a torch.Tensor or None, got {type(bias).__name__}", TypeError)
+        if tuple(bias.shape) != (n,):
+            fail("bias", f"expected shape [N] = [{n}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            fail("bias", f"dtype {bias.dtype} does not match weight's dtype {weight.dtype}", TypeError)
+        if bias.device != weight.device:
+            fail("bias", f"device {bias.device} does not match weight's device {weight.device}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        fail("gamma", f"expected a float in [0, 1], got {type(gamma).__name__}", TypeError)
+    if not 0.0 <= float(gamma) <= 1.0:
+        fail("gamma", f"expected a float in [0, 1], got {gamma}")
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        fail("backend", f"expected one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+@torch.library.custom_op("persona_kernels::gated_linear", mutates_args=())
+def _gated_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed_mask: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    gamma: float,
+    backend: str,
+) -> torch.Tensor:
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, n)
+    kernel = get_kernel("gated_linear", backend, x.device)
+    out = kernel(
+        x2.contiguous(), weight.contiguous(), packed_mask.contiguous(),
+        None if bias is None else bias.contiguous(), float(gamma),
+    )
+    return out.reshape(*lead, n)
+
+
+@_gated_linear_op.register_fake
+def _(x, weight, packed_mask, bias, gamma, backend):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, packed_mask, bias, gamma, backend = inputs
+    ctx.save_for_backward(x, weight, packed_mask)
+    ctx.gamma = gamma
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    from persona_kernels.kernels.torch_ref import gate
+
+    x, weight, packed_mask = ctx.saved_tensors
+    k = weight.shape[1]
+    g = gate(packed_mask, k, ctx.gamma)
+    grad2 = grad.reshape(-1, grad.shape[-1]).float()
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad2 @ (weight.float() * g)).to(x.dtype).reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        grad_w = ((grad2.t() @ x.reshape(-1, k).float()) * g).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_b = grad2.sum(0).to(weight.dtype)
+    return grad_x, grad_w, None, grad_b, None, None
+
+
+_gated_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed_mask: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    gamma: float = 0.0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Bitmask-gated linear layer.
+
+    Args:
+        x: ``[..., K]`` input (any leading dims, may be non-contiguous), same dtype and device as ``weight``.
+        weight: ``[N, K]`` weight in fp32, fp16 or bf16 (the ``nn.Linear.weight`` layout).
+        packed_mask: int32 ``[N, ceil(K/32)]`` keep-mask from :func:`persona_kernels.pack_mask`.
+        bias: optional ``[N]`` bias.
+        gamma: soft gate in [0, 1] for pruned connections (0 = hard mask, 1 = dense).
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``x @ (weight * G).T + bias`` in x's dtype, accumulated in fp32.
+    """
+    check_gated_linear_args(x, weight, packed_mask, bias, gamma, backend)
+    if backend != "auto":
+        get_kernel("gated_linear", backend, x.device)  # raise now if unavailable, with the backend's message
+    return _gated_linear_op(x, weight, packed_mask, bias, float(gamma), backend)

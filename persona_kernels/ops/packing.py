@@ -1,0 +1,44 @@
+"""Bit-packed persona masks: the stable on-disk and in-memory format (1 bit per weight).
+
+Layout: a bool keep-mask ``[N, K]`` (``nn.Linear.weight`` layout) becomes int32 ``[N, ceil(K/32)]``;
+bit ``b`` (least significant first) of word ``w`` in row ``n`` is ``mask[n, 32*w + b]``; padding
+bits past ``K`` are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from persona_kernels.dispatch import get_kernel
+
+
+def packed_words(in_features: int) -> int:
+    """Number of int32 words per row for ``in_features`` input features."""
+    return (int(in_features) + 31) // 32
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool keep-mask ``[N, K]`` into int32 words ``[N, ceil(K/32)]`` on the same device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"persona_kernels: argument 'mask': expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"persona_kernels: argument 'mask': expected dtype torch.bool, got {mask.dtype}")
+    if mask.dim() != 2:
+        raise ValueError(f"persona_kernels: argument 'mask': expected shape [N, K], got {tuple(mask.shape)}")
+    return get_kernel("pack_mask", "auto", mask.device)(mask.contiguous())
+
+
+def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: int32 ``[N, ceil(K/32)]`` -> bool ``[N, in_features]``."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"persona_kernels: argument 'packed': expected a torch.Tensor, got {type(packed).__name__}")
+    if packed.dtype != torch.int32:
+        raise TypeError(f"persona_kernels: argument 'packed': expected dtype torch.int32, got {packed.dtype}")
+    if packed.dim() != 2:
+        raise ValueError(f"persona_kernels: argument 'packed': expected shape [N, W], got {tuple(packed.shape)}")
+    if int(in_features) < 0 or packed.shape[1] != packed_words(in_features):
+        raise ValueError(
+            f"persona_kernels: argument 'in_features': {in_features} needs {packed_words(max(int(in_features), 0))} "
+            f"words per row, but 'packed' has {packed.shape[1]}"
+        )
+    return get_kernel("unpack_mask", "auto", packed.device)(packed.contiguous(), int(in_features))
