@@ -31,6 +31,12 @@ _EXPORTS = {
     "persona": "persona_kernels.patching",
     "merge_persona": "persona_kernels.patching",
     "unmerge_persona": "persona_kernels.patching",
+    "PersonaLinear": "persona_kernels.patching",
+    "get_persona": "persona_kernels.patching",
+    "disable_persona": "persona_kernels.patching",
+    "add_persona": "persona_kernels.patching",
+    "remove_persona": "persona_kernels.patching",
+    "load_model": "persona_kernels.models",
     "calibrate": "persona_kernels.pipeline",
 }
 _SUBMODULES = ("scoring", "analysis", "evaluation", "dispatch", "models", "personas")

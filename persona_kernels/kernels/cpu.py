@@ -23,3 +23,19 @@ def gated_linear(
     x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, gamma: float
 ) -> torch.Tensor:
     return _extension.ops().gated_linear_cpu(x, weight, packed, bias, float(gamma))
+
+
+def welford_partials(x: torch.Tensor, row_mask: torch.Tensor | None, seq_len: int):
+    """Batch statistics of x [R, K] (see docs/DESIGN.md): (count, mean, m2, abs_mean, abs_m2, seq_sumsq)."""
+    return _extension.ops().welford_partials_cpu(x, row_mask, int(seq_len))
+
+
+def linear_with_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_mask: torch.Tensor | None,
+    seq_len: int,
+):
+    """``(F.linear(x, weight, bias), *welford_partials(x, row_mask, seq_len))``."""
+    return _extension.ops().linear_with_stats_cpu(x, weight, bias, row_mask, int(seq_len))

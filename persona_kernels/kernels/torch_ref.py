@@ -53,3 +53,45 @@ def gated_linear(
     w = weight.float() * gate(packed, weight.shape[1], gamma)
     out = F.linear(x.float(), w, None if bias is None else bias.float())
     return out.to(x.dtype)
+
+
+def welford_partials(x: torch.Tensor, row_mask: torch.Tensor | None, seq_len: int):
+    """Batch statistics of x [R, K], computed two-pass in float64 (the reference of the contract).
+
+    Returns ``(count int64[K], mean, m2, abs_mean, abs_m2 f32[K], seq_sumsq f32[R // seq_len, K])``: rows with
+    ``row_mask`` False and non-finite values (per channel) are excluded; ``seq_sumsq[s]`` is Σx² over the valid,
+    finite rows of the s-th block of ``seq_len`` consecutive rows (shape [0, K] when ``seq_len`` is 0).
+    """
+    rows, k = x.shape
+    xd = x.to(torch.float64)
+    valid = torch.isfinite(xd)
+    if row_mask is not None:
+        valid &= row_mask.reshape(rows, 1)
+    count = valid.sum(0, dtype=torch.int64)
+    denom = count.clamp_min(1).to(torch.float64)
+    zero = xd.new_zeros(())
+    xz = torch.where(valid, xd, zero)
+
+    def two_pass(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = v.sum(0) / denom
+        dev = torch.where(valid, v - mean, zero)
+        return mean, (dev * dev).sum(0)
+
+    mean, m2 = two_pass(xz)
+    abs_mean, abs_m2 = two_pass(xz.abs())
+    nseq = rows // seq_len if seq_len > 0 else 0
+    seq_sumsq = (xz[: nseq * seq_len] ** 2).reshape(nseq, seq_len if nseq else 1, k).sum(1)
+    f32 = torch.float32
+    return count, mean.to(f32), m2.to(f32), abs_mean.to(f32), abs_m2.to(f32), seq_sumsq.to(f32).reshape(nseq, k)
+
+
+def linear_with_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_mask: torch.Tensor | None,
+    seq_len: int,
+):
+    """``(F.linear(x, weight, bias), *welford_partials(x, row_mask, seq_len))``; y computed in fp32, in x's dtype."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return (y, *welford_partials(x, row_mask, seq_len))

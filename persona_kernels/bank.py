@@ -1,0 +1,584 @@
+"""MaskBank: persona -> module -> bit-packed keep-mask, saved as one safetensors file.
+
+In memory and on disk a mask costs 1 bit per weight: int32 ``[N, ceil(K/32)]`` words as produced by
+:func:`persona_kernels.pack_mask` (padding bits zero). The file holds one tensor per (persona, module),
+named ``"<persona>/<module>"``, and in the safetensors header metadata:
+
+- ``persona_kernels.mask_bank``: JSON with ``format_version``, ``package_version``, ``fingerprint``,
+  ``personas``, ``modules`` (``{name: [N, K]}``) and the user ``metadata`` (method, sparsity, method
+  options, ``tokens_seen`` per persona, ``default_gamma``, composites, ...);
+- ``persona_kernels.payload_sha256``: sha256 over every tensor (sorted by name: name, shape, bytes);
+- ``persona_kernels.header_sha256``: sha256 of the JSON above.
+
+Loading checks all of it (format version, checksums, tensor names, dtypes, shapes, zero padding bits,
+fingerprint) and refuses a damaged or foreign file with a :class:`MaskBankError` naming the file.
+Writes are atomic (temporary file in the same folder + ``os.replace``). No pickle is ever used.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+__all__ = ["MaskBank", "MaskBankError", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_KEY_JSON = "persona_kernels.mask_bank"
+_KEY_PAYLOAD = "persona_kernels.payload_sha256"
+_KEY_HEADER = "persona_kernels.header_sha256"
+
+Shape = tuple  # (N, K)
+
+
+class MaskBankError(ValueError):
+    """A mask bank file (or its contents) is invalid, damaged, or built for another model."""
+
+
+def _err(arg: str, msg: str) -> str:
+    return f"persona_kernels.MaskBank: argument '{arg}': {msg}"
+
+
+def _words(k: int) -> int:
+    return (int(k) + 31) // 32
+
+
+def _package_version() -> str:
+    try:
+        from persona_kernels import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def _padding_ok(packed: torch.Tensor, k: int) -> bool:
+    """True when the bits past ``k`` in the last word of every row are 0."""
+    rem = k % 32
+    if rem == 0 or packed.numel() == 0:
+        return True
+    high = (~((1 << rem) - 1)) & 0xFFFFFFFF
+    high = high - (1 << 32) if high >= 1 << 31 else high
+    return not bool((packed[:, -1] & high).any())
+
+
+def _payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(key.encode("utf-8") + b"\0")
+        h.update(struct.pack("<" + "q" * t.dim(), *t.shape))
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _shape_of(value: Any, name: str) -> Shape:
+    if isinstance(value, torch.Tensor):
+        value = tuple(value.shape)
+    try:
+        n, k = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(_err("model", f"module {name!r}: expected an (N, K) shape, got {value!r}")) from None
+    if n < 0 or k < 0:
+        raise ValueError(_err("model", f"module {name!r}: negative shape {(n, k)}"))
+    return (n, k)
+
+
+def _linear_shapes(model: Any) -> dict[str, Shape]:
+    """``{name: (out_features, in_features)}`` of every Linear-like module (2-D ``weight``) of a model."""
+    if isinstance(model, Mapping):
+        return {str(name): _shape_of(v, str(name)) for name, v in model.items()}
+    if not hasattr(model, "named_modules"):
+        raise TypeError(_err("model", f"expected an nn.Module or a {{name: (N, K)}} mapping, got {type(model).__name__}"))
+    shapes: dict[str, Shape] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) or (
+            isinstance(getattr(module, "in_features", None), int)
+            and isinstance(getattr(module, "out_features", None), int)
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+        ):
+            shapes[name] = (int(module.out_features), int(module.in_features))
+    return shapes
+
+
+def _fingerprint(shapes: Mapping[str, Shape]) -> str:
+    items = sorted([name, int(n), int(k)] for name, (n, k) in shapes.items())
+    blob = json.dumps(items, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _to_bool(value: Any, where: str) -> torch.Tensor:
+    """A 0/1 mask of any dtype as bool (used when importing foreign files)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"persona_kernels.MaskBank: {where}: expected a tensor, got {type(value).__name__}")
+    if value.dtype == torch.bool:
+        return value
+    if value.is_complex() or not bool(((value == 0) | (value == 1)).all()):
+        raise ValueError(f"persona_kernels.MaskBank: {where}: expected a bool (or 0/1) mask, got {value.dtype} values")
+    return value != 0
+
+
+class MaskBank:
+    """Persona -> module -> bit-packed int32 keep-mask, plus JSON metadata.
+
+    Args:
+        metadata: free-form JSON-serialisable dict. Conventional keys: ``method``, ``sparsity``,
+            ``method_kwargs`` (statistic options), ``pairs``, ``tokens_seen`` ({persona: int}).
+        default_gamma: soft-gate value for pruned weights used when a persona is switched on without
+            an explicit gamma (0 = hard mask).
+    """
+
+    def __init__(self, metadata: Mapping[str, Any] | None = None, *, default_gamma: float = 0.0) -> None:
+        self._masks: dict[str, dict[str, torch.Tensor]] = {}
+        self._shapes: dict[str, Shape] = {}
+        self.metadata: dict[str, Any] = copy.deepcopy(dict(metadata or {}))
+        if "default_gamma" not in self.metadata or default_gamma:
+            self.default_gamma = default_gamma
+        self.saved_with: dict[str, Any] | None = None  # package/format version of the file it was loaded from
+
+    # ------------------------------------------------------------------ basic accessors
+
+    @property
+    def default_gamma(self) -> float:
+        return float(self.metadata.get("default_gamma", 0.0))
+
+    @default_gamma.setter
+    def default_gamma(self, value: float) -> None:
+        value = float(value)
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(_err("default_gamma", f"expected a value in [0, 1], got {value!r}"))
+        self.metadata["default_gamma"] = value
+
+    @property
+    def personas(self) -> list[str]:
+        return list(self._masks)
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self._shapes)
+
+    @property
+    def shapes(self) -> dict[str, Shape]:
+        """``{module: (N, K)}`` of the weights the masks apply to."""
+        return dict(self._shapes)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the (module name, N, K) list; equals ``model_fingerprint(model, bank.module_names)``."""
+        return _fingerprint(self._shapes)
+
+    @property
+    def method(self) -> str | None:
+        return self.metadata.get("method")
+
+    @property
+    def sparsity(self) -> float | None:
+        return self.metadata.get("sparsity")
+
+    @property
+    def tokens_seen(self) -> dict[str, int]:
+        return dict(self.metadata.get("tokens_seen", {}))
+
+    @property
+    def composites(self) -> dict[str, dict[str, Any]]:
+        return dict(self.metadata.get("composites", {}))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * 4 for m in self._masks.values() for t in m.values())
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __contains__(self, persona: object) -> bool:
+        return persona in self._masks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._masks))
+
+    def __repr__(self) -> str:
+        weights = sum(n * k for n, k in self._shapes.values())
+        shown = ", ".join(repr(p) for p in self.personas[:6]) + (", ..." if len(self._masks) > 6 else "")
+        extras = []
+        for key in ("method", "sparsity"):
+            if self.metadata.get(key) is not None:
+                extras.append(f"{key}={self.metadata[key]!r}")
+        extras.append(f"default_gamma={self.default_gamma:g}")
+        devices = sorted({str(t.device) for m in self._masks.values() for t in m.values()}) or ["cpu"]
+        return (
+            f"MaskBank({len(self._masks)} personas [{shown}], {len(self._shapes)} modules, "
+            f"{weights / 1e6:.2f}M weights per persona, {', '.join(extras)}, "
+            f"{self.nbytes / 2**20:.2f} MiB packed on {'/'.join(devices)}, fingerprint={self.fingerprint})"
+        )
+
+    def _check_persona(self, persona: Any) -> None:
+        if persona not in self._masks:
+            raise KeyError(f"persona_kernels.MaskBank: unknown persona {persona!r}; the bank has {self.personas}")
+
+    def get(self, persona: str, module: str) -> torch.Tensor | None:
+        """Packed int32 ``[N, ceil(K/32)]`` mask, or None when ``persona`` has no mask for ``module``.
+
+        Raises KeyError for an unknown persona or a module the bank knows nothing about.
+        """
+        self._check_persona(persona)
+        if module not in self._shapes:
+            raise KeyError(f"persona_kernels.MaskBank: unknown module {module!r} (the bank has {len(self._shapes)} modules)")
+        return self._masks[persona].get(module)
+
+    def masks(
+        self,
+        persona: str,
+        device: torch.device | str | None = None,
+        device_map: Mapping[str, torch.device | str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``{module: packed int32 mask}`` of one persona, optionally moved to ``device`` or, per module,
+        to ``device_map[module]`` (modules absent from the map go to ``device`` / stay where they are)."""
+        self._check_persona(persona)
+        out = {}
+        for name, t in self._masks[persona].items():
+            target = device_map.get(name, device) if device_map is not None else device
+            out[name] = t if target is None else t.to(target)
+        return out
+
+    def unpacked(self, persona: str, module: str) -> torch.Tensor:
+        """The bool ``[N, K]`` keep-mask of one (persona, module)."""
+        from persona_kernels.ops.packing import unpack_mask
+
+        packed = self.get(persona, module)
+        if packed is None:
+            raise KeyError(f"persona_kernels.MaskBank: persona {persona!r} has no mask for {module!r}")
+        return unpack_mask(packed, self._shapes[module][1])
+
+    def to(self, device: torch.device | str) -> "MaskBank":
+        """Move every mask to ``device`` (in place); returns self."""
+        for m in self._masks.values():
+            for name in m:
+                m[name] = m[name].to(device)
+        return self
+
+    # ------------------------------------------------------------------ editing
+
+    def add(
+        self,
+        persona: str,
+        masks: Mapping[str, torch.Tensor],
+        *,
+        shapes: Mapping[str, Shape] | None = None,
+        tokens_seen: int | None = None,
+    ) -> "MaskBank":
+        """Add (or replace) masks of ``persona``: ``{module: bool [N, K] or packed int32 [N, ceil(K/32)]}``.
+
+        A packed mask needs its K: from the bank (module already known) or from ``shapes[module]``.
+        Shapes must agree with the bank's. Masks keep their device. Returns self.
+        """
+        if not isinstance(persona, str) or not persona or "/" in persona:
+            raise ValueError(_err("persona", f"expected a non-empty name without '/', got {persona!r}"))
+        if not isinstance(masks, Mapping):
+            raise TypeError(_err("masks", f"expected a {{module: mask}} mapping, got {type(masks).__name__}"))
+        from persona_kernels.ops.packing import pack_mask
+
+        staged: dict[str, torch.Tensor] = {}
+        new_shapes: dict[str, Shape] = {}
+        for name, mask in masks.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(_err("masks", f"module names must be non-empty strings, got {name!r}"))
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                raise ValueError(_err("masks", f"{name!r}: expected a 2-D tensor, got {getattr(mask, 'shape', mask)!r}"))
+            known = self._shapes.get(name) or new_shapes.get(name)
+            given = tuple(int(v) for v in shapes[name]) if shapes is not None and name in shapes else None
+            if known is not None and given is not None and known != given:
+                raise ValueError(_err("shapes", f"{name!r}: {given} differs from the bank's {known}"))
+            if mask.dtype == torch.bool:
+                shape = (int(mask.shape[0]), int(mask.shape[1]))
+                expected = known or given
+                if expected is not None and shape != expected:
+                    raise ValueError(_err("masks", f"{name!r}: mask shape {shape}, but the module is {expected}"))
+                packed = pack_mask(mask)
+            elif mask.dtype == torch.int32:
+                expected = known or given
+                if expected is None:
+                    raise ValueError(
+                        _err("shapes", f"{name!r}: a packed mask needs the module's (N, K); pass shapes={{name: (N, K)}}")
+                    )
+                shape = expected
+                if tuple(mask.shape) != (shape[0], _words(shape[1])):
+                    raise ValueError(
+                        _err("masks", f"{name!r}: packed shape {tuple(mask.shape)}, expected {(shape[0], _words(shape[1]))}")
+                    )
+                if not _padding_ok(mask, shape[1]):
+                    raise ValueError(_err("masks", f"{name!r}: padding bits past K={shape[1]} are not zero"))
+                packed = mask.contiguous().clone()
+            else:
+                raise TypeError(_err("masks", f"{name!r}: expected a bool mask or packed int32 words, got {mask.dtype}"))
+            staged[name] = packed
+            new_shapes[name] = shape
+        self._shapes.update({n: s for n, s in new_shapes.items() if n not in self._shapes})
+        self._masks.setdefault(persona, {}).update(staged)
+        if tokens_seen is not None:
+            self.metadata.setdefault("tokens_seen", {})[persona] = int(tokens_seen)
+        return self
+
+    def remove(self, persona: str) -> None:
+        """Drop a persona (modules no persona uses any more are forgotten too)."""
+        self._check_persona(persona)
+        del self._masks[persona]
+        used = {n for m in self._masks.values() for n in m}
+        self._shapes = {n: s for n, s in self._shapes.items() if n in used}
+        self.metadata.get("tokens_seen", {}).pop(persona, None)
+        self.metadata.get("composites", {}).pop(persona, None)
+
+    def add_composite(self, name: str, personas: Sequence[str], op: str = "and") -> "MaskBank":
+        """Add persona ``name`` as the AND (intersection of kept weights) or OR of other personas' masks,
+        computed on the packed words (e.g. an MBTI type = AND of its four dimension masks).
+        The components must cover the same modules. Recorded in ``metadata["composites"]``."""
+        from persona_kernels.scoring import compose
+
+        if isinstance(personas, str) or not personas:
+            raise ValueError(_err("personas", "expected a non-empty list of persona names"))
+        for p in personas:
+            self._check_persona(p)
+        if op not in ("and", "or"):
+            raise ValueError(_err("op", f"expected 'and' or 'or', got {op!r}"))
+        modules = list(self._masks[personas[0]])
+        for p in personas[1:]:
+            if set(self._masks[p]) != set(modules):
+                raise ValueError(_err("personas", f"{p!r} and {personas[0]!r} do not cover the same modules"))
+        combined = {}
+        for module in modules:
+            parts = [self._masks[p][module] for p in personas]
+            dev = parts[0].device
+            combined[module] = compose([t.to(dev) for t in parts], op=op)
+        self.add(name, combined)
+        self.metadata.setdefault("composites", {})[name] = {"op": op, "of": list(personas)}
+        return self
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_bool_masks(
+        cls,
+        masks: Mapping[str, Mapping[str, torch.Tensor]],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        default_gamma: float = 0.0,
+        shapes: Mapping[str, Shape] | None = None,
+    ) -> "MaskBank":
+        """A bank from ``{persona: {module: bool [N, K] (or packed int32 with shapes)}}``."""
+        if not isinstance(masks, Mapping):
+            raise TypeError(_err("masks", f"expected {{persona: {{module: mask}}}}, got {type(masks).__name__}"))
+        bank = cls(metadata, default_gamma=default_gamma)
+        for persona, per_module in masks.items():
+            bank.add(persona, per_module, shapes=shapes)
+        return bank
+
+    @classmethod
+    def from_state_dict_file(
+        cls,
+        path: str | os.PathLike,
+        persona: str | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        default_gamma: float = 0.0,
+    ) -> "MaskBank":
+        """Import plain dict-of-bool-tensor masks (interoperability with other code).
+
+        Accepts a safetensors file, or a torch file (``.pt``/``.pth``/``.bin``) read with
+        ``torch.load(weights_only=True)``. Layouts: ``{module: mask}`` (one persona, named ``persona``
+        or the file stem), ``{persona: {module: mask}}`` (torch files), or flat ``"persona/module"``
+        keys. Masks may be bool or 0/1 integer/float tensors; a trailing ``.weight`` on module names is
+        dropped (parameter names -> module names).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"persona_kernels.MaskBank: mask file {str(path)!r} does not exist")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                raw: Any = load_file(str(path), device="cpu")
+            else:
+                raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise MaskBankError(f"persona_kernels.MaskBank: cannot read masks from {str(path)!r}: {exc}") from exc
+        if not isinstance(raw, Mapping) or not raw:
+            raise MaskBankError(f"persona_kernels.MaskBank: {str(path)!r} holds no dict of masks")
+
+        def strip(name: str) -> str:
+            return name[: -len(".weight")] if name.endswith(".weight") else name
+
+        nested: dict[str, dict[str, torch.Tensor]] = {}
+        if all(isinstance(v, Mapping) for v in raw.values()):
+            for p, per_module in raw.items():
+                nested[str(p)] = {strip(str(m)): _to_bool(t, f"{str(path)!r} [{p!r}][{m!r}]") for m, t in per_module.items()}
+        elif persona is None and all(isinstance(k, str) and "/" in k for k in raw):
+            for key, t in raw.items():
+                p, m = key.split("/", 1)
+                nested.setdefault(p, {})[strip(m)] = _to_bool(t, f"{str(path)!r} [{key!r}]")
+        else:
+            name = persona or path.name.split(".")[0]
+            nested[name] = {strip(str(m)): _to_bool(t, f"{str(path)!r} [{m!r}]") for m, t in raw.items()}
+        meta = {"imported_from": path.name, **dict(metadata or {})}
+        return cls.from_bool_masks(nested, metadata=meta, default_gamma=default_gamma)
+
+    # ------------------------------------------------------------------ fingerprint
+
+    @staticmethod
+    def model_fingerprint(model: Any, module_names: Iterable[str] | None = None) -> str:
+        """Fingerprint of a model from its Linear module names and (N, K) shapes.
+
+        ``model`` is an ``nn.Module`` (every module with a 2-D weight and in/out_features) or a
+        ``{name: (N, K)}`` mapping. With ``module_names`` only those modules count (all must exist), so
+        ``MaskBank.model_fingerprint(model, bank.module_names) == bank.fingerprint`` when the bank fits.
+        """
+        shapes = _linear_shapes(model)
+        if module_names is not None:
+            names = list(module_names)
+            missing = [n for n in names if n not in shapes]
+            if missing:
+                raise MaskBankError(
+                    f"persona_kernels.MaskBank: the model has no Linear module {missing[0]!r}"
+                    f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
+                )
+            shapes = {n: shapes[n] for n in names}
+        return _fingerprint(shapes)
+
+    # ------------------------------------------------------------------ save / load
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "package_version": _package_version(),
+            "fingerprint": self.fingerprint,
+            "personas": self.personas,
+            "modules": [[n, s[0], s[1]] for n, s in self._shapes.items()],  # a list: keeps the order
+            "persona_modules": {p: list(m) for p, m in self._masks.items()},
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bank as one safetensors file, atomically. Returns the path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f"{p}/{m}": t.detach().to("cpu").contiguous() for p, mods in self._masks.items() for m, t in mods.items()}
+        try:
+            header = json.dumps(self._header(), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(_err("metadata", f"must be JSON-serialisable (str/int/float/bool/list/dict): {exc}")) from exc
+        meta = {
+            _KEY_JSON: header,
+            _KEY_PAYLOAD: _payload_sha256(tensors),
+            _KEY_HEADER: hashlib.sha256(header.encode("utf-8")).hexdigest(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        expected_fingerprint: str | None = None,
+        model: Any = None,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> "MaskBank":
+        """Read and fully validate a bank written by :meth:`save`.
+
+        ``expected_fingerprint`` (a string) or ``model`` (``nn.Module`` or ``{name: (N, K)}``) make the
+        load fail when the bank was built for another model. Raises :class:`MaskBankError` naming the
+        file for any corruption (truncation, flipped bytes, wrong shapes, non-zero padding bits).
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        where = f"mask bank file {str(path)!r}"
+        if not path.is_file():
+            raise FileNotFoundError(f"persona_kernels.MaskBank: {where} does not exist")
+
+        def fail(msg: str) -> MaskBankError:
+            return MaskBankError(f"persona_kernels.MaskBank: {where}: {msg}")
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                meta = fh.metadata() or {}
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+        except Exception as exc:
+            raise fail(f"not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+        if _KEY_JSON not in meta:
+            raise fail("not a persona_kernels mask bank (no bank metadata in the safetensors header)")
+        header_text = meta[_KEY_JSON]
+        if hashlib.sha256(header_text.encode("utf-8")).hexdigest() != meta.get(_KEY_HEADER):
+            raise fail("header checksum mismatch: the metadata is corrupted")
+        try:
+            header = json.loads(header_text)
+            version = int(header["format_version"])
+        except Exception as exc:
+            raise fail(f"unreadable bank metadata: {exc}") from exc
+        if version != FORMAT_VERSION:
+            raise fail(f"format version {version} is not supported (this package reads version {FORMAT_VERSION})")
+        if _payload_sha256(tensors) != meta.get(_KEY_PAYLOAD):
+            raise fail("payload checksum mismatch: the mask data is corrupted")
+        try:
+            shapes = {str(n): (int(rows), int(cols)) for n, rows, cols in header["modules"]}
+            personas = [str(p) for p in header["personas"]]
+            persona_modules = {str(p): [str(m) for m in ms] for p, ms in header["persona_modules"].items()}
+            user_meta = dict(header.get("metadata", {}))
+            stored_fp = str(header["fingerprint"])
+        except Exception as exc:
+            raise fail(f"incomplete bank metadata: {exc}") from exc
+        expected_keys = {f"{p}/{m}" for p in personas for m in persona_modules.get(p, [])}
+        if set(tensors) != expected_keys:
+            extra = sorted(set(tensors) ^ expected_keys)[:3]
+            raise fail(f"tensor names do not match the bank metadata (e.g. {extra})")
+        for p in personas:
+            for m in persona_modules.get(p, []):
+                t = tensors[f"{p}/{m}"]
+                if m not in shapes:
+                    raise fail(f"mask {p}/{m} has no module shape in the metadata")
+                n, k = shapes[m]
+                if t.dtype != torch.int32 or tuple(t.shape) != (n, _words(k)):
+                    raise fail(f"mask {p}/{m}: {t.dtype} {tuple(t.shape)}, expected int32 {(n, _words(k))} for K={k}")
+                if not _padding_ok(t, k):
+                    raise fail(f"mask {p}/{m}: padding bits past K={k} are not zero")
+        if _fingerprint(shapes) != stored_fp:
+            raise fail(f"stored fingerprint {stored_fp} does not match its own module shapes")
+        if expected_fingerprint is not None and str(expected_fingerprint) != stored_fp:
+            raise fail(f"built for another model: fingerprint {stored_fp}, expected {expected_fingerprint}")
+        if model is not None:
+            model_shapes = _linear_shapes(model)
+            problems = []
+            for m, s in shapes.items():
+                if m not in model_shapes:
+                    problems.append(f"{m} missing from the model")
+                elif model_shapes[m] != s:
+                    problems.append(f"{m}: bank (N, K) = {s}, model {model_shapes[m]}")
+            if problems:
+                raise fail(
+                    f"built for another model ({len(problems)} of {len(shapes)} modules differ, e.g. {problems[0]})"
+                )
+        bank = cls(user_meta)
+        bank._shapes = shapes
+        for p in personas:
+            bank._masks[p] = {m: tensors[f"{p}/{m}"].to(device) for m in persona_modules.get(p, [])}
+        bank.saved_with = {"package_version": header.get("package_version"), "format_version": version}
+        return bank

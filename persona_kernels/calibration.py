@@ -1,0 +1,620 @@
+"""Whole-model calibration: per-input-channel statistics of every targeted ``nn.Linear``'s input.
+
+While recording, each targeted Linear runs :func:`persona_kernels.ops.welford.linear_with_stats` in place
+of its forward (the module's ``forward`` is overridden temporarily and restored exactly afterwards, also
+when an exception escapes), so the statistics are accumulated on the module's own device inside the
+forward pass: no Python hook copies activations to the host and nothing synchronises per layer.
+
+Padding never enters the statistics: the recorder keeps the current batch's token mask (the
+``attention_mask`` as bool ``[B, T]``, AND-ed with an optional per-token ``"stats_mask"``, e.g. "response
+tokens only") and every Linear whose input is ``[B, T, K]`` uses it.
+
+Linears that read the same tensor (q/k/v projections, gate/up projections) share one accumulation: when
+a targeted Linear's input is the very tensor object (same shape, not modified in place) that the
+previous recording Linear of the same forward read, it runs a plain ``F.linear`` and its entry in the
+result refers to the *same* :class:`~persona_kernels.stats.ActivationStats` object as that Linear's
+entry. ``shared_groups`` lists these groups.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "StatsRecorder",
+    "CalibrationStats",
+    "NonFiniteActivationsError",
+    "collect_stats",
+    "resolve_target_modules",
+    "shared_groups",
+]
+
+TargetSpec = Union[
+    None, str, "re.Pattern[str]", Sequence[Union[str, "re.Pattern[str]"]], Callable[[str, nn.Module], bool]
+]
+_ON_NONFINITE = ("warn", "raise", "ignore")
+STATS_MASK_KEY = "stats_mask"
+
+
+class NonFiniteActivationsError(FloatingPointError):
+    """Raised by ``on_nonfinite="raise"`` when some module inputs held inf/NaN values (``.counts`` maps names)."""
+
+    def __init__(self, message: str, counts: dict[str, int]):
+        super().__init__(message)
+        self.counts = counts
+
+
+class CalibrationStats(dict):
+    """``{module name: ActivationStats}`` in model order, plus :attr:`shared_groups`.
+
+    Entries of Linears that read the same input tensor are the same object (one accumulation).
+    """
+
+    shared_groups: list[list[str]]
+
+    def __init__(self, *args: Any, shared_groups: Optional[list[list[str]]] = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.shared_groups = shared_groups if shared_groups is not None else shared_groups_of(self)
+
+
+def shared_groups_of(stats: Mapping[str, Any]) -> list[list[str]]:
+    """Groups (of two or more names, in mapping order) whose entries are the same statistics object."""
+    groups: dict[int, list[str]] = {}
+    for name, value in stats.items():
+        groups.setdefault(id(value), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+shared_groups = shared_groups_of
+
+
+# ----------------------------------------------------------------------------------------------- targets
+def _is_output_head(name: str, module: nn.Module, head: Optional[nn.Module]) -> bool:
+    return module is head or name == "lm_head" or name.endswith(".lm_head")
+
+
+def _matches(item: Union[str, "re.Pattern[str]"], name: str) -> bool:
+    if isinstance(item, re.Pattern):
+        return item.search(name) is not None
+    if name == item or name.endswith("." + item) or fnmatch.fnmatchcase(name, item):
+        return True
+    try:
+        return re.fullmatch(item, name) is not None
+    except re.error:
+        return False
+
+
+def resolve_target_modules(model: nn.Module, target_modules: TargetSpec = None) -> list[tuple[str, nn.Linear]]:
+    """The ``(name, module)`` pairs of the ``nn.Linear`` modules selected by ``target_modules``, in model order.
+
+    ``target_modules``:
+      * ``None``: every ``nn.Linear`` except the output head (``lm_head`` / ``model.get_output_embeddings()``);
+      * a string or a list of strings / compiled regexes; a string selects a Linear whose full name equals
+        it, ends with ``"." + it`` (``"q_proj"``), matches it as a glob (``"*.mlp.*"``) or as a full regex
+        (``r"model\\.layers\\.[01]\\..*"``); a compiled regex selects names it ``search``-es. Every entry
+        must select at least one Linear;
+      * a callable ``(name, module) -> bool`` applied to every ``nn.Linear``.
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("persona_kernels.collect_stats: argument 'model': it contains no nn.Linear module")
+    if target_modules is None:
+        head = None
+        get_head = getattr(model, "get_output_embeddings", None)
+        if callable(get_head):
+            try:
+                head = get_head()
+            except (NotImplementedError, AttributeError):
+                head = None
+        selected = [(n, m) for n, m in linears if not _is_output_head(n, m, head)]
+    elif callable(target_modules) and not isinstance(target_modules, re.Pattern):
+        selected = [(n, m) for n, m in linears if target_modules(n, m)]
+    else:
+        items = [target_modules] if isinstance(target_modules, (str, re.Pattern)) else target_modules
+        if not isinstance(items, Sequence) or not all(isinstance(i, (str, re.Pattern)) for i in items):
+            raise TypeError(
+                "persona_kernels.collect_stats: argument 'target_modules': expected None, a string, a list of "
+                f"names / glob or regex patterns, or a callable (name, module) -> bool; got {target_modules!r}"
+            )
+        chosen: set[str] = set()
+        for item in items:
+            hits = [n for n, _ in linears if _matches(item, n)]
+            if not hits:
+                shown = ", ".join(n for n, _ in linears[:6]) + (", ..." if len(linears) > 6 else "")
+                raise ValueError(
+                    f"persona_kernels.collect_stats: argument 'target_modules': {getattr(item, 'pattern', item)!r} "
+                    f"matches no nn.Linear of the model (names look like: {shown})"
+                )
+            chosen.update(hits)
+        selected = [(n, m) for n, m in linears if n in chosen]
+    if not selected:
+        raise ValueError(
+            f"persona_kernels.collect_stats: argument 'target_modules': {target_modules!r} selects no nn.Linear "
+            f"of the model ({len(linears)} Linear modules, e.g. {linears[0][0]!r})"
+        )
+    return selected
+
+
+# ---------------------------------------------------------------------------------------------- recorder
+class _Slot:
+    """Per-module recording state."""
+
+    __slots__ = ("name", "module", "stats", "leader", "attr", "saved", "had_saved", "warned")
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        self.stats = None  # ActivationStats, created on the first call on the input's device
+        self.leader: Optional[_Slot] = None  # set when this Linear reads its leader's input
+        self.attr = "forward"
+        self.saved: Any = None
+        self.had_saved = False
+        self.warned = False
+
+
+def _to_bool_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"persona_kernels.collect_stats: {what}: expected a [B, T] tensor, got {type(mask).__name__}")
+    if mask.dim() != 2:
+        raise ValueError(f"persona_kernels.collect_stats: {what}: expected shape [B, T], got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+class StatsRecorder:
+    """Context manager recording per-input-channel statistics of the targeted Linears of ``model``.
+
+    >>> with StatsRecorder(model) as rec:
+    ...     rec.run(batch)          # or model(**batch): the attention_mask is picked up automatically
+    >>> stats = rec.stats           # CalibrationStats {name: ActivationStats}
+
+    Args:
+        model: the model (a Hugging Face causal LM or any ``nn.Module``; its call receives the batch).
+        target_modules: which ``nn.Linear`` modules to record, see :func:`resolve_target_modules`.
+        backend: kernel backend for :func:`~persona_kernels.ops.welford.linear_with_stats`.
+        on_nonfinite: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what to do on leaving the
+            context when inf/NaN inputs were excluded from some module's statistics.
+        share_inputs: let Linears that read the same tensor share one accumulation (default True).
+        skip_logits: in :meth:`run`, pass ``logits_to_keep=1`` and ``use_cache=False`` when the model's forward
+            takes them and the batch does not set them (calibration needs no logits nor KV cache); never when
+            the output head itself is recorded.
+
+    Calling the model directly inside the context uses its ``attention_mask`` keyword (2-D) as the token
+    mask, unless :meth:`set_token_mask` set one. Statistics persist across contexts of the same recorder.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: TargetSpec = None,
+        *,
+        backend: str = "auto",
+        on_nonfinite: str = "warn",
+        share_inputs: bool = True,
+        skip_logits: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"persona_kernels.StatsRecorder: argument 'model': expected an nn.Module, got {type(model).__name__}"
+            )
+        if on_nonfinite not in _ON_NONFINITE:
+            raise ValueError(
+                f"persona_kernels.StatsRecorder: argument 'on_nonfinite': expected one of {_ON_NONFINITE}, "
+                f"got {on_nonfinite!r}"
+            )
+        if not isinstance(backend, str):
+            raise TypeError(f"persona_kernels.StatsRecorder: argument 'backend': expected a string, got {backend!r}")
+        from persona_kernels.ops import welford  # noqa: F401  (fail early if the kernels are missing)
+
+        self.model = model
+        self.backend = backend
+        self.on_nonfinite = on_nonfinite
+        self.share_inputs = bool(share_inputs)
+        self._slots = [_Slot(n, m) for n, m in resolve_target_modules(model, target_modules)]
+        self._extra_kwargs = _calibration_kwargs(model, self._slots) if skip_logits else {}
+        self._installed = False
+        self._handles: list[Any] = []
+        self._explicit_mask: Optional[torch.Tensor] = None
+        self._mask: Optional[torch.Tensor] = None
+        self._mask_cache: dict[Any, torch.Tensor] = {}
+        self._last_input: Optional[torch.Tensor] = None
+        self._last_version = -1
+        self._last_slot: Optional[_Slot] = None
+
+    # -- public ---------------------------------------------------------------------------------------
+    @property
+    def module_names(self) -> list[str]:
+        """Names of the targeted Linears, in model order."""
+        return [s.name for s in self._slots]
+
+    @property
+    def stats(self) -> CalibrationStats:
+        """``{name: ActivationStats}`` of the targeted Linears that have run (shared entries are one object)."""
+        return CalibrationStats((s.name, s.stats) for s in self._slots if s.stats is not None)
+
+    @property
+    def shared_groups(self) -> list[list[str]]:
+        """Lists of module names sharing one accumulation (leader first), in model order."""
+        return shared_groups_of(self.stats)
+
+    def set_token_mask(self, mask: Optional[torch.Tensor]) -> None:
+        """Use ``mask`` (bool or 0/1 ``[B, T]``; True = record the token) for the following forwards.
+
+        ``None`` returns to the default: the ``attention_mask`` the model is called with, else every token.
+        """
+        self._explicit_mask = None if mask is None else _to_bool_mask(mask, "token mask")
+
+    def run(self, batch: Union[torch.Tensor, Mapping[str, Any]], device: Optional[torch.device] = None) -> Any:
+        """Call the model on one batch under ``torch.no_grad()`` and return its output.
+
+        ``batch`` is a tensor of input ids or a mapping with ``input_ids`` / ``attention_mask`` (padded) and an
+        optional ``"stats_mask"`` ``[B, T]`` (recorded tokens, AND-ed with the attention mask; it is not passed
+        to the model). Tensors are moved to ``device`` when given.
+        """
+        if not self._installed:
+            raise RuntimeError(
+                "persona_kernels.StatsRecorder.run: the recorder is not active; use it as a context manager"
+            )
+        args, kwargs, mask = _split_batch(batch, device)
+        for key, value in self._extra_kwargs.items():
+            kwargs.setdefault(key, value)
+        previous = self._explicit_mask
+        self._explicit_mask = mask
+        try:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        finally:
+            self._explicit_mask = previous
+
+    def nonfinite_counts(self) -> dict[str, int]:
+        """``{name of a recording Linear: values excluded as inf/NaN}`` for modules with a nonzero count.
+
+        Synchronises once per device (call it after the run, not per batch)."""
+        leaders = [s for s in self._slots if s.stats is not None and s.leader is None]
+        counts: dict[str, int] = {}
+        by_device: dict[torch.device, list[_Slot]] = {}
+        for s in leaders:
+            by_device.setdefault(s.stats.nonfinite.device, []).append(s)
+        for slots in by_device.values():
+            values = torch.stack([s.stats.nonfinite.reshape(()) for s in slots]).cpu().tolist()
+            counts.update({s.name: int(v) for s, v in zip(slots, values) if v})
+        order = {s.name: i for i, s in enumerate(self._slots)}
+        return dict(sorted(counts.items(), key=lambda kv: order[kv[0]]))
+
+    def check_nonfinite(self, on_nonfinite: Optional[str] = None) -> dict[str, int]:
+        """Warn about / raise on inf/NaN inputs per module (``on_nonfinite`` defaults to the recorder's)."""
+        mode = on_nonfinite or self.on_nonfinite
+        if mode not in _ON_NONFINITE:
+            raise ValueError(
+                f"persona_kernels.StatsRecorder: argument 'on_nonfinite': expected one of {_ON_NONFINITE}, got {mode!r}"
+            )
+        if mode == "ignore":
+            return {}
+        counts = self.nonfinite_counts()
+        if counts:
+            followers: dict[str, list[str]] = {}
+            for s in self._slots:
+                if s.leader is not None:
+                    followers.setdefault(s.leader.name, []).append(s.name)
+            parts = []
+            for name, n in counts.items():
+                also = f" (shared with {', '.join(followers[name])})" if name in followers else ""
+                parts.append(f"{name}{also}: {n}")
+            msg = (
+                f"persona_kernels.collect_stats: non-finite (inf/NaN) input values were excluded from the statistics "
+                f"of {len(counts)} module(s): " + "; ".join(parts)
+            )
+            if mode == "raise":
+                raise NonFiniteActivationsError(msg, counts)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return counts
+
+    # -- context --------------------------------------------------------------------------------------
+    def __enter__(self) -> "StatsRecorder":
+        if self._installed:
+            raise RuntimeError("persona_kernels.StatsRecorder: the recorder is already active (not re-entrant)")
+        try:
+            for slot in self._slots:
+                self._install(slot)
+            self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._post_forward, always_call=True))
+        except BaseException:
+            self._uninstall()
+            raise
+        self._installed = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._uninstall()
+        if exc_type is None:
+            self.check_nonfinite()
+
+    def close(self) -> None:
+        """Restore the model (same as leaving the context, without the non-finite check)."""
+        self._uninstall()
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _install(self, slot: _Slot) -> None:
+        module = slot.module
+        # Accelerate hooks (device_map / offload) wrap ``forward`` and call ``_old_forward`` after moving the
+        # weights and inputs: override the inner one so those hooks keep running.
+        slot.attr = "_old_forward" if ("_old_forward" in module.__dict__ and hasattr(module, "_hf_hook")) else "forward"
+        slot.had_saved = slot.attr in module.__dict__
+        slot.saved = module.__dict__.get(slot.attr)
+        original = getattr(module, slot.attr)
+        if slot.attr == "forward":
+            fused = type(module).forward is nn.Linear.forward
+        else:
+            fused = getattr(original, "__func__", None) is nn.Linear.forward
+        setattr(module, slot.attr, self._make_forward(slot, original, fused))
+
+    def _uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for slot in self._slots:
+            module = slot.module
+            if slot.had_saved:
+                setattr(module, slot.attr, slot.saved)
+            elif slot.attr in module.__dict__:
+                delattr(module, slot.attr)
+            slot.saved = None
+            slot.had_saved = False
+        self._installed = False
+        self._reset_forward_state()
+        self._mask = None
+
+    def _reset_forward_state(self) -> None:
+        self._last_input = None
+        self._last_slot = None
+        self._last_version = -1
+        self._mask_cache = {}
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._reset_forward_state()
+        mask = self._explicit_mask
+        if mask is None:
+            am = kwargs.get("attention_mask")
+            if isinstance(am, torch.Tensor) and am.dim() == 2:
+                mask = _to_bool_mask(am, "attention_mask")
+        self._mask = mask
+
+    def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._reset_forward_state()
+        self._mask = None
+
+    def _mask_for(self, slot: _Slot, x: torch.Tensor) -> Optional[torch.Tensor]:
+        mask = self._mask
+        if mask is None:
+            return None
+        lead = x.shape[:-1]
+        key = (x.device, lead)
+        cached = self._mask_cache.get(key)
+        if cached is not None:
+            return cached
+        if lead == mask.shape:
+            m = mask
+        elif len(lead) == 2 and lead[0] == mask.shape[0] and lead[1] < mask.shape[1]:
+            m = mask[:, mask.shape[1] - lead[1]:]  # incremental decoding: the mask covers the cached tokens too
+        elif len(lead) == 1 and lead[0] == mask.numel():
+            m = mask.reshape(-1)
+        else:
+            if not slot.warned:
+                slot.warned = True
+                warnings.warn(
+                    f"persona_kernels.collect_stats: input of {slot.name} has shape {tuple(x.shape)}, which does not "
+                    f"fit the token mask {tuple(mask.shape)}; recording all its tokens",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return None
+        if m.device != x.device:
+            m = m.to(x.device, non_blocking=True)
+        self._mask_cache[key] = m
+        return m
+
+    def _make_forward(self, slot: _Slot, original: Callable, fused: bool) -> Callable:
+        from persona_kernels.ops.welford import linear_with_stats, welford_update
+        from persona_kernels.stats import ActivationStats
+
+        rec = self
+        module = slot.module
+
+        def forward(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if args or kwargs or not isinstance(input, torch.Tensor):
+                return original(input, *args, **kwargs)
+            weight, bias = module.weight, module.bias
+            last = rec._last_input
+            if rec.share_inputs and input is last and input._version == rec._last_version:
+                leader = rec._last_slot
+                if slot.stats is None:  # first call: join the leader's accumulation
+                    slot.leader = leader
+                    slot.stats = leader.stats
+                if slot.leader is leader:
+                    return F.linear(input, weight, bias) if fused else original(input)
+            if slot.leader is not None:
+                raise RuntimeError(
+                    f"persona_kernels.collect_stats: {slot.name} read the same input as {slot.leader.name} in an "
+                    "earlier forward but not in this one, so their shared statistics cannot stay exact; "
+                    "record with share_inputs=False"
+                )
+            if slot.stats is None:
+                slot.stats = ActivationStats(input.shape[-1], device=input.device)
+            if input is not last:
+                rec._last_input = input
+                rec._last_version = input._version
+                rec._last_slot = slot
+            mask = rec._mask_for(slot, input)
+            if fused and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)):
+                return linear_with_stats(input, weight, bias, slot.stats, mask, backend=rec.backend)
+            welford_update(slot.stats, input.detach(), mask, backend=rec.backend)
+            return F.linear(input, weight, bias) if fused else original(input)
+
+        forward.__wrapped__ = original  # type: ignore[attr-defined]
+        return forward
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def _calibration_kwargs(model: nn.Module, slots: list[_Slot]) -> dict[str, Any]:
+    """Keyword arguments that skip the logits and the KV cache, if the model's forward names them."""
+    head = None
+    get_head = getattr(model, "get_output_embeddings", None)
+    if callable(get_head):
+        try:
+            head = get_head()
+        except (NotImplementedError, AttributeError):
+            head = None
+    if any(_is_output_head(s.name, s.module, head) for s in slots):
+        return {}
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    wanted = {"logits_to_keep": 1, "use_cache": False}
+    return {k: v for k, v in wanted.items() if k in params and params[k].kind != inspect.Parameter.VAR_KEYWORD}
+
+
+def _split_batch(
+    batch: Union[torch.Tensor, Mapping[str, Any]], device: Optional[torch.device]
+) -> tuple[tuple, dict[str, Any], Optional[torch.Tensor]]:
+    """``(model args, model kwargs, token mask or None)`` for one batch (the ``stats_mask`` key is removed)."""
+    if isinstance(batch, torch.Tensor):  # input ids (or any single input), passed positionally
+        return ((batch.to(device, non_blocking=True) if device is not None else batch),), {}, None
+    if isinstance(batch, Mapping):
+        kwargs = dict(batch)
+    else:
+        raise TypeError(
+            "persona_kernels.collect_stats: argument 'batches': each batch must be a tensor of input ids or a mapping "
+            f"(input_ids, attention_mask, optional stats_mask); got {type(batch).__name__}"
+        )
+    if device is not None:
+        kwargs = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    stats_mask = kwargs.pop(STATS_MASK_KEY, None)
+    ids = kwargs.get("input_ids")
+    attention = kwargs.get("attention_mask")
+    mask = None
+    if isinstance(attention, torch.Tensor) and attention.dim() == 2:
+        mask = _to_bool_mask(attention, "batch['attention_mask']")
+    if stats_mask is not None:
+        sm = _to_bool_mask(stats_mask, f"batch[{STATS_MASK_KEY!r}]")
+        ref = ids if isinstance(ids, torch.Tensor) else attention
+        if isinstance(ref, torch.Tensor) and tuple(sm.shape) != tuple(ref.shape[:2]):
+            raise ValueError(
+                f"persona_kernels.collect_stats: batch[{STATS_MASK_KEY!r}]: expected shape {tuple(ref.shape[:2])} "
+                f"(that of input_ids), got {tuple(sm.shape)}"
+            )
+        mask = sm if mask is None else (sm & mask.to(sm.device))
+    return (), kwargs, mask
+
+
+def _input_device(model: nn.Module) -> Optional[torch.device]:
+    """Device of the input embeddings (None when unknown, meta/offloaded, or the model is dispatched)."""
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        return None  # accelerate's hooks move inputs
+    get_emb = getattr(model, "get_input_embeddings", None)
+    param = None
+    if callable(get_emb):
+        try:
+            emb = get_emb()
+            param = getattr(emb, "weight", None)
+        except (NotImplementedError, AttributeError):
+            param = None
+    if param is None:
+        param = next(model.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return None
+    return param.device
+
+
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable[Union[torch.Tensor, Mapping[str, Any]]],
+    target_modules: TargetSpec = None,
+    *,
+    backend: str = "auto",
+    token_mask_fn: Optional[Callable[[Any], Optional[torch.Tensor]]] = None,
+    on_nonfinite: str = "warn",
+    progress: bool = True,
+    share_inputs: bool = True,
+    skip_logits: bool = True,
+) -> CalibrationStats:
+    """Run ``model`` over ``batches`` (under ``torch.no_grad()``, in eval mode) and return the statistics.
+
+    Args:
+        model: the model; called as ``model(**batch)`` (a tensor batch is passed positionally as the input ids).
+        batches: any iterable of tensors of input ids or mappings with ``input_ids``, ``attention_mask``
+            (padded; padding tokens never enter the statistics) and optionally ``"stats_mask"`` [B, T]
+            (only those tokens are recorded; not passed to the model).
+        target_modules: see :func:`resolve_target_modules` (default: every nn.Linear but the LM head).
+        backend: kernel backend of the fused linear + statistics op.
+        token_mask_fn: optional ``batch -> [B, T] mask or None`` used instead of the batch's ``stats_mask``
+            (still AND-ed with the attention mask).
+        on_nonfinite: ``"warn"``, ``"raise"`` (:class:`NonFiniteActivationsError`, naming the modules, after
+            the last batch) or ``"ignore"`` for inputs holding inf/NaN (excluded from the statistics).
+        progress: show a tqdm progress bar over the batches.
+        share_inputs: Linears reading the same tensor share one ActivationStats object.
+        skip_logits: pass ``logits_to_keep=1, use_cache=False`` when the model takes them (see StatsRecorder).
+
+    Returns:
+        :class:`CalibrationStats`: ``{module name: ActivationStats}`` in model order; each lives on its module's
+        device; names in one entry of ``.shared_groups`` map to the same object.
+    """
+    if on_nonfinite not in _ON_NONFINITE:
+        raise ValueError(
+            f"persona_kernels.collect_stats: argument 'on_nonfinite': expected one of {_ON_NONFINITE}, "
+            f"got {on_nonfinite!r}"
+        )
+    if token_mask_fn is not None and not callable(token_mask_fn):
+        raise TypeError(
+            f"persona_kernels.collect_stats: argument 'token_mask_fn': expected a callable, got {token_mask_fn!r}"
+        )
+    if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            "persona_kernels.collect_stats: argument 'batches': expected an iterable of batches (a list of tensors or "
+            f"of dicts), got {type(batches).__name__}; wrap a single batch in a list"
+        )
+    recorder = StatsRecorder(model, target_modules, backend=backend, on_nonfinite=on_nonfinite,
+                             share_inputs=share_inputs, skip_logits=skip_logits)
+    device = _input_device(model)
+    training = {m: m.training for m in model.modules()}
+    iterator: Iterable[Any] = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = len(batches) if hasattr(batches, "__len__") else None
+        iterator = tqdm(batches, total=total, desc="calibration", unit="batch")
+    model.eval()
+    try:
+        with recorder:
+            for batch in iterator:
+                if token_mask_fn is not None:
+                    custom = token_mask_fn(batch)
+                    if isinstance(batch, torch.Tensor):
+                        batch = {"input_ids": batch}
+                    batch = {k: v for k, v in batch.items() if k != STATS_MASK_KEY}
+                    if custom is not None:
+                        batch[STATS_MASK_KEY] = custom
+                recorder.run(batch, device)
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+        if progress and hasattr(iterator, "close"):
+            iterator.close()
+    stats = recorder.stats
+    missing = [n for n in recorder.module_names if n not in stats]
+    if missing:
+        warnings.warn(
+            f"persona_kernels.collect_stats: {len(missing)} targeted module(s) never ran, no statistics for: "
+            + ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else ""),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return stats

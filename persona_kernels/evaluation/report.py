@@ -1,0 +1,379 @@
+"""Report of an evaluation run: JSON, a markdown table in the paper's layout, and figures (matplotlib Agg)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from persona_kernels.evaluation.metrics import Estimate, bootstrap_mean, paired_difference
+from persona_kernels.evaluation.sweep import SWITCH_KEY, capability_loss, operating_points
+
+PAPER_TASKS = ("power", "wealth", "hallucination")
+
+
+def _est(values) -> dict | None:
+    v = torch.as_tensor(values, dtype=torch.float64)
+    return bootstrap_mean(v).to_dict() if v.numel() else None
+
+
+def _fmt(e: dict | None, pct: bool = False, digits: int = 3) -> str:
+    if not e:
+        return "—"
+    if pct:
+        return f"{100 * e['mean']:.1f} [{100 * e['low']:.0f}, {100 * e['high']:.0f}]"
+    return str(Estimate(e["mean"], e["low"], e["high"], e["n"])) if digits == 3 else f"{e['mean']:+.{digits}f}"
+
+
+def _own_rate(scores: dict, kind: str, sign: str, key: str | None = None) -> dict | None:
+    """Rate at which the condition picks its own persona's answer (sign - picks the negative one)."""
+    key = key or SWITCH_KEY[kind]
+    v = torch.tensor(scores[key], dtype=torch.float64)
+    hit = (v < 0) if sign == "-" else (v > 0)
+    return _est(hit.double())
+
+
+def summarise(result: dict, tasks: dict, cap_task) -> dict:
+    """Accuracies, bias-free scores, switch effects (with control) and capability, per pair and task."""
+    out: dict[str, Any] = {"pairs": {}, "general": {}}
+    conds = result["conditions"]
+    for pair, by_task in result["scores"].items():
+        if pair == "general":
+            continue
+        cinfo = {c["name"]: c for c in conds[pair]}
+        entry: dict[str, Any] = {"tasks": {}, "capability": {}}
+        for tname, by_cond in by_task.items():
+            if tname == "capability":
+                base = torch.tensor(by_cond["base"]["capability"], dtype=torch.float64)
+                for cname, s in by_cond.items():
+                    v = torch.tensor(s["capability"], dtype=torch.float64)
+                    entry["capability"][cname] = {
+                        "mean_logprob_per_token": float(v.mean()), "perplexity": math.exp(-float(v.mean())),
+                        "change_vs_base": paired_difference(v, base).to_dict(), "relative_loss": capability_loss(base, v)}
+                continue
+            kind = tasks[tname].kind
+            key = SWITCH_KEY[kind]
+            t: dict[str, Any] = {"kind": kind, "conditions": {}, "switch": {}}
+            for cname, s in by_cond.items():
+                sign = cinfo[cname]["sign"]
+                row = {"persona_rate": _own_rate(s, kind, sign), "mean_" + key: _est(s[key])}
+                if kind == "ab":
+                    row["accuracy_paper"] = _own_rate(s, kind, sign, "logodds_original")
+                    row["accuracy_bias_free"] = row["persona_rate"]
+                    lo = torch.tensor(s["logodds_original"], dtype=torch.float64)
+                    row["letter_preference_original_order"] = _est(lo)
+                t["conditions"][cname] = row
+            groups = sorted({c["group"] for c in conds[pair] if c["sign"] == "+"})
+            for g in groups:
+                plus, minus = by_cond.get(f"{g}+"), by_cond.get(f"{g}-")
+                if g == "prompt":
+                    plus, minus = by_cond.get("prompt+"), by_cond.get("prompt-")
+                if plus is None or minus is None:
+                    continue
+                a, b = torch.tensor(plus[key], dtype=torch.float64), torch.tensor(minus[key], dtype=torch.float64)
+                sw = {"switch": paired_difference(a, b).to_dict()}
+                if kind == "ab":
+                    sw["switch_original_order"] = paired_difference(plus["logodds_original"], minus["logodds_original"]).to_dict()
+                ctrl_p, ctrl_m = by_cond.get(f"control/{g}+"), by_cond.get(f"control/{g}-")
+                if ctrl_p is not None and ctrl_m is not None:
+                    c_a, c_b = torch.tensor(ctrl_p[key], dtype=torch.float64), torch.tensor(ctrl_m[key], dtype=torch.float64)
+                    sw["control_switch"] = paired_difference(c_a, c_b).to_dict()
+                    sw["net_of_control"] = bootstrap_mean((a - b) - (c_a - c_b)).to_dict()
+                t["switch"][g] = sw
+            entry["tasks"][tname] = t
+        out["pairs"][pair] = entry
+    for tname, by_cond in result["scores"].get("general", {}).items():
+        kind = tasks[tname].kind
+        rows = {}
+        for cname, s in by_cond.items():
+            if kind == "ab":
+                rows[cname] = {"accuracy": _own_rate(s, kind, "+", "logodds_original"),
+                               "accuracy_bias_free": _own_rate(s, kind, "+"), "mean_logodds": _est(s["logodds"])}
+            else:
+                rows[cname] = {"accuracy": _est(s["correct"])}
+        out["general"][tname] = rows
+    return out
+
+
+def build_report(*, command: str, model: str, cfg: dict, args: dict, tasks: dict, cap, calib: dict, masks: dict,
+                 result: dict, sweep: dict | None, bound: float, timings: dict) -> dict:
+    """The JSON-serialisable report of a run."""
+    summary = summarise(result, tasks, cap)
+    rep = {
+        "command": command, "model": model, "config": cfg,
+        "args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "tasks": {n: {"kind": t.kind, "path": t.path, "pair": t.pair, "chat": t.chat, "split": t.split.to_dict()}
+                  for n, t in tasks.items()},
+        "capability_texts": {"path": cap.path, "hellaswag_indices": cap.split.evaluation, "n": len(cap.items)},
+        "calibration": calib, "masks": masks, "conditions": result["conditions"],
+        "capability_pair": result.get("capability_pair"), "summary": summary, "scores": result["scores"],
+        "bound": bound, "timings": timings,
+    }
+    if sweep is not None:
+        rep["sweep"] = sweep
+        rep["operating_points"] = operating_points(sweep, bound)
+    rep["verdict"] = verdict(rep)
+    return rep
+
+
+def _best_mask(pt: dict, methods) -> tuple[str, dict] | None:
+    best = None
+    for m in methods:
+        s = pt["switch"].get(m)
+        if s and (best is None or s["switch"]["mean"] > best[1]["switch"]["mean"]):
+            best = (m, s)
+    return best
+
+
+def verdict(rep: dict) -> list[str]:
+    """Plain statements: per pair task, the best mask's switch vs the prompt's switch."""
+    lines = []
+    methods = rep["config"]["methods"]
+    for pair, entry in rep["summary"]["pairs"].items():
+        for tname, t in entry["tasks"].items():
+            p = t["switch"].get("prompt")
+            b = _best_mask(t, methods)
+            if not p or not b:
+                continue
+            m, s = b
+            ps, ms = p["switch"], s["switch"]
+            if ms["low"] > ps["high"]:
+                word = "beats"
+            elif ms["high"] < ps["low"]:
+                word = "is weaker than"
+            else:
+                word = "is not distinguishable from"
+            ctrl = f", control {_fmt(s.get('control_switch'))}" if s.get("control_switch") else ""
+            lines.append(f"{tname}: the best mask ({m}) switch {_fmt(ms)}{ctrl} {word} the prompt's switch {_fmt(ps)}.")
+    for pair, op in rep.get("operating_points", {}).items():
+        pr = rep["sweep"]["prompt"][pair]
+        lines.append(
+            f"{pair} operating point (capability loss <= {100 * rep['bound']:.0f}%): {op['method']} rho={op['sparsity']} "
+            f"gamma={op['gamma']}, switch {_fmt(op['switch'])} at loss {100 * op['capability_loss']:.2f}% vs prompt "
+            f"{_fmt(pr['switch'])} at loss {100 * pr['capability_loss']:.2f}%.")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------
+# markdown
+
+
+def render_markdown(rep: dict) -> str:
+    s = rep["summary"]
+    cfg = rep["config"]
+    pairs = s["pairs"]
+    methods = cfg["methods"]
+    lines = [f"# persona_kernels evaluation — {rep['model']}", "", "Command:", "", "```", rep["command"], "```", "",
+             f"Sparsity rho = {cfg['sparsity']}, gamma = {cfg['gamma']}; methods: {', '.join(methods) or 'none'}; "
+             f"calibration on response tokens; label-shuffled controls: {'no' if rep['args'].get('no_control') else 'yes'}. "
+             f"Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in rep["timings"].items()), ""]
+    lines += ["## Verdict", ""] + [f"- {v}" for v in rep["verdict"]] + [""]
+
+    def acc(pair, task, cond, field="accuracy_paper"):
+        t = pairs.get(pair, {}).get("tasks", {}).get(task)
+        if not t or cond not in t["conditions"]:
+            return "—"
+        return _fmt(t["conditions"][cond].get(field) or t["conditions"][cond].get("persona_rate"), pct=True)
+
+    def gen(task, cond):
+        g = s["general"].get(task, {}).get(cond)
+        return _fmt(g["accuracy"], pct=True) if g else "—"
+
+    cap_pair = rep.get("capability_pair")
+    lines += ["## Accuracy (the paper's layout)", "",
+              "A/B accuracy = rate of the persona-matching answer under the + condition, original option order (the "
+              "paper's metric; % with 95% bootstrap CI). E/I = rate at which the + condition prefers the extraverted "
+              f"response. MMLU/HellaSwag under the + mask of the `{cap_pair}` pair.", "",
+              "| Method | Power-Seeking | Wealth-Seeking | Hallucination | E/I | MMLU-2 | MMLU-4 | HellaSwag |", "|---|---|---|---|---|---|---|---|"]
+    rows = [("Base", "base"), ("Prompt", "prompt+")] + [(m, f"{m}+") for m in methods] + \
+           [(f"prompt + {m}", f"prompt+{m}+") for m in cfg.get("prompt_mask", [])]
+    for label, cond in rows:
+        cells = [acc(p, p, cond) for p in PAPER_TASKS] + [acc("energy", "energy", cond, "persona_rate")]
+        cells += [gen(t, cond) for t in ("mmlu2", "mmlu4", "hellaswag")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+
+    lines += ["## Switch effects (bias-free)", "",
+              "Switch = score(+ condition) − score(− condition) on the same held-out items, paired bootstrap 95% CI. "
+              "Score: A/B log-odds matching vs non-matching letter averaged over both option orders (a constant letter "
+              "preference cancels); Yes/No log-odds; E/I mean log-prob/token of the extraverted minus the introverted "
+              "response. `control`: the same method on label-shuffled calibration blocks; `net` = switch − control.", ""]
+    for pair, entry in pairs.items():
+        for tname, t in entry["tasks"].items():
+            lines += [f"### {tname} ({t['kind']}, pair {pair})", "", "| condition pair | switch | control switch | net of control | switch, original order only |",
+                      "|---|---|---|---|---|"]
+            for g, sw in t["switch"].items():
+                lines.append(f"| {g} | {_fmt(sw['switch'])} | {_fmt(sw.get('control_switch'))} | {_fmt(sw.get('net_of_control'))} | "
+                             f"{_fmt(sw.get('switch_original_order'))} |")
+            base = t["conditions"].get("base", {})
+            if t["kind"] == "ab" and base:
+                lines += ["", f"Base model: paper accuracy {_fmt(base.get('accuracy_paper'), pct=True)}, bias-free "
+                          f"{_fmt(base.get('accuracy_bias_free'), pct=True)}; original-order log-odds {_fmt(base.get('letter_preference_original_order'))} "
+                          f"vs bias-free {_fmt(base.get('mean_logodds'))}."]
+            lines.append("")
+    lines += ["## Capability proxy", "",
+              "Mean log-prob per token of neutral text (HellaSwag contexts + gold endings), change vs base (paired CI), "
+              "relative loss = (base − condition) / |base|.", "",
+              "| pair | condition | mean log-prob/token | perplexity | change vs base | relative loss |", "|---|---|---|---|---|---|"]
+    for pair, entry in pairs.items():
+        for cname, c in entry["capability"].items():
+            lines.append(f"| {pair} | {cname} | {c['mean_logprob_per_token']:.3f} | {c['perplexity']:.1f} | "
+                         f"{_fmt(c['change_vs_base'])} | {100 * c['relative_loss']:+.2f}% |")
+    lines.append("")
+    if rep.get("masks"):
+        lines += ["## Mask difference rates", "", "| pair | method | + vs − differ | control + vs − differ |", "|---|---|---|---|"]
+        for pair, by_m in rep["masks"].items():
+            for m, d in by_m.items():
+                cd = d.get("control_difference_rate")
+                lines.append(f"| {pair} | {m} | {100 * d['difference_rate']:.2f}% | {'—' if cd is None else f'{100 * cd:.2f}%'} |")
+        lines.append("")
+    if rep.get("sweep"):
+        sw = rep["sweep"]
+        lines += ["## Trade-off sweep", "", f"Base capability {sw['base_capability']:.3f} nats/token; bound "
+                  f"{100 * rep['bound']:.0f}% of it. Frontier figure: `frontier.png`.", "",
+                  "| pair | method | rho | gamma | switch | capability loss | masks differ |", "|---|---|---|---|---|---|---|"]
+        for pair, pr in sw["prompt"].items():
+            lines.append(f"| {pair} | prompt | — | — | {_fmt(pr['switch'])} | {100 * pr['capability_loss']:+.2f}% | — |")
+        for p in sw["points"]:
+            lines.append(f"| {p['pair']} | {p['method']} | {p['sparsity']} | {p['gamma']} | {_fmt(p['switch'])} | "
+                         f"{100 * p['capability_loss']:+.2f}% | {100 * p['difference_rate']:.2f}% |")
+        lines.append("")
+    lines += ["## Data", "", "Calibration and evaluation items are disjoint (fixed-seed split; indices in report.json).", "",
+              "| task | file | items | calibration | evaluation |", "|---|---|---|---|---|"]
+    for n, t in rep["tasks"].items():
+        sp = t["split"]
+        lines.append(f"| {n} | {Path(t['path']).name} | {sp['n_items']} | {len(sp['calibration'])} | {len(sp['evaluation'])} |")
+    lines += ["", "Calibration: " + "; ".join(f"{p}: {c['source']} {c['n']} texts, tokens {c.get('tokens')}"
+                                              for p, c in rep["calibration"].items()), ""]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------
+# figures
+
+
+def write_figures(rep: dict, out: Path) -> list[str]:
+    """accuracy.png, switch.png, and with a sweep switch_vs_gamma.png, switch_vs_sparsity.png, frontier.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    s = rep["summary"]
+    methods = rep["config"]["methods"]
+    conds = [("base", "base"), ("prompt", "prompt+")] + [(m, f"{m}+") for m in methods]
+    tasks = [(p, t) for p, e in s["pairs"].items() for t in e["tasks"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    width = 0.8 / max(len(conds), 1)
+    for i, (label, cname) in enumerate(conds):
+        ys = []
+        for p, t in tasks:
+            row = s["pairs"][p]["tasks"][t]["conditions"].get(cname)
+            e = row and (row.get("accuracy_paper") or row.get("persona_rate"))
+            ys.append(100 * e["mean"] if e else float("nan"))
+        ax.bar([j + i * width for j in range(len(tasks))], ys, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t for _, t in tasks], rotation=20, fontsize=8)
+    ax.axhline(50, color="grey", lw=0.5)
+    ax.set_ylabel("persona-matching rate of + condition (%)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    written.append(_save(fig, out / "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    groups = ["prompt"] + methods
+    width = 0.8 / max(len(groups), 1)
+    for i, g in enumerate(groups):
+        ys, lo, hi = [], [], []
+        for p, t in tasks:
+            sw = s["pairs"][p]["tasks"][t]["switch"].get(g)
+            e = sw["switch"] if sw else None
+            ys.append(e["mean"] if e else float("nan"))
+            lo.append(e["mean"] - e["low"] if e else 0)
+            hi.append(e["high"] - e["mean"] if e else 0)
+        ax.bar([j + i * width for j in range(len(tasks))], ys, width, yerr=[lo, hi], label=g, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t for _, t in tasks], rotation=20, fontsize=8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_ylabel("switch effect (+ minus −), bias-free")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    written.append(_save(fig, out / "switch.png"))
+
+    sw = rep.get("sweep")
+    if sw and sw["points"]:
+        pairs = list(sw["prompt"])
+        for axis, fname in (("gamma", "switch_vs_gamma.png"), ("sparsity", "switch_vs_sparsity.png")):
+            other = "sparsity" if axis == "gamma" else "gamma"
+            fix = max(sw[other]) if axis == "gamma" else min(sw[other])
+            fig, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5), squeeze=False)
+            for ax, pair in zip(axes[0], pairs):
+                for m in sw["methods"]:
+                    pts = sorted((p for p in sw["points"] if p["pair"] == pair and p["method"] == m and p[other] == fix),
+                                 key=lambda p: p[axis])
+                    if pts:
+                        ax.errorbar([p[axis] for p in pts], [p["switch"]["mean"] for p in pts],
+                                    yerr=[[p["switch"]["mean"] - p["switch"]["low"] for p in pts],
+                                          [p["switch"]["high"] - p["switch"]["mean"] for p in pts]], label=m, marker="o", capsize=2)
+                ax.axhline(sw["prompt"][pair]["switch"]["mean"], color="k", ls="--", lw=1, label="prompt")
+                ax.set_title(f"{pair} ({other}={fix})", fontsize=9)
+                ax.set_xlabel(axis)
+                if axis == "sparsity":
+                    ax.set_xscale("log")
+            axes[0][0].set_ylabel("switch effect")
+            axes[0][-1].legend(fontsize=6)
+            fig.tight_layout()
+            written.append(_save(fig, out / fname))
+        fig, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5), squeeze=False)
+        for ax, pair in zip(axes[0], pairs):
+            for m in sw["methods"]:
+                pts = [p for p in sw["points"] if p["pair"] == pair and p["method"] == m]
+                if pts:
+                    ax.scatter([100 * p["capability_loss"] for p in pts], [p["switch"]["mean"] for p in pts], s=12, label=m)
+            pr = sw["prompt"][pair]
+            ax.scatter([100 * pr["capability_loss"]], [pr["switch"]["mean"]], marker="*", s=150, color="k", label="prompt")
+            ax.axvline(100 * rep["bound"], color="grey", ls=":", lw=1)
+            op = rep.get("operating_points", {}).get(pair)
+            if op:
+                ax.scatter([100 * op["capability_loss"]], [op["switch"]["mean"]], marker="o", s=80, facecolors="none",
+                           edgecolors="r", label="operating point")
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlabel("capability-proxy loss (% of base log-prob)")
+            ax.set_title(pair, fontsize=9)
+        axes[0][0].set_ylabel("switch effect")
+        axes[0][-1].legend(fontsize=6)
+        fig.tight_layout()
+        written.append(_save(fig, out / "frontier.png"))
+    return written
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path.name
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(rep: dict, out: str | Path, *, figures: bool = True) -> list[str]:
+    """Write report.json, report.md and (optionally) the figures under ``out``; returns the file names."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    if figures:
+        rep["figures"] = write_figures(rep, out)
+        names += rep["figures"]
+    _atomic(out / "report.json", json.dumps(rep, indent=1))
+    _atomic(out / "report.md", render_markdown(rep))
+    return ["report.json", "report.md"] + names

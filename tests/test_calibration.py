@@ -1,0 +1,485 @@
+"""Whole-model calibration recorder: statistics vs a float64 hook reference, padding, sharing, restoring."""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from persona_kernels.calibration import (
+    CalibrationStats,
+    NonFiniteActivationsError,
+    StatsRecorder,
+    collect_stats,
+    resolve_target_modules,
+)
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 100
+
+
+def _tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(1234)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny_llama()
+
+
+def _sequences(n: int = 4, seed: int = 5, vocab: int = VOCAB) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [3, 9, 1, 6, 11, 4, 7][:n]
+    return [torch.randint(1, vocab, (L,), generator=g).tolist() for L in lengths]
+
+
+def _pad(seqs: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right padding (real tokens keep their positions)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _reference(model: nn.Module, batches: list[dict], names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """float64 statistics of each named Linear's input over the recorded tokens, via plain forward hooks."""
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    current: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach().double()
+            keep = current["mask"].reshape(-1)
+            rows[name].append(x.reshape(-1, x.shape[-1])[keep])
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = dict(batch)
+                mask = batch.pop("stats_mask", None)
+                am = batch.get("attention_mask")
+                keep = torch.ones(batch["input_ids"].shape, dtype=torch.bool) if am is None else am.bool()
+                if mask is not None:
+                    keep = keep & mask.bool()
+                current["mask"] = keep
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n in names:
+        x = torch.cat(rows[n])
+        out[n] = {
+            "count": torch.full((x.shape[1],), x.shape[0], dtype=torch.int64),
+            "mean": x.mean(0),
+            "var": x.var(0, unbiased=False),
+            "abs_mean": x.abs().mean(0),
+            "abs_var": x.abs().var(0, unbiased=False),
+            "sq_mean": (x * x).mean(0),
+            "l2_norm": (x * x).sum(0).sqrt(),
+        }
+    return out
+
+
+def _assert_matches(stats, ref, rtol: float, atol: float) -> None:
+    assert set(stats) == set(ref)
+    for name, r in ref.items():
+        s = stats[name]
+        torch.testing.assert_close(s.count.cpu(), r["count"], rtol=0, atol=0, msg=lambda m: f"{name}.count: {m}")
+        for key in ("mean", "var", "abs_mean", "abs_var", "sq_mean", "l2_norm"):
+            got = getattr(s, key).double().cpu()
+            torch.testing.assert_close(got, r[key], rtol=rtol, atol=atol, msg=lambda m: f"{name}.{key}: {m}")
+
+
+def _default_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+
+
+# ------------------------------------------------------------------------------------------- correctness
+def test_matches_float64_hook_reference(tiny):
+    batches = [_pad(_sequences(4, seed=1)), _pad(_sequences(3, seed=2))]
+    stats = collect_stats(tiny, batches, progress=False)
+    assert isinstance(stats, CalibrationStats)
+    names = _default_names(tiny)
+    assert list(stats) == names  # model order, lm_head excluded
+    _assert_matches(stats, _reference(tiny, batches, names), rtol=1e-4, atol=1e-6)
+    # the padding really was excluded: counts equal the number of real tokens
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert int(stats["model.layers.1.mlp.down_proj"].count[0]) == real_tokens
+
+
+def test_padded_batch_equals_one_at_a_time(tiny):
+    seqs = _sequences(5, seed=3)
+    batched = collect_stats(tiny, [_pad(seqs)], progress=False)
+    single = collect_stats(tiny, [torch.tensor([s]) for s in seqs], progress=False)
+    assert list(batched) == list(single)
+    for name in batched:
+        a, b = batched[name], single[name]
+        assert torch.equal(a.count, b.count), name
+        for key in ("mean", "var", "abs_mean", "abs_var", "l2_norm"):
+            torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name}.{key}: {m}")
+
+
+def test_statistics_are_not_all_zero(tiny):
+    stats = collect_stats(tiny, [_pad(_sequences(2))], progress=False)
+    for name, s in stats.items():
+        assert bool((s.var > 0).all()), name
+        assert bool(torch.isfinite(s.mean).all()), name
+
+
+def test_qkv_and_gate_up_share_one_accumulation(tiny):
+    stats = collect_stats(tiny, [_pad(_sequences(3))], progress=False)
+    for layer in (0, 1):
+        p = f"model.layers.{layer}."
+        q, k, v = (stats[p + f"self_attn.{x}_proj"] for x in "qkv")
+        assert q is k and k is v
+        assert stats[p + "mlp.gate_proj"] is stats[p + "mlp.up_proj"]
+        assert stats[p + "self_attn.o_proj"] is not q
+        assert stats[p + "mlp.down_proj"] is not stats[p + "mlp.gate_proj"]
+    assert stats.shared_groups == [
+        ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"],
+        ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+        ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"],
+        ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"],
+    ]
+    # without sharing, every module gets its own object holding the same numbers
+    separate = collect_stats(tiny, [_pad(_sequences(3))], progress=False, share_inputs=False)
+    assert separate.shared_groups == []
+    q0 = "model.layers.0.self_attn.q_proj"
+    assert separate[q0] is not separate["model.layers.0.self_attn.k_proj"]
+    torch.testing.assert_close(separate["model.layers.0.self_attn.k_proj"].mean, stats[q0].mean)
+
+
+def test_stats_mask_records_only_selected_tokens(tiny):
+    batch = _pad(_sequences(4, seed=7))
+    sel = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    sel[:, 2:] = True  # "response tokens": positions >= 2, still AND-ed with the attention mask
+    batch["stats_mask"] = sel
+    stats = collect_stats(tiny, [batch], progress=False)
+    names = _default_names(tiny)
+    _assert_matches(stats, _reference(tiny, [batch], names), rtol=1e-4, atol=1e-6)
+    expected = int((sel & batch["attention_mask"].bool()).sum())
+    assert int(stats[names[0]].count[0]) == expected
+
+    # the same through token_mask_fn
+    plain = {k: v for k, v in batch.items() if k != "stats_mask"}
+    via_fn = collect_stats(tiny, [plain], progress=False, token_mask_fn=lambda b: sel)
+    for n in names:
+        assert torch.equal(via_fn[n].count, stats[n].count)
+        torch.testing.assert_close(via_fn[n].mean, stats[n].mean)
+
+
+def test_recorder_context_with_direct_model_calls(tiny):
+    batch = _pad(_sequences(3, seed=11))
+    with StatsRecorder(tiny) as rec:
+        with torch.no_grad():
+            tiny(**batch)  # attention_mask picked up from the call
+    ref = collect_stats(tiny, [batch], progress=False)
+    assert list(rec.stats) == list(ref)
+    assert rec.shared_groups == ref.shared_groups
+    for n in ref:
+        assert torch.equal(rec.stats[n].count, ref[n].count)
+        torch.testing.assert_close(rec.stats[n].var, ref[n].var)
+
+
+def test_recorder_with_grad_enabled_still_records_and_backprops():
+    model = _tiny_llama()
+    batch = _pad(_sequences(2, seed=4))
+    with StatsRecorder(model) as rec:
+        out = model(**batch)
+        out.logits.float().pow(2).mean().backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+    ref = collect_stats(model, [batch], progress=False)
+    for n in ref:
+        assert torch.equal(rec.stats[n].count, ref[n].count)
+        torch.testing.assert_close(rec.stats[n].mean, ref[n].mean, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_skipped_unless_the_head_is_recorded(tiny):
+    batch = _pad(_sequences(3))
+    T = batch["input_ids"].shape[1]
+    with StatsRecorder(tiny) as rec:
+        assert rec.run(batch).logits.shape[1] == 1  # calibration needs no logits
+    with StatsRecorder(tiny, skip_logits=False) as rec:
+        assert rec.run(batch).logits.shape[1] == T
+    with StatsRecorder(tiny, ["lm_head"]) as rec:
+        assert rec.run(batch).logits.shape[1] == T
+    assert int(rec.stats["lm_head"].count[0]) == int(batch["attention_mask"].sum())
+
+
+def test_sharing_that_changes_between_forwards_is_an_error():
+    class Toggle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 5), nn.Linear(6, 5)
+            self.same = True
+
+        def forward(self, x):
+            return self.a(x) + self.b(x if self.same else x + 1)
+
+    model = Toggle()
+    with pytest.raises(RuntimeError, match="'?b'? read the same input as '?a'?.*share_inputs=False"):
+        with StatsRecorder(model) as rec:
+            rec.run(torch.randn(2, 3, 6))
+            model.same = False
+            rec.run(torch.randn(2, 3, 6))
+    assert "forward" not in model.a.__dict__ and "forward" not in model.b.__dict__
+    model.same = True
+    with StatsRecorder(model, share_inputs=False) as rec:
+        rec.run(torch.randn(2, 3, 6))
+        model.same = False
+        rec.run(torch.randn(2, 3, 6))
+    assert int(rec.stats["b"].count[0]) == 12
+
+
+# -------------------------------------------------------------------------------------------- restoring
+def _forward_state(model):
+    return {n: ("forward" in m.__dict__, m.forward.__func__ if hasattr(m.forward, "__func__") else m.forward)
+            for n, m in model.named_modules()}
+
+
+def test_forward_restored_exactly(tiny):
+    untouched = copy.deepcopy(tiny)
+    batch = _pad(_sequences(4, seed=9))
+    before = _forward_state(tiny)
+    with torch.no_grad():
+        expected = untouched(**batch).logits
+    with StatsRecorder(tiny) as rec:
+        q = tiny.model.layers[0].self_attn.q_proj
+        assert "forward" in q.__dict__  # overridden while recording
+        with torch.no_grad():
+            inside = tiny(**batch).logits
+        torch.testing.assert_close(inside, expected, rtol=1e-4, atol=1e-5)
+    assert _forward_state(tiny) == before
+    for m in tiny.modules():
+        assert "forward" not in m.__dict__
+    assert not tiny._forward_hooks and not tiny._forward_pre_hooks
+    with torch.no_grad():
+        after = tiny(**batch).logits
+    assert torch.equal(after, expected)
+    assert rec.stats  # statistics stay available after the context
+
+
+def test_forward_restored_after_exception(tiny):
+    batch = _pad(_sequences(2))
+    before = _forward_state(tiny)
+    with pytest.raises(KeyError, match="boom"):
+        with StatsRecorder(tiny) as rec:
+            rec.run(batch)
+            raise KeyError("boom")
+    assert _forward_state(tiny) == before
+    assert not tiny._forward_hooks and not tiny._forward_pre_hooks
+
+    class Stop(Exception):
+        pass
+
+    def bad_batches():
+        yield batch
+        raise Stop
+
+    with pytest.raises(Stop):
+        collect_stats(tiny, bad_batches(), progress=False)
+    assert _forward_state(tiny) == before
+    assert not tiny.training
+
+
+def test_existing_instance_forward_is_restored_as_is():
+    lin = nn.Linear(8, 4)
+    original = lin.forward
+    custom = lambda x: original(x) * 2  # noqa: E731
+    lin.forward = custom
+    model = nn.Sequential(lin)
+    with StatsRecorder(model) as rec:
+        assert model[0].forward is not custom
+        rec.run(torch.randn(2, 3, 8))
+    assert model[0].__dict__["forward"] is custom
+    assert int(rec.stats["0"].count[0]) == 6
+
+
+def test_training_flags_restored():
+    model = _tiny_llama().train()
+    model.model.layers[0].eval()
+    flags = {n: m.training for n, m in model.named_modules()}
+    collect_stats(model, [_pad(_sequences(2))], progress=False)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+
+
+# ---------------------------------------------------------------------------------------------- targets
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"],
+         ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]),
+        ("o_proj", ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]),
+        (["*.layers.1.mlp.*"], [f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")]),
+        ([r"model\.layers\.0\.self_attn\.[qk]_proj"], [f"model.layers.0.self_attn.{p}_proj" for p in "qk"]),
+        (re.compile(r"down_proj$"), ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]),
+        (lambda name, m: m.out_features == 172,
+         [f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up")]),
+        (["lm_head"], ["lm_head"]),
+    ],
+)
+def test_target_patterns(tiny, spec, expected):
+    assert [n for n, _ in resolve_target_modules(tiny, spec)] == expected
+    stats = collect_stats(tiny, [_pad(_sequences(2))], spec, progress=False)
+    assert list(stats) == expected
+
+
+def test_single_target_of_a_shared_input_is_recorded(tiny):
+    # k_proj alone: no leader among the targets, so it records itself
+    batch = _pad(_sequences(3))
+    stats = collect_stats(tiny, [batch], ["model.layers.0.self_attn.k_proj"], progress=False)
+    full = collect_stats(tiny, [batch], progress=False)
+    k_only, q_full = stats["model.layers.0.self_attn.k_proj"], full["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(k_only.count, q_full.count)
+    torch.testing.assert_close(k_only.mean, q_full.mean)
+
+
+def test_target_errors(tiny):
+    with pytest.raises(ValueError, match="target_modules.*'nope_proj' matches no nn.Linear"):
+        collect_stats(tiny, [_pad(_sequences(1))], ["q_proj", "nope_proj"], progress=False)
+    with pytest.raises(ValueError, match="target_modules.*selects no nn.Linear"):
+        collect_stats(tiny, [_pad(_sequences(1))], lambda n, m: False, progress=False)
+    with pytest.raises(TypeError, match="target_modules"):
+        collect_stats(tiny, [_pad(_sequences(1))], [1, 2], progress=False)
+    with pytest.raises(ValueError, match="model.*no nn.Linear"):
+        collect_stats(nn.Sequential(nn.ReLU()), [torch.randn(2, 3)], progress=False)
+
+
+def test_argument_errors(tiny):
+    batch = _pad(_sequences(2))
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        collect_stats(tiny, [batch], on_nonfinite="maybe", progress=False)
+    with pytest.raises(TypeError, match="batches"):
+        collect_stats(tiny, batch, progress=False)  # a single dict, not an iterable of batches
+    with pytest.raises(TypeError, match="batches"):
+        collect_stats(tiny, [[1, 2, 3]], progress=False)
+    bad = dict(batch, stats_mask=torch.ones(5, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="stats_mask.*expected shape"):
+        collect_stats(tiny, [bad], progress=False)
+    with pytest.raises(RuntimeError, match="not active"):
+        StatsRecorder(tiny).run(batch)
+    for m in tiny.modules():
+        assert "forward" not in m.__dict__
+
+
+# -------------------------------------------------------------------------------------------- nonfinite
+def _inject_inf(model, name="model.layers.1.mlp.down_proj"):
+    module = dict(model.named_modules())[name]
+
+    def hook(mod, args):
+        x = args[0].clone()
+        x[0, 0, 3] = float("inf")
+        x[0, 1, 5] = float("nan")
+        return (x,)
+
+    return module.register_forward_pre_hook(hook)
+
+
+def test_nonfinite_reported_by_module_name(tiny):
+    batch = _pad(_sequences(3, seed=2))
+    handle = _inject_inf(tiny)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"model\.layers\.1\.mlp\.down_proj: 2\b"):
+            stats = collect_stats(tiny, [batch], progress=False)
+        name = "model.layers.1.mlp.down_proj"
+        assert int(stats[name].nonfinite) == 2
+        # excluded per channel: the other channels see every token
+        total = int(batch["attention_mask"].sum())
+        assert int(stats[name].count[3]) == total - 1 and int(stats[name].count[0]) == total
+        assert bool(torch.isfinite(stats[name].mean).all())
+        with pytest.raises(NonFiniteActivationsError, match=r"model\.layers\.1\.mlp\.down_proj") as info:
+            collect_stats(tiny, [batch], on_nonfinite="raise", progress=False)
+        assert info.value.counts == {name: 2}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            collect_stats(tiny, [batch], on_nonfinite="ignore", progress=False)
+    finally:
+        handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collect_stats(tiny, [batch], on_nonfinite="raise", progress=False)  # clean model: nothing raised
+
+
+# ------------------------------------------------------------------------------------- dtypes, devices
+@pytest.mark.parametrize("dtype, rtol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+def test_half_precision_models(dtype, rtol):
+    model = _tiny_llama(dtype)
+    batches = [_pad(_sequences(4, seed=6))]
+    stats = collect_stats(model, batches, progress=False)
+    names = _default_names(model)
+    for n in names:
+        assert stats[n].mean.dtype == torch.float64
+    ref = _reference(model, batches, names)
+    for n in names:
+        assert torch.equal(stats[n].count, ref[n]["count"])
+        scale = ref[n]["sq_mean"].sqrt().max()
+        for key in ("mean", "abs_mean"):
+            torch.testing.assert_close(getattr(stats[n], key), ref[n][key], rtol=rtol, atol=rtol * float(scale))
+        torch.testing.assert_close(stats[n].var, ref[n]["var"], rtol=2 * rtol, atol=2 * rtol * float(scale) ** 2)
+
+
+def test_stats_live_on_each_modules_weight_device(tiny):
+    stats = collect_stats(tiny, [_pad(_sequences(2))], progress=False)
+    modules = dict(tiny.named_modules())
+    for n, s in stats.items():
+        assert s.mean.device == modules[n].weight.device and s.count.device == modules[n].weight.device
+
+
+def test_accelerate_offloaded_model_matches_plain(tiny):
+    accelerate = pytest.importorskip("accelerate")
+    offloaded = copy.deepcopy(tiny)
+    accelerate.cpu_offload(offloaded, execution_device="cpu")
+    q = offloaded.model.layers[0].self_attn.q_proj
+    assert q.weight.device.type == "meta"
+    wrapper, inner = q.__dict__["forward"], q.__dict__["_old_forward"]
+    batch = _pad(_sequences(3))
+    got = collect_stats(offloaded, [batch], progress=False)
+    ref = collect_stats(tiny, [batch], progress=False)
+    assert got.shared_groups == ref.shared_groups
+    for n in ref:
+        assert got[n].mean.device.type == "cpu"
+        assert torch.equal(got[n].count, ref[n].count)
+        torch.testing.assert_close(got[n].mean, ref[n].mean)
+    assert q.__dict__["forward"] is wrapper and q.__dict__["_old_forward"] is inner
+
+
+# ---------------------------------------------------------------------------------------- real model
+def test_stories260k(shared):
+    path = shared / "models" / "stories260K"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    texts = [
+        "Once upon a time there was a little dog.",
+        "Lily liked to play in the park with her ball.",
+        "The sun was hot.",
+        "Tom and his mom went to the big shop to buy some milk and bread for the cat.",
+    ]
+    seqs = [tok(t)["input_ids"] for t in texts]
+    batch = _pad(seqs)
+    stats = collect_stats(model, [batch], progress=False)
+    names = _default_names(model)
+    assert list(stats) == names and len(names) == 7 * model.config.num_hidden_layers
+    assert stats["model.layers.0.mlp.down_proj"].num_channels == 172
+    _assert_matches(stats, _reference(model, [batch], names), rtol=1e-4, atol=1e-6)
+    single = collect_stats(model, [torch.tensor([s]) for s in seqs], progress=True)
+    for n in names:
+        assert torch.equal(single[n].count, stats[n].count)
+        torch.testing.assert_close(single[n].var, stats[n].var, rtol=1e-4, atol=1e-6)
