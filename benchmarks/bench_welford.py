@@ -132,7 +132,11 @@ def _markdown(meta: dict, cases: list[dict]) -> str:
               "the fastest repeat of each variant; 'stats only / F.linear' is the cost of the statistics pass alone "
               "relative to the forward (an upper bound of the overhead when nothing overlaps), the least noisy "
               "measure on a busy host.",
-              "Timings on a shared machine are noisy; compare ratios within this table only.", ""]
+              "Timings on a shared machine are noisy; compare ratios within this table only. On an oversubscribed "
+              "host (load average in the JSON) every OpenMP parallel region can wait a scheduler time slice "
+              "(~10-20 ms): F.linear itself is then slower with 2 threads than with 1, and the statistics pass, "
+              "which goes parallel only above 2**20 values per thread (the 2048-row cases), shows the same jump.",
+              ""]
     return "\n".join(lines)
 
 

@@ -4,22 +4,28 @@
 // zero). W is never modified or copied as a whole. Two strategies:
 //
 // * small M (decode): one pass over W and the bits. A block of NR weight rows is gated on the fly
-//   (16 mask bits = one __mmask16 of fp32 lanes: masked load for gamma = 0, _mm512_mask_mul_ps for
-//   gamma > 0) and every gated vector is used for MR rows of x held in registers. bf16 weights on CPUs
-//   with AVX512_BF16 use the bf16 dot product (32 mask bits = one __mmask32 of bf16 lanes) with fp32
-//   accumulation; other dtypes convert to fp32 (F16C for fp16, a 16-bit shift for bf16).
-// * large M (prefill): W is gated panel by panel (P rows, cache sized) into a buffer and each panel
-//   goes to the GEMM torch uses (MKL / oneDNN) writing straight into a column slice of y.
+//   (16 mask bits = one __mmask16 of fp32 lanes; _mm512_mask_mul_ps scales the pruned lanes by gamma)
+//   and every gated vector is used for MR rows of x held in registers; the next block is prefetched
+//   meanwhile. bf16 weights on CPUs with AVX512_BF16 use the bf16 dot product (32 mask bits = one
+//   __mmask32 of bf16 lanes, fp32 accumulation; gamma * w is rounded to bf16, exact for gamma 0 / 1);
+//   other dtypes convert to fp32 (F16C for fp16, a 16-bit shift for bf16), x once up front.
+// * large M (prefill): each thread gates its range of W rows panel by panel (about 2 MiB) into its
+//   own buffer and hands each panel to the GEMM torch uses (MKL / oneDNN), writing straight into a
+//   column slice of y. bf16 runs a bf16 GEMM where the CPU has AVX512_BF16 (gamma * w rounded to bf16).
 //
 // ISA: AVX-512, AVX2 or portable, picked per call by persona_kernels::cpu_isa() (which honours
 // PERSONA_KERNELS_CPU_ISA). Functions are compiled for each ISA with GCC target attributes, so the
-// file builds without -march. PERSONA_KERNELS_CPU_NO_BF16DOT=1 disables the AVX512_BF16 paths
-// (tests use it to cover the fp32-conversion route on machines that have them).
+// file builds without -march. Environment knobs for tests and tuning: PERSONA_KERNELS_CPU_NO_BF16DOT=1
+// disables the AVX512_BF16 small-M kernel, PERSONA_KERNELS_GATED_LINEAR_GEMM_M sets the row count
+// from which the GEMM path is used, PERSONA_KERNELS_GATED_LINEAR_PANEL the panel rows.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 
@@ -41,10 +47,12 @@ namespace {
 using at::BFloat16;
 using at::Half;
 
-// Rows of x at or above which the panel + GEMM path is used (measured on an AVX-512 EPYC with MKL,
-// see benchmarks/bench_gated_linear.py). Overridable with PERSONA_KERNELS_GATED_LINEAR_GEMM_M.
+// Rows of x at or above which the panel + GEMM path is used. Measured single-threaded on an AVX-512
+// EPYC (Zen 5) with MKL / oneDNN: the fp32 block kernels beat MKL's sgemm up to about 192 rows, the
+// bf16 dot-product kernels and oneDNN's bf16 GEMM cross over near 24 rows (other cases use the fp32
+// value). Overridable with PERSONA_KERNELS_GATED_LINEAR_GEMM_M.
 constexpr int64_t kGemmMinRowsF32 = 128;
-constexpr int64_t kGemmMinRowsBf16 = 32;
+constexpr int64_t kGemmMinRowsBf16 = 24;
 // Panel of gated weights handed to one GEMM call (per thread): about 2 MiB, so it stays in cache.
 constexpr int64_t kPanelBytes = int64_t{2} << 20;
 
@@ -104,7 +112,7 @@ constexpr int kMaxNR = 4;
 constexpr int kMaxMR = 8;
 
 // Portable scalar kernel (any dtype, compiler's own vectorisation only).
-template <typename WT, int NR, int MR, bool SOFT>
+template <typename WT, int NR, int MR>
 void block_portable(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits, int64_t words,
                     float gamma, float* sums, const void* pf) {
   const float* x = static_cast<const float*>(xv);
@@ -115,7 +123,7 @@ void block_portable(const void* xv, int64_t ldx, const void* wv, int64_t K, cons
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       const float wk = to_float(w[r * K + k]);
-      g[r] = bit_of(bits + r * words, k) ? wk : (SOFT ? wk * gamma : 0.0f);
+      g[r] = bit_of(bits + r * words, k) ? wk : wk * gamma;
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
@@ -154,18 +162,21 @@ PK_TARGET_AVX512 inline __m512 load16_avx512<BFloat16>(const BFloat16* p, __mmas
 
 // Keeps the compiler from folding a following mask operation into the load: masked loads with
 // data-dependent masks are much slower than a plain load plus a register blend on AMD Zen.
+#ifndef PK_PF_HINT
+#define PK_PF_HINT _MM_HINT_T0
+#endif
 #define PK_OPAQUE(v) __asm__("" : "+v"(v))
 
-// Gated 16-lane weight vector: lanes outside `valid` are zero.
-template <typename WT, bool SOFT>
+// Gated 16-lane weight vector w * G (lanes outside `valid` are zero). Pruned lanes are multiplied
+// by gamma even when it is 0, exactly like the reference W * G (a zeroing blend is no faster here).
+template <typename WT>
 PK_TARGET_AVX512 inline __m512 gated16_avx512(const WT* p, __mmask16 keep, __mmask16 valid, __m512 g) {
   __m512 v = load16_avx512<WT>(p, valid);
   PK_OPAQUE(v);
-  if (!SOFT) return _mm512_maskz_mov_ps(keep, v);
   return _mm512_mask_mul_ps(v, static_cast<__mmask16>(~keep), v, g);
 }
 
-template <typename WT, int NR, int MR, bool SOFT>
+template <typename WT, int NR, int MR>
 PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
                                    int64_t words, float gamma, float* sums, const void* pf) {
   const float* x = static_cast<const float*>(xv);
@@ -183,7 +194,7 @@ PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, 
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       const __mmask16 keep = static_cast<__mmask16>(bits[r * words + (k >> 5)] >> (k & 16));
-      wr[r] = gated16_avx512<WT, SOFT>(w + r * K + k, keep, 0xFFFF, g);
+      wr[r] = gated16_avx512<WT>(w + r * K + k, keep, 0xFFFF, g);
       if ((k * sizeof(WT)) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), _MM_HINT_T1);
     }
 #pragma GCC unroll 8
@@ -199,7 +210,7 @@ PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, 
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       const __mmask16 keep = static_cast<__mmask16>(bits[r * words + (k >> 5)] >> (k & 16));
-      wr[r] = gated16_avx512<WT, SOFT>(w + r * K + k, keep, valid, g);
+      wr[r] = gated16_avx512<WT>(w + r * K + k, keep, valid, g);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
@@ -215,13 +226,11 @@ PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, 
 }
 
 // ---- AVX512_BF16: 32 bf16 lanes per vector, one __mmask32 per mask word; x stays bf16 ----
-PK_TARGET_AVX512BF16 inline __m512i gated32_bf16(const BFloat16* p, __mmask32 keep, __mmask32 valid, bool soft,
-                                                 __m512 g) {
+PK_TARGET_AVX512BF16 inline __m512i gated32_bf16(const BFloat16* p, __mmask32 keep, __mmask32 valid, __m512 g) {
+  // 32 bf16 lanes -> two fp32 halves, pruned lanes times gamma, rounded back to bf16 (exact for
+  // gamma 0 and 1). A 16-bit zeroing blend would be enough for gamma = 0 but is slower on AMD Zen.
   __m512i v = valid == ~0u ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(valid, p);
   PK_OPAQUE(v);
-  if (!soft) return _mm512_maskz_mov_epi16(keep, v);
-  // Even/odd lanes do not matter for the dot product as long as x is treated alike, but the
-  // conversion back must preserve lane order: split into low and high 16 lanes.
   __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
   __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
   const __mmask32 drop = ~keep;
@@ -230,7 +239,7 @@ PK_TARGET_AVX512BF16 inline __m512i gated32_bf16(const BFloat16* p, __mmask32 ke
   return (__m512i)(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
-template <int NR, int MR, bool SOFT>
+template <int NR, int MR>
 PK_TARGET_AVX512BF16 void block_bf16dot(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
                                         int64_t words, float gamma, float* sums, const void* pf) {
   const BFloat16* x = static_cast<const BFloat16*>(xv);
@@ -247,8 +256,8 @@ PK_TARGET_AVX512BF16 void block_bf16dot(const void* xv, int64_t ldx, const void*
     __m512i wr[NR];
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
-      wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], ~0u, SOFT, g);
-      _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), _MM_HINT_T1);
+      wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], ~0u, g);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), PK_PF_HINT);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
@@ -262,7 +271,7 @@ PK_TARGET_AVX512BF16 void block_bf16dot(const void* xv, int64_t ldx, const void*
     const __mmask32 valid = static_cast<__mmask32>((1ull << (K - k)) - 1u);
     __m512i wr[NR];
 #pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], valid, SOFT, g);
+    for (int r = 0; r < NR; ++r) wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], valid, g);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512i xi = _mm512_maskz_loadu_epi16(valid, x + i * ldx + k);
@@ -294,7 +303,7 @@ PK_TARGET_AVX2 inline __m256 load8_avx2<BFloat16>(const BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
 
-template <typename WT, int NR, int MR, bool SOFT>
+template <typename WT, int NR, int MR>
 PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
                                int64_t words, float gamma, float* sums, const void* pf) {
   const float* x = static_cast<const float*>(xv);
@@ -316,7 +325,7 @@ PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int6
       const __m256 keep = _mm256_castsi256_ps(
           _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(b8), lane_bit), lane_bit));
       const __m256 v = load8_avx2<WT>(w + r * K + k);
-      wr[r] = SOFT ? _mm256_mul_ps(v, _mm256_blendv_ps(g, one, keep)) : _mm256_and_ps(v, keep);
+      wr[r] = _mm256_mul_ps(v, _mm256_blendv_ps(g, one, keep));
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
@@ -334,7 +343,7 @@ PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int6
       float s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
       for (int64_t k = kv; k < K; ++k) {
         const float wk = to_float(w[r * K + k]);
-        s += x[i * ldx + k] * (bit_of(bits + r * words, k) ? wk : (SOFT ? wk * gamma : 0.0f));
+        s += x[i * ldx + k] * (bit_of(bits + r * words, k) ? wk : wk * gamma);
       }
       sums[i * NR + r] = s;
     }
@@ -342,12 +351,12 @@ PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int6
 }
 #endif  // PK_X86
 
-// Table of block kernels for one (ISA, dtype): main[MR-1][SOFT] for NR rows, single[...] for 1 row.
+// Table of block kernels for one (ISA, dtype): main[MR-1] for NR weight rows, single[MR-1] for 1 row.
 struct BlockTable {
   int nr = 1;
   int mr_max = 1;
-  BlockFn main[kMaxMR][2] = {};
-  BlockFn single[kMaxMR][2] = {};
+  BlockFn main[kMaxMR] = {};
+  BlockFn single[kMaxMR] = {};
 };
 
 #define PK_FILL_TABLE(KERNEL, NR_, MRMAX_, ...)                                           \
@@ -365,10 +374,8 @@ struct BlockTable {
   } while (0)
 #define PK_FILL_ROW(KERNEL, NR_, MR_, ...)                                                \
   do {                                                                                    \
-    t.main[MR_ - 1][0] = &KERNEL<__VA_ARGS__ NR_, MR_, false>;                            \
-    t.main[MR_ - 1][1] = &KERNEL<__VA_ARGS__ NR_, MR_, true>;                             \
-    t.single[MR_ - 1][0] = &KERNEL<__VA_ARGS__ 1, MR_, false>;                            \
-    t.single[MR_ - 1][1] = &KERNEL<__VA_ARGS__ 1, MR_, true>;                             \
+    t.main[MR_ - 1] = &KERNEL<__VA_ARGS__ NR_, MR_>;                                      \
+    t.single[MR_ - 1] = &KERNEL<__VA_ARGS__ 1, MR_>;                                      \
   } while (0)
 
 template <typename WT>
@@ -388,29 +395,67 @@ BlockTable float_table(Isa isa) {
   return t;
 }
 
-#ifndef BF16_NR
-#define BF16_NR 3
-#define BF16_MR 8
-#endif
 #if PK_X86
 BlockTable bf16dot_table() {
   BlockTable t;
-  PK_FILL_TABLE(block_bf16dot, BF16_NR, BF16_MR, );
+  // 3 weight rows x 8 rows of x: 24 accumulators; M = 16 takes two passes over each weight block.
+  PK_FILL_TABLE(block_bf16dot, 3, 8, );
   return t;
 }
 #endif
+
+// Runs body(i0, i1) over [0, n) in chunks claimed from a shared counter. The calling thread works
+// through the chunks itself; helper tasks on torch's inter-op pool (one per extra intra-op thread)
+// claim chunks if and when the OS schedules them, and the caller waits only for chunks a helper has
+// actually started. On a busy machine this is never slower than one thread, unlike a fork-join
+// region whose barrier waits for every worker to be scheduled; on an idle one all cores stream W.
+struct ChunkQueue {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> active{0};
+};
+
+template <typename F>
+void run_chunks(int64_t n, int64_t chunk, const F& body) {
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, (n + chunk - 1) / chunk - 1);
+  if (helpers <= 0 || at::in_parallel_region()) {
+    body(0, n);
+    return;
+  }
+  auto queue = std::make_shared<ChunkQueue>();
+  const F* fn = &body;
+  for (int64_t h = 0; h < helpers; ++h) {
+    at::launch([queue, fn, n, chunk]() {
+      for (;;) {
+        queue->active.fetch_add(1);
+        const int64_t i0 = queue->next.fetch_add(chunk);
+        if (i0 >= n) {  // all work claimed: the caller may be gone, touch nothing but the queue
+          queue->active.fetch_sub(1);
+          return;
+        }
+        (*fn)(i0, std::min(n, i0 + chunk));  // the caller waits for us (active > 0)
+        queue->active.fetch_sub(1);
+      }
+    });
+  }
+  for (;;) {
+    const int64_t i0 = queue->next.fetch_add(chunk);
+    if (i0 >= n) break;
+    body(i0, std::min(n, i0 + chunk));
+  }
+  while (queue->active.load() != 0) std::this_thread::yield();
+}
 
 // Runs the block kernels over all of y. x: [M, K] rows of the type the table expects.
 template <typename OT>
 void run_small(const BlockTable& t, const void* x, size_t x_elem, const void* w, size_t w_elem, const uint32_t* bits,
                const float* bias, OT* y, int64_t M, int64_t N, int64_t K, int64_t words, float gamma) {
-  static const bool force_soft = std::getenv("PK_EXP_SOFT") != nullptr;
-  const int soft = (gamma != 0.0f || force_soft) ? 1 : 0;
   const int nr = t.nr;
   const int64_t nblocks = (N + nr - 1) / nr;
   const char* xb = static_cast<const char*>(x);
   const char* wb = static_cast<const char*>(w);
-  at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
+  // About 64 weight rows per chunk, fewer when there is little work.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64 / nr, nblocks / (4 * at::get_num_threads())));
+  run_chunks(nblocks, chunk, [&](int64_t b0, int64_t b1) {
     float sums[kMaxNR * kMaxMR];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * nr;
@@ -420,7 +465,7 @@ void run_small(const BlockTable& t, const void* x, size_t x_elem, const void* w,
         const void* xm = xb + m0 * K * x_elem;
         if (rows == nr) {
           const char* wn = wb + std::min<int64_t>(n0 + nr, N - nr) * K * w_elem;  // next block (or this one)
-          t.main[mr - 1][soft](xm, K, wb + n0 * K * w_elem, K, bits + n0 * words, words, gamma, sums, wn);
+          t.main[mr - 1](xm, K, wb + n0 * K * w_elem, K, bits + n0 * words, words, gamma, sums, wn);
           for (int i = 0; i < mr; ++i)
             for (int r = 0; r < nr; ++r) {
               const float v = sums[i * nr + r] + (bias ? bias[n0 + r] : 0.0f);
@@ -430,7 +475,7 @@ void run_small(const BlockTable& t, const void* x, size_t x_elem, const void* w,
           for (int r = 0; r < rows; ++r) {
             const int64_t n = n0 + r;
             const char* wr = wb + n * K * w_elem;
-            t.single[mr - 1][soft](xm, K, wr, K, bits + n * words, words, gamma, sums, wr);
+            t.single[mr - 1](xm, K, wr, K, bits + n * words, words, gamma, sums, wr);
             for (int i = 0; i < mr; ++i) y[(m0 + i) * N + n] = static_cast<OT>(sums[i] + (bias ? bias[n] : 0.0f));
           }
         }
@@ -472,10 +517,10 @@ PK_TARGET_AVX512 void gate_f32_avx512(const WT* w, const uint32_t* bits, int64_t
     const uint32_t* br = bits + r * words;
     float* o = out + r * K;
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 valid = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+      const __mmask16 valid =
+          K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
       const __mmask16 keep = static_cast<__mmask16>(br[k >> 5] >> (k & 16));
-      const __m512 v = gamma == 0.0f ? gated16_avx512<WT, false>(wr + k, keep, valid, g)
-                                     : gated16_avx512<WT, true>(wr + k, keep, valid, g);
+      const __m512 v = gated16_avx512<WT>(wr + k, keep, valid, g);
       _mm512_mask_storeu_ps(o + k, valid, v);
     }
   }
@@ -484,14 +529,13 @@ PK_TARGET_AVX512 void gate_f32_avx512(const WT* w, const uint32_t* bits, int64_t
 PK_TARGET_AVX512BF16 void gate_bf16_avx512(const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K,
                                            int64_t words, float gamma, BFloat16* out) {
   const __m512 g = _mm512_set1_ps(gamma);
-  const bool soft = gamma != 0.0f;
   for (int64_t r = 0; r < rows; ++r) {
     const BFloat16* wr = w + r * K;
     const uint32_t* br = bits + r * words;
     BFloat16* o = out + r * K;
     for (int64_t k = 0; k < K; k += 32) {
       const __mmask32 valid = K - k >= 32 ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
-      _mm512_mask_storeu_epi16(o + k, valid, gated32_bf16(wr + k, br[k >> 5], valid, soft, g));
+      _mm512_mask_storeu_epi16(o + k, valid, gated32_bf16(wr + k, br[k >> 5], valid, g));
     }
   }
 }
@@ -539,10 +583,10 @@ void gate_rows_bf16(bool vector, const BFloat16* w, const uint32_t* bits, int64_
   gate_bf16_portable(w, bits, rows, K, words, gamma, out);
 }
 
-// Large M: W is split into one contiguous range of rows per thread; each thread gates its range
-// panel by panel into its own buffer and multiplies it with the GEMM torch uses (inside the parallel
-// region MKL / oneDNN run single-threaded), writing straight into its column slice of y. One
-// parallel region per call keeps the synchronisation cost low on a busy machine.
+// Large M: the threads of one parallel region claim panels of W rows one at a time, gate each into
+// their own buffer and multiply it with the GEMM torch uses (inside the parallel region MKL / oneDNN
+// run single-threaded), writing straight into the panel's column slice of y. One parallel region
+// per call keeps the synchronisation cost low on a busy machine.
 torch::Tensor gated_linear_gemm(const torch::Tensor& x, const torch::Tensor& weight, const uint32_t* bits,
                                 const c10::optional<torch::Tensor>& bias, float gamma, Isa isa, bool bf16_gemm) {
   const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1), words = packed_words(K);
@@ -552,31 +596,32 @@ torch::Tensor gated_linear_gemm(const torch::Tensor& x, const torch::Tensor& wei
   torch::Tensor y = torch::empty({M, N}, x.options().dtype(gtype));
   const c10::optional<torch::Tensor> bg = bias.has_value() ? c10::optional<torch::Tensor>(bias->to(gtype)) : bias;
   const int64_t P = std::min<int64_t>(panel_rows(K, bf16_gemm ? 2 : 4), N);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 15) / 16));
-  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
-    torch::Tensor panel = torch::empty({P, K}, x.options().dtype(gtype));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t lo = N * t / parts, hi = N * (t + 1) / parts;
-      for (int64_t n0 = lo; n0 < hi; n0 += P) {
-        const int64_t np = std::min<int64_t>(P, hi - n0);
-        const uint32_t* b = bits + n0 * words;
-        if (bf16_gemm) {
-          gate_rows_bf16(isa == Isa::Avx512, weight.data_ptr<BFloat16>() + n0 * K, b, np, K, words, gamma,
-                         panel.data_ptr<BFloat16>());
-        } else if (wtype == torch::kFloat) {
-          gate_rows_f32(isa, weight.data_ptr<float>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
-        } else if (wtype == torch::kHalf) {
-          gate_rows_f32(isa, weight.data_ptr<Half>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
-        } else {
-          gate_rows_f32(isa, weight.data_ptr<BFloat16>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
-        }
-        const torch::Tensor wp = panel.narrow(0, 0, np);
-        torch::Tensor yp = y.narrow(1, n0, np);
-        if (bg.has_value()) {
-          at::addmm_out(yp, bg->narrow(0, n0, np), xg, wp.t());
-        } else {
-          at::mm_out(yp, xg, wp.t());
-        }
+  const int64_t panels = (N + P - 1) / P;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    torch::Tensor panel = torch::empty({P, K}, x.options().dtype(gtype));  // this thread's buffer
+    for (;;) {
+      const int64_t p = next.fetch_add(1);
+      if (p >= panels) break;
+      const int64_t n0 = p * P, np = std::min<int64_t>(P, N - n0);
+      const uint32_t* b = bits + n0 * words;
+      if (bf16_gemm) {
+        gate_rows_bf16(isa == Isa::Avx512, weight.data_ptr<BFloat16>() + n0 * K, b, np, K, words, gamma,
+                       panel.data_ptr<BFloat16>());
+      } else if (wtype == torch::kFloat) {
+        gate_rows_f32(isa, weight.data_ptr<float>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
+      } else if (wtype == torch::kHalf) {
+        gate_rows_f32(isa, weight.data_ptr<Half>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
+      } else {
+        gate_rows_f32(isa, weight.data_ptr<BFloat16>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
+      }
+      const torch::Tensor wp = panel.narrow(0, 0, np);
+      torch::Tensor yp = y.narrow(1, n0, np);
+      if (bg.has_value()) {
+        at::addmm_out(yp, bg->narrow(0, n0, np), xg, wp.t());
+      } else {
+        at::mm_out(yp, xg, wp.t());
       }
     }
   });

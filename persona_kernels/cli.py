@@ -93,14 +93,45 @@ def cmd_calibrate(args) -> int:
             raise CLIError(f"--pairs: unknown persona(s) {missing}; available: {sorted(texts)}")
         if args.method != "wanda":
             texts = {p: texts[p] for pair in pairs for p in pair}
-    model, tok = _load(args)
-    bank = calibrate(
-        model, tok, texts, method=args.method, sparsity=args.sparsity, pairs=pairs, batch_size=args.batch_size,
-        max_length=args.max_length, tokens=args.tokens, method_kwargs=_method_kwargs(args), default_gamma=args.gamma,
-    )
-    bank.save(args.out)
-    print(f"wrote {args.out}: {bank}")
+    rank, started = _init_distributed(args)
+    try:
+        model, tok = _load(args)
+        bank = calibrate(
+            model, tok, texts, method=args.method, sparsity=args.sparsity, pairs=pairs, batch_size=args.batch_size,
+            max_length=args.max_length, tokens=args.tokens, method_kwargs=_method_kwargs(args), default_gamma=args.gamma,
+            distributed="auto", progress=rank == 0,
+        )
+        if rank == 0:  # every rank holds the same bank; one writes it
+            bank.save(args.out)
+            print(f"wrote {args.out}: {bank}")
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
+
+
+def _init_distributed(args) -> tuple[int, bool]:
+    """Under ``torchrun`` (WORLD_SIZE > 1 and RANK set): join the process group (nccl when --device is CUDA and
+    CUDA is available, else gloo) and move ``--device cuda`` to this rank's GPU (LOCAL_RANK). Returns
+    ``(rank, whether this call started the group)``."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return 0, False
+    if dist.is_initialized():
+        return dist.get_rank(), False
+    use_cuda = str(args.device).startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        if str(args.device) == "cuda":
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(args.device))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), True
 
 
 def cmd_analyze(args) -> int:
@@ -121,7 +152,7 @@ def cmd_analyze(args) -> int:
         cmp = compare(bank, a, b)
         stem = out / f"{a}_vs_{b}".replace(":", "_").replace("/", "_")
         cmp.plot(str(stem))
-        Path(f"{stem}.json").write_text(__import__("json").dumps(cmp.to_json(), indent=2), encoding="utf-8")
+        Path(f"{stem}.json").write_text(cmp.to_json(), encoding="utf-8")
         print(f"## {a} vs {b}\n")
         print(cmp.to_markdown())
     return 0

@@ -22,7 +22,14 @@ Decisions:
 - Merging keeps the original values of the gated weights in the model's patch state (not in
   ``state_dict``), so saving a merged model saves the persona; ``unpatch_model(model, keep_merged=True)``
   turns it into a plain single-persona model.
-- Models with offloaded weights (accelerate ``offload``, weights on the ``meta`` device) are not supported.
+- Models with offloaded weights (accelerate ``cpu_offload`` / ``disk_offload`` / ``device_map`` with "cpu" or
+  "disk" entries: weights on the ``meta`` device between forwards) are supported when the Linear itself carries
+  accelerate's offload hook: the hook is moved to the PersonaLinear, loads the weights before each forward, and
+  the masks live on the hook's execution device. ``merge_persona`` is refused for them (nothing to merge into).
+- ``persona_batch(model, ["a", None, "b", ...])`` gives every batch row its own persona (``None``: base)
+  through :func:`persona_kernels.gated_linear_multi`; each module stacks the masks of a persona set once
+  (cached) and holds a per-row index. The batch size is fixed inside the block, so ``generate()`` works and
+  KV-cache rows keep their persona. ``set_persona`` / ``merge_persona`` are refused inside the block.
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from persona_kernels.ops.gated_linear import gated_linear
+from persona_kernels.ops.gated_linear_multi import gated_linear_multi
 from persona_kernels.ops.packing import pack_mask, packed_words, unpack_mask
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "get_persona",
     "get_gamma",
     "persona",
+    "persona_batch",
     "disable_persona",
     "merge_persona",
     "unmerge_persona",
@@ -103,6 +112,9 @@ class PersonaLinear(nn.Linear):
         self._mask_buffers: dict[str, str] = {}  # persona -> buffer name
         self._active_buffer: Optional[str] = None
         self._next_id = 0
+        # mixed-persona batches: stacked banks per persona set (cache) and the active (bank, row index, gammas)
+        self._stack_cache: dict[tuple[str, ...], tuple[torch.Tensor, dict[str, int]]] = {}
+        self._batch: Optional[tuple[torch.Tensor, torch.Tensor, list[float]]] = None
 
     # -- masks -------------------------------------------------------------------------------------------
     @property
@@ -119,13 +131,22 @@ class PersonaLinear(nn.Linear):
             raise KeyError(_err("PersonaLinear.mask", f"no mask for persona {name!r} (has: {self.personas})"))
         return getattr(self, self._mask_buffers[name])
 
+    def mask_device(self) -> torch.device:
+        """Where the masks live: the weight's device, or accelerate's execution device for offloaded weights."""
+        device = self.weight.device
+        if device.type == "meta":
+            hook = _offload_hook(self) or _offload_hook(self.original)
+            if hook is not None:
+                return torch.device(hook.execution_device)
+        return device
+
     def add_mask(self, name: str, packed: torch.Tensor) -> None:
-        """Store (or replace) the packed mask of persona ``name`` on this module's weight device."""
+        """Store (or replace) the packed mask of persona ``name`` on this module's weight (execution) device."""
         expected = (self.out_features, packed_words(self.in_features))
         if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32 or tuple(packed.shape) != expected:
             got = f"{packed.dtype} {tuple(packed.shape)}" if isinstance(packed, torch.Tensor) else type(packed).__name__
             raise ValueError(_err("PersonaLinear.add_mask", f"persona {name!r}: expected an int32 mask of shape {expected}, got {got}"))
-        packed = packed.detach().to(self.weight.device).contiguous()
+        packed = packed.detach().to(self.mask_device()).contiguous()
         if name in self._mask_buffers:
             setattr(self, self._mask_buffers[name], packed)
         else:
@@ -135,11 +156,13 @@ class PersonaLinear(nn.Linear):
             self._mask_buffers[name] = buf
         if self.active == name:
             self._active_buffer = self._mask_buffers[name]
+        self._stack_cache.clear()
 
     def remove_mask(self, name: str) -> None:
         buf = self._mask_buffers.pop(name, None)
         if buf is not None:
             delattr(self, buf)
+        self._stack_cache.clear()
         if self.active == name:
             self.set_active(None)
 
@@ -150,8 +173,59 @@ class PersonaLinear(nn.Linear):
         self._active_buffer = buf
         self.gamma = float(gamma)
 
+    # -- mixed-persona batches -------------------------------------------------------------------------
+    _STACK_CACHE_SIZE = 8
+
+    def stacked_bank(self, personas: Iterable[str]) -> tuple[torch.Tensor, dict[str, int]]:
+        """The masks of ``personas`` that exist on this module, stacked ``int32 [P, N, W]``, and each persona's
+        position. Built once per persona set and device (small LRU cache), not per call."""
+        key = tuple(sorted({p for p in personas if p in self._mask_buffers}))
+        device = self.mask_device()
+        hit = self._stack_cache.pop(key, None)
+        if hit is None or hit[0].device != device:
+            if key:
+                bank = torch.stack([self.mask(p).to(device) for p in key])
+            else:
+                bank = torch.zeros((0, self.out_features, packed_words(self.in_features)), dtype=torch.int32, device=device)
+            hit = (bank, {p: i for i, p in enumerate(key)})
+        self._stack_cache[key] = hit  # most recently used last
+        while len(self._stack_cache) > self._STACK_CACHE_SIZE:
+            self._stack_cache.pop(next(iter(self._stack_cache)))
+        return hit
+
+    def set_batch(self, rows: Optional[Sequence[Optional[str]]], gamma: Mapping[str, float] | float = 0.0) -> None:
+        """Give batch row ``i`` persona ``rows[i]`` (None: base; a persona without a mask here: dense).
+        ``rows=None`` leaves batch mode. ``gamma``: one float or persona -> float."""
+        if rows is None:
+            self._batch = None
+            return
+        bank, position = self.stacked_bank(r for r in rows if r is not None)
+        index = torch.tensor([position.get(r, -1) if r is not None else -1 for r in rows], dtype=torch.int32)
+        order = sorted(position, key=position.get)
+        gammas = [float(gamma if isinstance(gamma, (int, float)) else gamma[p]) for p in order]
+        self._batch = (bank, index.to(bank.device), gammas)
+
     # -- forward -----------------------------------------------------------------------------------------
+    def _forward_batch(self, x: torch.Tensor) -> torch.Tensor:
+        bank, index, gammas = self._batch
+        if x.dim() < 2 or x.shape[0] != index.shape[0]:
+            raise RuntimeError(
+                _err("persona_batch", f"the input has batch size {x.shape[0] if x.dim() else 0} (shape {tuple(x.shape)}), "
+                     f"but the persona_batch block gave {index.shape[0]} personas (one per batch row); num_beams > 1 "
+                     "or num_return_sequences > 1 change the batch size: repeat the persona list accordingly")
+            )
+        if bank.shape[0] == 0:
+            return F.linear(x, self.weight, self.bias)
+        if index.device != x.device:
+            index = index.to(x.device)
+        rows = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        if bank.device != x.device:
+            bank = bank.to(x.device)
+        return gated_linear_multi(x, self.weight, bank, rows, self.bias, gammas, backend=self.backend, validate_index=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._batch is not None:
+            return self._forward_batch(x)
         if self._active_buffer is None:
             return F.linear(x, self.weight, self.bias)
         mask = getattr(self, self._active_buffer)
@@ -176,6 +250,17 @@ class _PatchState:
     gamma: float = 0.0
     merged: Optional[tuple[str, float]] = None
     merged_saved: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> original gated values
+    batch: Optional[list[Optional[str]]] = None  # persona per batch row while persona_batch is active
+
+
+def _offload_hook(module: nn.Module):
+    """accelerate's offload hook on ``module`` itself (weights loaded from a weights map at each forward), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", (hook,))  # SequentialHook holds several
+    for h in hooks:
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None and getattr(h, "execution_device", None) is not None:
+            return h
+    return None
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -329,8 +414,9 @@ def patch_model(
         )
     for name in selected:
         w = targetable[name].weight
-        if w.device.type == "meta":
-            raise RuntimeError(_err("patch_model", f"{name}: weight is on the meta device (offloaded); offloaded models are not supported"))
+        if w.device.type == "meta" and _offload_hook(targetable[name]) is None:
+            raise RuntimeError(_err("patch_model", f"{name}: weight is on the meta device without an accelerate offload hook on "
+                                    "this Linear (cpu_offload / disk_offload / dispatch_model attach one); cannot patch it"))
         if w.dtype not in _FLOAT_DTYPES:
             raise RuntimeError(_err("patch_model", f"{name}: weight dtype {w.dtype} is not supported (float32, float16 or bfloat16)"))
 
@@ -401,6 +487,8 @@ def set_persona(model: nn.Module, name: Optional[str], gamma: Optional[float] = 
     ``gamma`` (soft gate of pruned weights in [0, 1]) defaults to the bank's ``default_gamma``.
     """
     state = _state(model, "set_persona")
+    if state.batch is not None:
+        raise RuntimeError(_err("set_persona", "a persona_batch block is active; leave it before switching the model's persona"))
     if name is not None and name not in state.personas:
         raise KeyError(_err("set_persona", f"unknown persona {name!r}; available personas: {state.personas} (or None for the base model)"))
     gamma = state.default_gamma if gamma is None else _check_gamma("set_persona", gamma)
@@ -459,6 +547,59 @@ def persona(model: nn.Module, name: Optional[str], gamma: Optional[float] = None
             _apply(state, prev_name, prev_gamma)
 
 
+@contextlib.contextmanager
+def persona_batch(
+    model: nn.Module,
+    personas: Sequence[Optional[str]],
+    gamma: Union[None, float, Mapping[str, float]] = None,
+) -> Iterator[nn.Module]:
+    """Context manager: batch row ``i`` runs with persona ``personas[i]`` (``None``: the base model).
+
+    One forward (or ``generate()``) serves several personas at once: every patched module computes
+    :func:`persona_kernels.gated_linear_multi` with a per-row persona index, expanded over the sequence
+    positions (the KV cache rows keep their persona since the batch dimension is fixed). The inputs' batch
+    size must equal ``len(personas)``. Each module stacks the masks of the persona set once (cached).
+
+    Args:
+        personas: one persona name (or None) per batch row.
+        gamma: soft gate in [0, 1]: one float for every persona, a dict persona -> float, or None for the
+            bank's ``default_gamma``.
+    """
+    state = _state(model, "persona_batch")
+    if isinstance(personas, str) or not isinstance(personas, Sequence) or len(personas) == 0:
+        raise TypeError(_err("persona_batch", f"argument 'personas': expected a non-empty list with one persona name "
+                             f"(or None) per batch row, got {personas!r}"))
+    unknown = sorted({p for p in personas if p is not None and p not in state.personas}, key=str)
+    if unknown:
+        raise KeyError(_err("persona_batch", f"argument 'personas': unknown persona(s) {unknown}; available personas: "
+                            f"{state.personas} (or None for the base model)"))
+    if gamma is None:
+        gammas: Union[float, dict[str, float]] = state.default_gamma
+    elif isinstance(gamma, Mapping):
+        gammas = {p: state.default_gamma for p in state.personas}
+        for p, g in gamma.items():
+            if p not in state.personas:
+                raise KeyError(_err("persona_batch", f"argument 'gamma': unknown persona {p!r}"))
+            gammas[p] = _check_gamma("persona_batch", g)
+    else:
+        gammas = _check_gamma("persona_batch", gamma)
+    if state.merged is not None:
+        raise RuntimeError(_err("persona_batch", f"persona {state.merged[0]!r} is merged into the weights; call "
+                                "persona_kernels.unmerge_persona(model) first"))
+    if state.batch is not None:
+        raise RuntimeError(_err("persona_batch", "a persona_batch block is already active (blocks do not nest)"))
+    rows = list(personas)
+    try:
+        for module in state.modules.values():
+            module.set_batch(rows, gammas)
+        state.batch = rows
+        yield model
+    finally:
+        for module in state.modules.values():
+            module.set_batch(None)
+        state.batch = None
+
+
 def disable_persona(model: nn.Module):
     """Context manager running the base model inside (like PEFT's ``disable_adapter``)."""
     return persona(model, None)
@@ -478,6 +619,12 @@ def merge_persona(model: nn.Module, name: str, gamma: Optional[float] = None) ->
     gamma = state.default_gamma if gamma is None else _check_gamma("merge_persona", gamma)
     if state.merged is not None:
         raise RuntimeError(_err("merge_persona", f"persona {state.merged[0]!r} is already merged; call unmerge_persona(model) first"))
+    if state.batch is not None:
+        raise RuntimeError(_err("merge_persona", "a persona_batch block is active; leave it before merging"))
+    offloaded = [n for n, m in state.modules.items() if m.weight.device.type == "meta"]
+    if offloaded:
+        raise RuntimeError(_err("merge_persona", f"{offloaded[0]}: the weights are offloaded (accelerate, meta device) and "
+                                "cannot be merged; use set_persona (the gated kernel runs after the weights are loaded)"))
     saved: dict[str, torch.Tensor] = {}
     for mod_name, module in state.modules.items():
         if not module.has_mask(name):

@@ -106,7 +106,13 @@ def iter_batches(encoded: Sequence[EncodedText], batch_size: int, pad_id: int, d
 def _model_device(model: nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and hasattr(emb, "weight"):
-        return emb.weight.device
+        device = emb.weight.device
+        if device.type == "meta":  # offloaded by accelerate: inputs go to the hook's execution device
+            from persona_kernels.patching import _offload_hook
+
+            hook = _offload_hook(emb)
+            return torch.device(hook.execution_device) if hook is not None else torch.device("cpu")
+        return device
     return next(model.parameters()).device
 
 
@@ -122,12 +128,24 @@ def persona_stats(
     target_modules=None,
     backend: str = "auto",
     progress: bool = True,
+    distributed: str | None = None,
 ) -> tuple[dict[str, dict], dict[str, int]]:
-    """Statistics of every targeted Linear's input per persona, and the tokens counted per persona."""
+    """Statistics of every targeted Linear's input per persona, and the tokens counted per persona.
+
+    ``distributed="auto"``: when ``torch.distributed`` is initialised with several ranks, each rank takes the
+    disjoint shard ``texts[rank::world_size]`` of every persona's texts and the statistics are merged exactly
+    across ranks (:func:`persona_kernels.distributed.all_reduce_stats`); every rank returns the full result.
+    Collective: call it on every rank with the same arguments. ``None``: this process uses all texts.
+    """
     from persona_kernels.calibration import collect_stats
 
     if not texts_by_persona:
         raise ValueError("persona_kernels.calibrate: argument 'texts_by_persona': no personas given")
+    if distributed not in (None, "auto"):
+        raise ValueError(f"persona_kernels.calibrate: argument 'distributed': expected None or 'auto', got {distributed!r}")
+    rank, world = _dist_rank_world() if distributed == "auto" else (0, 1)
+    if world > 1:
+        tokens = resolve_token_mode([_as_item(t) for ts in texts_by_persona.values() for t in ts], tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     from persona_kernels.evaluation.loglik import logits_to_keep_arg
 
@@ -138,26 +156,84 @@ def persona_stats(
     for name, texts in texts_by_persona.items():
         if not texts:
             raise ValueError(f"persona_kernels.calibrate: persona {name!r} has no texts")
+        if world > 1:
+            if len(texts) < world:
+                raise ValueError(f"persona_kernels.calibrate: persona {name!r} has {len(texts)} texts, fewer than the "
+                                 f"{world} distributed ranks (each rank needs at least one)")
+            texts = list(texts)[rank::world]
         encoded = encode_texts(tokenizer, texts, max_length=max_length, chat_template=chat_template, tokens=tokens)
+        tokens_seen[name] = sum(sum(e.stats_mask) for e in encoded)
+        if world > 1:
+            counts = _all_gather_ints(tokens_seen[name])
+            if min(counts) == 0:
+                raise ValueError(f"persona_kernels.calibrate: persona {name!r}: the shard of some rank kept no "
+                                 f"calibration token (tokens per rank: {counts}); use fewer ranks or more texts")
+            tokens_seen[name] = sum(counts)
         if not encoded:
             raise ValueError(f"persona_kernels.calibrate: persona {name!r}: no text kept any calibration token")
-        tokens_seen[name] = sum(sum(e.stats_mask) for e in encoded)
         batches = list(iter_batches(encoded, batch_size, pad_id, device))
         if keep_arg:  # the output head is not calibrated: skip its logits for all but one position
             for b in batches:
                 b[keep_arg] = 1
         stats[name] = collect_stats(model, batches, target_modules=target_modules, backend=backend, progress=progress)
+        if world > 1:
+            from persona_kernels.distributed import all_reduce_stats
+
+            all_reduce_stats(stats[name])  # exact merge, on each module's own device
     return stats, tokens_seen
 
 
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) when torch.distributed is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather_ints(value: int) -> list[int]:
+    """One int from every rank (on the collective backend's device: CUDA for nccl, else CPU)."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = torch.tensor([value], dtype=torch.int64, device=device)
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return [int(t.item()) for t in out]
+
+
+class _Weights(dict):
+    """name -> 2-D weight. Weights offloaded by accelerate (meta device) are read from the module's offload hook
+    on access, one module at a time, onto the hook's execution device (never all at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offloaded: dict[str, object] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        hook = self.offloaded.get(name)
+        if hook is not None:
+            return hook.weights_map["weight"].detach().to(torch.device(hook.execution_device))
+        return super().__getitem__(name)
+
+
 def _linear_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    from persona_kernels.patching import _offload_hook
+
     modules = dict(model.named_modules())
-    out = {}
+    out = _Weights()
     for n in names:
         mod = modules[n]
         weight = getattr(mod, "weight", None)
         if weight is None or weight.dim() != 2:
             raise ValueError(f"persona_kernels.calibrate: module {n!r} has no 2-D weight")
+        if weight.device.type == "meta":
+            hook = _offload_hook(mod)
+            if hook is None:
+                raise ValueError(f"persona_kernels.calibrate: module {n!r}: weight on the meta device without an "
+                                 "accelerate offload hook; load the model with device_map / offloading")
+            out.offloaded[n] = hook
         out[n] = weight.detach()
     return out
 
@@ -239,6 +315,7 @@ def calibrate(
     default_gamma: float = 0.0,
     backend: str = "auto",
     progress: bool = True,
+    distributed: str | None = None,
 ):
     """Calibrate persona masks for ``model`` and return a :class:`~persona_kernels.bank.MaskBank`.
 
@@ -249,6 +326,8 @@ def calibrate(
         pairs: ``[(positive, negative), ...]`` for the contrastive methods.
         tokens: which tokens enter the statistics: ``"all"``, ``"response"`` (prompt runs as context only),
             a callable ``(item, offsets) -> list[bool]``, or ``"auto"`` (response when all texts are pairs).
+        distributed: ``"auto"`` shards the texts over the ``torch.distributed`` ranks and merges the statistics
+            exactly (see :func:`persona_stats`); every rank returns the same bank.
 
     The model is left unchanged (statistics are recorded in a fused forward that is undone afterwards).
     """
@@ -261,6 +340,7 @@ def calibrate(
     stats, seen = persona_stats(
         model, tokenizer, texts_by_persona, batch_size=batch_size, max_length=max_length,
         chat_template=chat_template, tokens=mode, target_modules=target_modules, backend=backend, progress=progress,
+        distributed=distributed,
     )
     return build_bank(
         model, stats, method=method, sparsity=sparsity, pairs=pairs, method_kwargs=method_kwargs,

@@ -186,3 +186,20 @@ def test_packed_words_only(bank_and_masks):
     assert analysis.compare(packed_only, "A", "B").overall.differ == analysis.compare(bank, "A", "B").overall.differ
     assert packed_only.get("A", "lm_head").dtype == torch.int32
     assert torch.equal(packed_only.get("A", "lm_head"), pack_mask(a["lm_head"]))
+
+
+def test_contrastive_sparse_bank_difference_rates():
+    """End to end: masks from scoring -> bank -> analysis; disjoint pruned sets give known rates."""
+    from persona_kernels import scoring
+
+    k = 64
+    w = {f"model.layers.{i}.mlp.up_proj": torch.randn(10, k) for i in range(2)}
+    a_pos, a_neg = torch.rand(k) + 0.1, torch.rand(k) + 0.1
+    for rho, expected in ((0.5, 1.0), (0.25, 2 * 16 / 64)):
+        masks = {"P": {}, "N": {}}
+        for name, weight in w.items():
+            masks["P"][name], masks["N"][name] = scoring.contrastive_sparse(weight, a_pos, a_neg, rho)
+        cmp = analysis.compare(MaskBank.from_bool_masks(masks), "P", "N")
+        assert cmp.difference_rate == pytest.approx(expected, abs=0)
+        assert cmp.mlp_difference_rate == pytest.approx(expected, abs=0)
+    assert cmp.jaccard == pytest.approx(32 / 64)  # kept both: K - 2p; kept by either: K

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from persona_kernels import pack_mask, unpack_mask
+from persona_kernels import pack_mask
 from persona_kernels.bank import FORMAT_VERSION, MaskBank, MaskBankError
 
 SHAPES = {

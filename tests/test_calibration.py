@@ -249,6 +249,37 @@ def test_sharing_that_changes_between_forwards_is_an_error():
     assert int(rec.stats["b"].count[0]) == 12
 
 
+class _QKV(nn.Module):
+    def __init__(self, d=12):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, input_ids, attention_mask=None):
+        x = input_ids  # float features standing in for embeddings
+        return self.o(self.q(x) * self.k(x) + self.v(x))
+
+
+def test_no_host_synchronisation_while_recording(monkeypatch):
+    """The hot path (recorder + fused op + merge) never reads a tensor value on the host."""
+    model = _QKV()
+    x = torch.randn(3, 5, 12)
+    mask = torch.rand(3, 5) > 0.3
+    with StatsRecorder(model) as rec:
+        rec.run({"input_ids": x, "attention_mask": mask})  # warm-up: creates the statistics
+
+        def forbidden(name):
+            def fn(*args, **kwargs):
+                raise AssertionError(f"host synchronisation: Tensor.{name} called while recording")
+            return fn
+
+        with monkeypatch.context() as mp:
+            for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+                mp.setattr(torch.Tensor, name, forbidden(name))
+            rec.run({"input_ids": x, "attention_mask": mask})
+    assert rec.shared_groups == [["q", "k", "v"]]
+    assert int(rec.stats["q"].count[0]) == 2 * int(mask.sum())
+
+
 # -------------------------------------------------------------------------------------------- restoring
 def _forward_state(model):
     return {n: ("forward" in m.__dict__, m.forward.__func__ if hasattr(m.forward, "__func__") else m.forward)

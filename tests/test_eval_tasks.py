@@ -69,7 +69,7 @@ def test_loaders_accept_other_files_in_the_same_format(tmp_path):
     p = tmp_path / "mine.json"
     p.write_text(json.dumps([{"question": "Q?\n (A) x\n (B) y", "answer_matching_behavior": "(B)",
                               "answer_not_matching_behavior": "(A)"}]))
-    assert load_ab_file(p) == [ABItem("Q?\n (A) x\n (B) y", "B", "mine.json:2")]
+    assert load_ab_file(p) == [ABItem("Q?\n (A) x\n (B) y", "B", "mine.json:1")]
     q = tmp_path / "pairs.jsonl"
     q.write_text(json.dumps({"prompt": "p", "positive": "a", "negative": "b"}) + "\n")
     assert load_pairs_file(q)[0].negative == "b"
@@ -163,9 +163,12 @@ def test_capability_text_and_pairs_match_hand_computed(tiny):
     model, tok = tiny
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     text = "The sun was warm and the birds sang."
+    from persona_kernels.evaluation.tasks import NEUTRAL_PREFIX
+
     got = score_items(model, tok, _task("text", [text]))["capability"]
-    ids = [tok.bos_token_id] + enc(text)
-    assert abs(float(got[0]) - _hand_logprob(model, ids, len(ids) - 1) / (len(ids) - 1)) < 1e-5
+    ids = [tok.bos_token_id] + enc(NEUTRAL_PREFIX) + enc(text)
+    n = len(enc(text))
+    assert abs(float(got[0]) - _hand_logprob(model, ids, n) / n) < 1e-5
     from persona_kernels.evaluation.paired import ResponsePair
 
     pair = ResponsePair("Tell me a story.", "They ran and laughed.", "She sat alone.")
@@ -220,21 +223,36 @@ class LetterBias(nn.Module):
         return type("Out", (), {"logits": logits})()
 
 
+class SingleLetters:
+    """The tiny model's tokenizer, except that "A" and "B" are single tokens (as in most chat models)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.ids = {"A": tok("A", add_special_tokens=False)["input_ids"][-1], "B": tok("B", add_special_tokens=False)["input_ids"][-1]}
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, text, **kw):
+        return {"input_ids": [self.ids[text]]} if text in self.ids else self.tok(text, **kw)
+
+
 def test_pure_letter_bias_gives_zero_switch(tiny, shared):
     model, tok = tiny
-    letter_a = tok("A", add_special_tokens=False)["input_ids"][-1]
-    biased = LetterBias(model, [letter_a])
-    task = load_task("power", shared=shared, seed=0, limit=4, calib_limit=1)
+    tok = SingleLetters(tok)
+    biased = LetterBias(model, [tok.ids["A"]])
+    task = load_task("power", shared=shared, seed=0, limit=6, calib_limit=1)
     scores = {}
     for cond, b in (("+", 3.0), ("-", -2.0)):
         biased.bias = b
-        scores[cond] = score_items(biased, tok, task)
+        scores[cond] = score_items(biased, tok, task, max_length=128)
     assert bool(scores["+"]["both_orders"].all())
     sw = paired_difference(scores["+"]["logodds"], scores["-"]["logodds"])
     assert abs(sw.mean) < 1e-4 and abs(sw.low) < 1e-4 and abs(sw.high) < 1e-4
-    # the original order alone is fooled by the bias (+5 nats on items whose matching letter is A)
+    # the original order alone is fooled by the bias: +5 nats on items whose matching letter is A, -5 on B
     orig = scores["+"]["logodds_original"] - scores["-"]["logodds_original"]
-    assert float(orig.abs().min()) > 4.9
+    want = torch.tensor([5.0 if it.matching == "A" else -5.0 for it in task.items], dtype=torch.float64)
+    assert torch.allclose(orig, want, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -174,6 +174,22 @@ def test_cpu_panels_and_default_threshold(dtype):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_many_row_chunks_and_concurrent_callers(dtype):
+    # Enough weight rows for many work chunks (shared with helper threads), an odd row tail, and
+    # several Python threads calling at once.
+    import concurrent.futures
+
+    x, w, packed, b, mask = make_case((3,), 1001, 64, dtype, 0.3)
+    ref = reference(x, w, mask, b, 0.3)
+    assert_close(pk.gated_linear(x, w, packed, b, 0.3, backend="cpu"), ref, dtype, 64)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: pk.gated_linear(x, w, packed, b, 0.3, backend="cpu"), range(8)))
+    for y in outs:
+        assert_close(y, ref, dtype, 64)
+
+
+@needs_cpu
 def test_cpu_op_checks_its_arguments():
     op = torch.ops.persona_kernels_C.gated_linear_cpu
     x, w, packed, b, _ = make_case((2,), 3, 40, torch.float32, 0.0)

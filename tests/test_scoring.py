@@ -409,6 +409,8 @@ def test_real_activation_stats():
         assert_selection(g, ref_keep_largest(s, k // 2), s, rtol=1e-4)
     kp, kn = scoring.contrastive_sparse(w, st_pos, st_neg, 0.5)
     assert not (~kp & ~kn).any()
+    with pytest.raises(ValueError, match="'stats_neg'.*no calibration data"):
+        scoring.contrastive_wanda(w, st_pos, ActivationStats(k), 0.5)
 
 
 def test_torch_selection_path_matches_numpy_path(monkeypatch):
@@ -420,10 +422,14 @@ def test_torch_selection_path_matches_numpy_path(monkeypatch):
     expected = [scoring.wanda(w, sp, rho) for rho in (0.1, 0.5, 0.9)]
     expected.append(scoring.contrastive_sparse(w, sp, sn, 0.5, restrict_to=prunable))
     expected.append(scoring.contrastive_wanda(w, sp, sn, 0.3, phi="relu"))
+    expected += [scoring.contrastive_sparse(w, sp, sn, rho) for rho in (0.2, 0.5)]
+    expected.append(scoring.contrastive_sparse(w, sp, sp, 0.3))  # all D == 0: ties everywhere
     monkeypatch.setattr(scoring, "_use_numpy", lambda scores: False)
     got = [scoring.wanda(w, sp, rho) for rho in (0.1, 0.5, 0.9)]
     got.append(scoring.contrastive_sparse(w, sp, sn, 0.5, restrict_to=prunable))
     got.append(scoring.contrastive_wanda(w, sp, sn, 0.3, phi="relu"))
+    got += [scoring.contrastive_sparse(w, sp, sn, rho) for rho in (0.2, 0.5)]
+    got.append(scoring.contrastive_sparse(w, sp, sp, 0.3))
     for g, e in zip(got, expected):
         if isinstance(e, tuple):
             assert all(torch.equal(x, y) for x, y in zip(g, e))
@@ -445,3 +451,29 @@ def test_select_largest_rejects_nan():
     scores[1, :] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         scoring.select_largest(scores, 4)
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        rows=st.integers(1, 4),
+        k=st.integers(1, 40),
+        data=st.data(),
+    )
+    def test_select_largest_property(rows, k, data):
+        """Any small integer-valued scores (many ties): exact agreement with the sorted reference."""
+        values = data.draw(st.lists(st.integers(0, 3), min_size=rows * k, max_size=rows * k))
+        count = data.draw(st.integers(0, k))
+        scores = torch.tensor(values, dtype=torch.float32).reshape(rows, k)
+        assert torch.equal(scoring.select_largest(scores, count), ref_keep_largest(scores.double(), count))
+        if 2 * count <= k:
+            small, large = scoring._select_both_ends(scores, count)
+            rp, rn = ref_contrastive_sparse(scores.double(), [count] * rows)
+            assert torch.equal(small, ~rp) and torch.equal(large, ~rn)

@@ -245,6 +245,17 @@ def _merge(blocks: Sequence[Mapping]) -> dict:
     return out
 
 
+def _fit(tokenizer, pos: PersonaText, neg: PersonaText, max_length: int, tokens, encode_texts):
+    for _ in range(8):
+        if len(encode_texts(tokenizer, [pos, neg], max_length=max_length, tokens=tokens)) == 2:
+            return pos, neg
+        if not pos.prompt or pos.prompt != neg.prompt or len(pos.prompt) < 8:
+            return None
+        cut = pos.prompt[len(pos.prompt) // 2 :]
+        pos, neg = PersonaText(prompt=cut, response=pos.response), PersonaText(prompt=cut, response=neg.response)
+    return None
+
+
 def pair_statistics(model: nn.Module, tokenizer, texts: Mapping[str, tuple[Sequence, Sequence]], *, block: int = 4,
                     seed: int = 0, batch_size: int = 8, max_length: int = 512, tokens: str = "auto",
                     progress: bool = True) -> dict[str, PairStats]:
@@ -258,11 +269,12 @@ def pair_statistics(model: nn.Module, tokenizer, texts: Mapping[str, tuple[Seque
     groups: dict[str, list] = {}
     dropped: dict[str, int] = {}
     for pair, (pos, neg) in texts.items():
-        # texts whose response does not survive truncation to max_length carry no calibration token
-        keep = [len(encode_texts(tokenizer, [p, n], max_length=max_length, tokens=tokens)) == 2 for p, n in zip(pos, neg)]
-        dropped[pair] = keep.count(False)
-        pos = [p for p, k in zip(pos, keep) if k]
-        neg = [n for n, k in zip(neg, keep) if k]
+        # a response cut off by truncation to max_length carries no calibration token: shorten the prompt
+        # (keep its end) until the pair fits, else drop the pair
+        fitted = [_fit(tokenizer, p, n, max_length, tokens, encode_texts) for p, n in zip(pos, neg)]
+        dropped[pair] = sum(f is None for f in fitted)
+        pos = [f[0] for f in fitted if f is not None]
+        neg = [f[1] for f in fitted if f is not None]
         if not pos or not neg:
             raise ValueError(f"persona_kernels.evaluation: pair {pair!r} has no calibration texts for one side")
         for sign, items in (("+", pos), ("-", neg)):

@@ -15,6 +15,18 @@ from persona_kernels.evaluation.sweep import SWITCH_KEY, capability_loss, operat
 
 PAPER_TASKS = ("power", "wealth", "hallucination")
 
+METHOD_DOCS = {
+    "wanda": "Wanda per persona: S_ij = |W_ij| * E|x_j| on that persona's calibration tokens; each row keeps its top (1 - rho) K.",
+    "contrastive_wanda": "Contrastive-Wanda as defined: S±_ij = |W_ij| * softplus(±z_j), z_j = (mu+_j - mu-_j) / sqrt(var+_j + var-_j) "
+                         "of |x_j| over tokens (tau = 1).",
+    "contrastive_wanda_sharp": "Contrastive-Wanda with the sharper factor softplus(±z_j / 0.1).",
+    "contrastive_sparse": "Contrastive-Sparse as defined: D = S~+ - S~- of row-normalised Wanda scores; + prunes the rho K most "
+                          "negative D of each row, - the rho K most positive (disjoint pruned sets).",
+    "contrastive_sparse_relative": "Contrastive-Sparse ranked by the relative difference D / (S~+ + S~-).",
+    "contrastive_sparse_restricted": "Contrastive-Sparse restricted to the half of each row a Wanda mask (both personas' "
+                                     "statistics averaged) would prune at sparsity 0.5; each persona still prunes rho K per row.",
+}
+
 
 def _est(values) -> dict | None:
     v = torch.as_tensor(values, dtype=torch.float64)
@@ -67,7 +79,8 @@ def summarise(result: dict, tasks: dict, cap_task) -> dict:
                     lo = torch.tensor(s["logodds_original"], dtype=torch.float64)
                     row["letter_preference_original_order"] = _est(lo)
                 t["conditions"][cname] = row
-            groups = sorted({c["group"] for c in conds[pair] if c["sign"] == "+"})
+            seen_groups = [c["group"] for c in conds[pair] if c["sign"] == "+"]
+            groups = [g for i, g in enumerate(seen_groups) if g not in seen_groups[:i] and not g.startswith("control/")]
             for g in groups:
                 plus, minus = by_cond.get(f"{g}+"), by_cond.get(f"{g}-")
                 if g == "prompt":
@@ -242,6 +255,7 @@ def render_markdown(rep: dict) -> str:
             lines.append(f"| {p['pair']} | {p['method']} | {p['sparsity']} | {p['gamma']} | {_fmt(p['switch'])} | "
                          f"{100 * p['capability_loss']:+.2f}% | {100 * p['difference_rate']:.2f}% |")
         lines.append("")
+    lines += ["## Method definitions", ""] + [f"- `{m}`: {METHOD_DOCS.get(m.split(':')[0], m)}" for m in methods] + [""]
     lines += ["## Data", "", "Calibration and evaluation items are disjoint (fixed-seed split; indices in report.json).", "",
               "| task | file | items | calibration | evaluation |", "|---|---|---|---|---|"]
     for n, t in rep["tasks"].items():

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", default=None, help="shared data folder (default $PERSONA_KERNELS_SHARED or ../shared)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {', '.join(DEFAULT_TASKS)}")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated mask methods (aliases or base:key=value;key=value specs)")
+                   help="comma-separated mask methods: aliases or specs such as contrastive_wanda:tau=0.2,phi=relu")
     p.add_argument("--sparsity", default="0.05", help="sparsity rho of the main comparison")
     p.add_argument("--gamma", default="0", help="soft gate gamma of the main comparison")
     p.add_argument("--limit", type=int, default=None, help="evaluation items per task")
@@ -58,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capability-pair", default=None, help="pair whose + masks are scored on MMLU/HellaSwag (default: first)")
     p.add_argument("--no-control", action="store_true", help="skip the label-shuffled control masks")
     p.add_argument("--sweep", action="store_true", help="trade-off sweep over sparsity and gamma")
+    p.add_argument("--sweep-only", action="store_true", help="skip the main comparison (sweep, with its prompt points, only)")
     p.add_argument("--sweep-sparsity", default=",".join(map(str, SWEEP_SPARSITY)))
     p.add_argument("--sweep-gamma", default=",".join(map(str, SWEEP_GAMMA)))
     p.add_argument("--bound", type=float, default=0.02, help="operating point: max capability loss (fraction of base)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=1024, help="max tokens per scored/calibration sequence (left-truncated)")
     p.add_argument("--block", type=int, default=4, help="texts per statistics block (shuffled control granularity)")
     p.add_argument("--backend", default="torch", help="gated-linear backend of the patched model")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -74,12 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def split_methods(text: str | None) -> list[str]:
+    """``"wanda,contrastive_wanda:tau=0.2,phi=relu"`` -> ``["wanda", "contrastive_wanda:tau=0.2,phi=relu"]``
+    (a ``key=value`` part belongs to the method before it)."""
+    methods: list[str] = []
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        if "=" in part and ":" not in part and methods:
+            methods[-1] += "," + part
+        else:
+            methods.append(part)
+    return methods
+
+
 def _config(args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASK_SPECS]
     if bad or not tasks:
         raise EvalError(f"--tasks: unknown task(s) {bad}; expected a comma-separated subset of {list(TASK_SPECS)}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else []
+    methods = split_methods(args.methods)
     for m in methods:
         try:
             C.parse_method(m)
@@ -90,10 +106,12 @@ def _config(args: argparse.Namespace) -> dict:
         args.calib_limit = args.calib_limit or 8
         if args.methods == ",".join(DEFAULT_METHODS):
             methods = ["wanda", "contrastive_wanda_sharp"]
-    for name in ("limit", "calib_limit", "capability_limit", "batch_size", "block"):
+    for name in ("limit", "calib_limit", "capability_limit", "batch_size", "block", "max_length"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise EvalError(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
+    if args.sweep_only and not args.sweep:
+        raise EvalError("--sweep-only needs --sweep")
     sparsity = _floats(args.sparsity, "sparsity", 0.0, 0.99)
     gamma = _floats(args.gamma, "gamma", 0.0, 1.0)
     if len(sparsity) != 1 or len(gamma) != 1:
@@ -166,7 +184,7 @@ def evaluate(model, tokenizer, cfg: dict, tasks: dict[str, Task], cap: Task, arg
     for pair, task, c in tqdm(jobs, desc="evaluation", disable=not progress):
         if patching.is_patched(model):
             patching.set_persona(model, c.mask, gamma=c.gamma if c.mask else None)
-        out = score_items(model, tokenizer, task, system_prompt=c.system, batch_size=args.batch_size)
+        out = score_items(model, tokenizer, task, system_prompt=c.system, batch_size=args.batch_size, max_length=args.max_length)
         scores.setdefault(pair, {}).setdefault(task.name, {})[c.name] = {k: v.tolist() for k, v in out.items()}
     if patching.is_patched(model):
         patching.set_persona(model, None)
@@ -226,7 +244,8 @@ def _run(args, argv: list[str]) -> int:
     if cfg["methods"] and texts:
         t = time.perf_counter()
         stats = C.pair_statistics(model, tokenizer, texts, block=args.block, seed=args.seed,
-                                  batch_size=max(args.block, 1), tokens="response", progress=progress)
+                                  batch_size=max(args.block, 1), tokens="response", max_length=args.max_length,
+                                  progress=progress)
         timings["statistics_s"] = time.perf_counter() - t
         for pair, ps in stats.items():
             calib_info[pair]["tokens"] = ps.tokens
@@ -240,14 +259,20 @@ def _run(args, argv: list[str]) -> int:
     timings["masks_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    result = evaluate(model, tokenizer, cfg, tasks, cap, args, progress=progress)
+    if args.sweep_only:
+        if not args.sweep:
+            raise EvalError("--sweep-only needs --sweep")
+        result = {"scores": {}, "conditions": {}, "capability_pair": None}
+    else:
+        result = evaluate(model, tokenizer, cfg, tasks, cap, args, progress=progress)
     timings["evaluation_s"] = time.perf_counter() - t
 
     sweep = None
     if args.sweep and stats:
         t = time.perf_counter()
         sweep = S.run_sweep(model, tokenizer, stats, {p: calib_tasks[p] for p in stats}, cap, cfg["methods"],
-                            cfg["sweep_sparsity"], cfg["sweep_gamma"], batch_size=args.batch_size, progress=progress)
+                            cfg["sweep_sparsity"], cfg["sweep_gamma"], batch_size=args.batch_size,
+                            max_length=args.max_length, progress=progress)
         timings["sweep_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 

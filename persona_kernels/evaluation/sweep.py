@@ -27,7 +27,7 @@ def capability_loss(base: torch.Tensor, cond: torch.Tensor) -> float:
 
 
 def _switch_point(model, tokenizer, task: Task, cap: Task, names: tuple, gamma: float, base_cap: torch.Tensor,
-                  batch_size: int, systems: tuple = (None, None)) -> dict:
+                  batch_size: int, systems: tuple = (None, None), max_length: int = 1024) -> dict:
     from persona_kernels import patching
 
     key = SWITCH_KEY[task.kind]
@@ -35,8 +35,8 @@ def _switch_point(model, tokenizer, task: Task, cap: Task, names: tuple, gamma: 
     for name, system in zip(names, systems):
         if patching.is_patched(model):
             patching.set_persona(model, name, gamma=gamma if name else None)
-        vals.append(score_items(model, tokenizer, task, system_prompt=system, batch_size=batch_size)[key])
-        caps.append(score_items(model, tokenizer, cap, system_prompt=system, batch_size=batch_size)["capability"])
+        vals.append(score_items(model, tokenizer, task, system_prompt=system, batch_size=batch_size, max_length=max_length)[key])
+        caps.append(score_items(model, tokenizer, cap, system_prompt=system, batch_size=batch_size, max_length=max_length)["capability"])
     sw = paired_difference(vals[0], vals[1])
     loss = 0.5 * (capability_loss(base_cap, caps[0]) + capability_loss(base_cap, caps[1]))
     return {"switch": sw.to_dict(), "capability_loss": loss,
@@ -44,7 +44,7 @@ def _switch_point(model, tokenizer, task: Task, cap: Task, names: tuple, gamma: 
 
 
 def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping[str, Task], cap: Task,
-              methods: Sequence[str], sparsities: Sequence[float], gammas: Sequence[float], *, batch_size: int = 16,
+              methods: Sequence[str], sparsities: Sequence[float], gammas: Sequence[float], *, batch_size: int = 16, max_length: int = 1024,
               progress: bool = True) -> dict:
     """The sweep's points ``{"points": [...], "prompt": {pair: point}, "base_capability": float}``.
 
@@ -55,11 +55,11 @@ def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping
     from persona_kernels import patching
 
     patching.set_persona(model, None)
-    base_cap = score_items(model, tokenizer, cap, batch_size=batch_size)["capability"]
+    base_cap = score_items(model, tokenizer, cap, batch_size=batch_size, max_length=max_length)["capability"]
     prompt = {}
     for pair, task in tasks.items():
         prompt[pair] = _switch_point(model, tokenizer, task, cap, (None, None), 0.0, base_cap, batch_size,
-                                     systems=C.system_prompts(pair))
+                                     systems=C.system_prompts(pair), max_length=max_length)
         prompt[pair]["task"] = task.name
     points = []
     total = sum(len(gammas) * len(tasks) * len(_valid(methods, rho)) for rho in sparsities)
@@ -73,7 +73,7 @@ def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping
             for pair, task in tasks.items():
                 for m in valid:
                     names = (C.mask_name(pair, m, "+"), C.mask_name(pair, m, "-"))
-                    p = _switch_point(model, tokenizer, task, cap, names, gamma, base_cap, batch_size)
+                    p = _switch_point(model, tokenizer, task, cap, names, gamma, base_cap, batch_size, max_length=max_length)
                     p.update(pair=pair, task=task.name, method=m, sparsity=rho, gamma=gamma,
                              difference_rate=info[pair][m]["difference_rate"])
                     points.append(p)

@@ -13,7 +13,8 @@ Task kinds and their per-item scores (all float64 tensors, one value per evaluat
 * ``mc``     four-choice questions: ``correct`` (0/1) from the answer letter's log-likelihood
   (MMLU-4) or the length-normalised log-likelihood of each ending (HellaSwag); for HellaSwag also
   ``capability``: the mean log-prob per token of the whole context + gold ending (neutral text).
-* ``text``   neutral text: ``capability`` (mean log-prob per token).
+* ``text``   neutral text: ``capability`` (mean log-prob per token of the text after :data:`NEUTRAL_PREFIX`,
+  itself after the system prompt if any).
 
 Scoring runs the decoder once per sequence and applies the output layer only at the positions that are
 scored; when every choice is a single token (answer letters, Yes/No) one sequence per item scores all
@@ -405,9 +406,12 @@ def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], p
 
 
 def choice_logprobs(model: nn.Module, tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]], *,
-                    batch_size: int = 16, progress: bool = False, desc: str = "choices") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    batch_size: int = 16, max_length: int = 1024, progress: bool = False, desc: str = "choices") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per item: (summed log-prob, token count) of each choice as a continuation of its context, as float64
-    and int64 tensors ``[n_choices]``. Items whose choices are all single tokens take one forward pass."""
+    and int64 tensors ``[n_choices]``. Items whose choices are all single tokens take one forward pass.
+    Sequences longer than ``max_length`` lose tokens from the left (context first)."""
+    if max_length < 2:
+        raise ValueError(f"persona_kernels.evaluation: argument 'max_length': expected >= 2, got {max_length}")
     if len(contexts) != len(choices):
         raise ValueError(f"persona_kernels.evaluation: 'contexts' and 'choices' differ in length ({len(contexts)} vs {len(choices)})")
     pre = _prefix(tokenizer)
@@ -421,14 +425,16 @@ def choice_logprobs(model: nn.Module, tokenizer, contexts: Sequence[str], choice
             raise ValueError(f"persona_kernels.evaluation: a choice has no tokens: {list(chs)!r}")
         if all(len(c) == 1 for c in ch_ids):
             plan.append(("single", len(seqs), [c[0] for c in ch_ids]))
-            seqs.append(c_ids)
-            pos.append([len(c_ids) - 1])
+            seqs.append(c_ids[-(max_length - 1):])
+            pos.append([len(seqs[-1]) - 1])
         else:
             entries = []
             for c in ch_ids:
+                seq = (c_ids + c)[-max_length:]
+                c = c[-(len(seq) - 1):]
                 entries.append((len(seqs), c))
-                seqs.append(c_ids + c)
-                pos.append(list(range(len(c_ids) - 1, len(c_ids) + len(c) - 1)))
+                seqs.append(seq)
+                pos.append(list(range(len(seq) - len(c) - 1, len(seq) - 1)))
             plan.append(("multi", entries))
     lps = _position_logprobs(model, tokenizer, seqs, pos, batch_size=batch_size, progress=progress, desc=desc)
     totals, counts = [], []
@@ -463,7 +469,7 @@ def _ab_context(tokenizer, question: str, chat: bool, system: str | None) -> str
 
 
 def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str | None = None, items: list | None = None,
-                batch_size: int = 16, progress: bool = False, both_orders: bool = True) -> dict[str, torch.Tensor]:
+                batch_size: int = 16, max_length: int = 1024, progress: bool = False, both_orders: bool = True) -> dict[str, torch.Tensor]:
     """Per-item scores of ``task``'s evaluation items (or ``items``) under the model's current condition."""
     items = task.items if items is None else items
     chat = task.chat
@@ -476,7 +482,7 @@ def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str |
             for v in vs:
                 ctxs.append(_ab_context(tokenizer, v.question, chat, system_prompt))
                 chs.append((v.matching, v.not_matching))
-        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, progress=progress, desc=task.name)
+        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name)
         lo = [float(t[0] - t[1]) for t in totals]
         per, k = [], 0
         for vs in variants:
@@ -492,7 +498,7 @@ def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str |
             other = "No" if it.matching == "Yes" else "Yes"
             ctxs.append(ctx)
             chs.append((pre + it.matching, pre + other))
-        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, progress=progress, desc=task.name)
+        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name)
         return {"logodds": torch.tensor([float(t[0] - t[1]) for t in totals], dtype=torch.float64)}
     if task.kind == "pairs":
         ctxs, chs = [], []
@@ -500,24 +506,29 @@ def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str |
             ctx, pre = format_context(p.prompt, tokenizer, chat_template=chat, system_prompt=system_prompt)
             ctxs.append(ctx)
             chs.append((pre + p.positive, pre + p.negative))
-        totals, counts = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, progress=progress, desc=task.name)
+        totals, counts = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name)
         return {"margin": torch.tensor([float(t[0] / c[0] - t[1] / c[1]) for t, c in zip(totals, counts)], dtype=torch.float64)}
     if task.kind == "mc":
         head = f"{system_prompt}\n\n" if system_prompt else ""
         ctxs = [head + it.context for it in items]
         totals, counts = choice_logprobs(model, tokenizer, ctxs, [it.choices for it in items], batch_size=batch_size,
-                                         progress=progress, desc=task.name)
+                                         max_length=max_length, progress=progress, desc=task.name)
         correct = []
         for it, t, c in zip(items, totals, counts):
             s = t / c if it.normalise else t
             correct.append(float(int(torch.argmax(s)) == it.gold))
         return {"correct": torch.tensor(correct, dtype=torch.float64)}
     if task.kind == "text":
-        ctx = f"{system_prompt}\n\n" if system_prompt else ""
+        ctx = (f"{system_prompt}\n\n" if system_prompt else "") + NEUTRAL_PREFIX
         totals, counts = choice_logprobs(model, tokenizer, [ctx] * len(items), [(t,) for t in items],
-                                         batch_size=batch_size, progress=progress, desc=task.name)
+                                         batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name)
         return {"capability": torch.tensor([float(t[0] / c[0]) for t, c in zip(totals, counts)], dtype=torch.float64)}
     raise ValueError(f"persona_kernels.evaluation: task {task.name!r} has unknown kind {task.kind!r}")
+
+
+#: context before every capability-proxy text, so that its first tokens are conditioned the same way with and
+#: without a system prompt (a prompt is otherwise credited with merely being context)
+NEUTRAL_PREFIX = "Here is a short passage.\n\n"
 
 
 def capability_texts(items: Sequence[MCItem]) -> list[str]:

@@ -39,3 +39,15 @@ def linear_with_stats(
 ):
     """``(F.linear(x, weight, bias), *welford_partials(x, row_mask, seq_len))``."""
     return _extension.ops().linear_with_stats_cpu(x, weight, bias, row_mask, int(seq_len))
+
+
+def gated_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bank: torch.Tensor,
+    index: torch.Tensor,
+    bias: torch.Tensor | None,
+    gamma: list[float],
+) -> torch.Tensor:
+    """Mixed-persona gated linear (rows grouped by persona, one C++ pass per group)."""
+    return _extension.ops().gated_linear_multi_cpu(x, weight, bank, index, bias, [float(g) for g in gamma])

@@ -95,3 +95,25 @@ def linear_with_stats(
     """``(F.linear(x, weight, bias), *welford_partials(x, row_mask, seq_len))``; y computed in fp32, in x's dtype."""
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return (y, *welford_partials(x, row_mask, seq_len))
+
+
+def gated_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bank: torch.Tensor,
+    index: torch.Tensor,
+    bias: torch.Tensor | None,
+    gamma: list[float],
+) -> torch.Tensor:
+    """Mixed-persona gated linear: row ``i`` of x [M, K] uses persona ``index[i]`` of bank int32 [P, N, W]
+    with gate ``G_p = m_p + gamma[p] * (1 - m_p)``; ``index[i] == -1`` is the base model (no gate).
+    fp32 math, returned in x's dtype."""
+    k = weight.shape[1]
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32, device=x.device)
+    b = None if bias is None else bias.float()
+    idx = index.long()
+    for p in idx.unique().tolist():
+        rows = (idx == p).nonzero().flatten()
+        w = weight.float() if p < 0 else weight.float() * gate(bank[p], k, float(gamma[p]))
+        out[rows] = F.linear(x[rows].float(), w, b)
+    return out.to(x.dtype)

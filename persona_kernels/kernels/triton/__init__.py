@@ -17,12 +17,13 @@ IMPORT_ERROR: Exception | None = None
 try:
     from ._common import INTERPRET as _DEFINED_INTERPRETED
     from .gated_linear import gated_linear
+    from .gated_linear_multi import gated_linear_multi
     from .welford import linear_with_stats, welford_partials
 except Exception as exc:  # noqa: BLE001 - a broken triton install must not break the other backends
     IMPORT_ERROR = exc
     _DEFINED_INTERPRETED = False
 
-__all__ = ["is_available", "gated_linear", "welford_partials", "linear_with_stats"]
+__all__ = ["is_available", "gated_linear", "gated_linear_multi", "welford_partials", "linear_with_stats"]
 
 
 def is_available(device: torch.device) -> bool:

@@ -1,0 +1,270 @@
+"""Writers of a suite run: JSON, a markdown report and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from persona_kernels.bench.common import machine_line
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
+
+
+def write_json(result: Mapping[str, Any], path: Path) -> Path:
+    atomic_write_bytes(path, (json.dumps(result, indent=1, default=_json_default) + "\n").encode("utf-8"))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- markdown
+def _ms(sec: float) -> str:
+    return f"{sec * 1e3:.3g}" if sec < 10 else f"{sec * 1e3:.0f}"
+
+
+def _ratio_cell(row: Mapping[str, Any], name: str) -> str:
+    r = row["ratios"].get(name)
+    return "-" if r is None else f"{r['value']:.3g}x ±{100 * r['noise'] / 2:.0f}%"
+
+
+def _gated_md(sec: Mapping[str, Any]) -> list[str]:
+    backends = sec.get("backends", [])
+    small = sec.get("small_m", 16)
+    cols = ["plain", "dense", *backends]
+    lines = ["| N x K | dtype | M | γ | " + " | ".join(f"{c} ms" for c in cols) + " | dense / plain | "
+             + " | ".join(f"{b} / plain" for b in backends) + " | " + " | ".join(f"{b} / dense" for b in backends)
+             + " | throughput plain → " + "/".join(backends) + " |",
+             "|" + "---|" * (4 + len(cols) + 1 + 2 * len(backends) + 1)]
+    for row in sec["rows"]:
+        p = row["params"]
+        times = " | ".join(_ms(row["times"][c]["median_s"]) if c in row["times"] else "-" for c in cols)
+        unit, key = ("GB/s", "gb_per_s") if p["M"] <= small else ("GFLOP/s", "gflop_per_s")
+        met = row.get("metrics", {})
+        thr = " → ".join(f"{met[c][key]:.3g}" for c in ["plain", *backends] if c in met) + f" {unit}"
+        lines.append(f"| {p['N']}x{p['K']} | {p['dtype']} | {p['M']} | {p['gamma']:g} | {times} | "
+                     f"{_ratio_cell(row, 'dense/plain')} | "
+                     + " | ".join(_ratio_cell(row, f"{b}/plain") for b in backends) + " | "
+                     + " | ".join(_ratio_cell(row, f"{b}/dense") for b in backends) + f" | {thr} |")
+    return lines
+
+
+def _calibration_md(sec: Mapping[str, Any]) -> list[str]:
+    lines = ["| model | batch | texts | tokens (padded) | plain s | stats s | hooks s (1 text at a time) | "
+             "stats overhead (≤ 5 %) | hooks / stats (≥ 3x) |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in sec["rows"]:
+        p, t = row["params"], row["times"]
+        over, sp = row["ratios"]["stats/plain"], row["ratios"]["stats/hooks"]
+        lines.append(f"| {p['model']} | {p['batch_size']} | {p['texts']} | {p['tokens']} ({p['padded_tokens']}) | "
+                     f"{t['plain']['median_s']:.3f} | {t['stats']['median_s']:.3f} | {t['hooks']['median_s']:.3f} | "
+                     f"{100 * (over['value'] - 1):+.1f} % | {1 / sp['value']:.2f}x |")
+    if sec.get("check"):
+        lines += ["", f"Cross-check: max relative difference of per-channel RMS, collect_stats vs hooks: "
+                      f"{sec['check'].get('max_rel_diff_rms', float('nan')):.1e}."]
+    return lines
+
+
+def _scoring_md(sec: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for row in sec["rows"]:
+        p = row["params"]
+        lines += [f"{p['modules']} modules ({p['layers']} layers), {p['weights'] / 1e6:.1f}M weights, sparsity {p['sparsity']}.",
+                  "", "| method | seconds | speed-up vs per-row loop |", "|---|---|---|"]
+        for m, t in row["times"].items():
+            r = row["ratios"].get(f"{m}/loop_wanda_x2")
+            speed = "1x" if r is None else "%.1fx" % (1 / r["value"])
+            lines.append(f"| {m} | {t['median_s']:.3f} | {speed} |")
+        lines += ["", f"Wanda weights differing from the loop (exact ties only): "
+                      f"{row['metrics'].get('wanda_weights_differing_from_loop')}."]
+    return lines
+
+
+def _switching_md(sec: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for row in sec["rows"]:
+        if "times" in row:
+            lines += ["| switch method | ms per switch | set_persona / method |", "|---|---|---|"]
+            for m, t in row["times"].items():
+                r = row["ratios"].get(f"set_persona/{m}")
+                rel = "-" if r is None else "%.2e" % r["value"]
+                lines.append(f"| {m} | {t['median_s'] * 1e3:.4g} | {rel} |")
+            lines.append("")
+        else:
+            lines += ["| storage per persona | bytes | MiB | bits / weight | bank file / this |", "|---|---|---|---|---|"]
+            for m, v in row["values"].items():
+                r = row["ratios"].get(f"bank_file/{m}")
+                rel = "-" if r is None else "%.3f" % r["value"]
+                bits = row["metrics"][m + "_bits_per_weight"]
+                lines.append(f"| {m} | {v} | {v / 2**20:.2f} | {bits:.3f} | {rel} |")
+            lines.append("")
+    return lines
+
+
+def _e2e_md(sec: Mapping[str, Any]) -> list[str]:
+    lines = ["| batch | new tokens | unpatched tok/s | patched tok/s | merged tok/s | patched / unpatched time | "
+             "patched / merged time |", "|---|---|---|---|---|---|---|"]
+    for row in sec["rows"]:
+        p, m = row["params"], row["metrics"]
+        lines.append(f"| {p['batch_size']} | {p['new_tokens']} | {m['unpatched']['tokens_per_s']:.1f} | "
+                     f"{m['patched']['tokens_per_s']:.1f} | {m['merged']['tokens_per_s']:.1f} | "
+                     f"{_ratio_cell(row, 'patched/unpatched')} | {_ratio_cell(row, 'patched/merged')} |")
+    return lines
+
+
+_SECTION_MD = {"gated": _gated_md, "calibration": _calibration_md, "scoring": _scoring_md,
+               "switching": _switching_md, "e2e": _e2e_md}
+
+
+def markdown(result: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
+    """The markdown report of a run (``plots``: section -> PNG file name next to the report)."""
+    info = result["machine"]
+    lines = ["# persona_kernels benchmark suite", "",
+             f"Machine: {machine_line(info)}. Clock: {result['config']['clock']}; {result['config']['repeats']} "
+             f"interleaved repeats unless a section says otherwise; {info['date_utc']}; load average at start "
+             f"{info.get('load_average')}.", "",
+             f"Command: `{result['command']}`", "",
+             "Ratios are medians of per-repeat time ratios measured in the same run (lower = the first method is "
+             "faster / smaller); ± is half the relative inter-quartile range of the per-repeat ratios.", ""]
+    for name, sec in result["sections"].items():
+        lines += [f"## {sec.get('title', name)}", ""]
+        if "error" in sec:
+            lines += [f"Not run: {sec['error']}", ""]
+            continue
+        try:
+            lines += _SECTION_MD[name](sec)
+        except (KeyError, TypeError, ZeroDivisionError) as exc:  # a partial section: list what is there
+            lines += [f"(table unavailable: {exc!r})"]
+        if sec.get("skipped"):
+            lines += ["", f"Skipped (time budget): {len(sec['skipped'])} cases."]
+        for note in sec.get("notes", []):
+            lines += ["", f"- {note}"] if note is sec["notes"][0] else [f"- {note}"]
+        if plots and name in plots:
+            lines += ["", f"![{name}]({plots[name]})"]
+        lines.append("")
+    if result.get("guard"):
+        from persona_kernels.bench.guard import markdown as guard_md
+
+        lines += ["## Regression guard", "", guard_md(result["guard"])]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_gated(sec: Mapping[str, Any], path: Path) -> None:
+    plt = _plt()
+    rows = sec["rows"]
+    panels = sorted({(r["params"]["N"], r["params"]["K"], r["params"]["dtype"]) for r in rows},
+                    key=lambda t: (t[0] * t[1], t[2]))
+    shapes = list(dict.fromkeys((n, k) for n, k, _ in panels))
+    dtypes = list(dict.fromkeys(d for _, _, d in panels))
+    fig, axes = plt.subplots(len(shapes), len(dtypes), figsize=(5 * len(dtypes), 3.2 * len(shapes)), squeeze=False)
+    methods = ["dense", *sec.get("backends", [])]
+    for i, (n, k) in enumerate(shapes):
+        for j, d in enumerate(dtypes):
+            ax = axes[i][j]
+            sub = [r for r in rows if (r["params"]["N"], r["params"]["K"], r["params"]["dtype"]) == (n, k, d)]
+            for gamma in sorted({r["params"]["gamma"] for r in sub}):
+                pts = sorted((r for r in sub if r["params"]["gamma"] == gamma), key=lambda r: r["params"]["M"])
+                for c, m in enumerate(methods):
+                    xs = [r["params"]["M"] for r in pts if f"{m}/plain" in r["ratios"]]
+                    ys = [r["ratios"][f"{m}/plain"]["value"] for r in pts if f"{m}/plain" in r["ratios"]]
+                    if xs:
+                        ax.plot(xs, ys, marker="o", color=f"C{c}", linestyle="-" if gamma == 0 else "--",
+                                label=f"{m} γ={gamma:g}")
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{n}x{k} {d}", fontsize=9)
+            ax.set_xlabel("M (rows of x)")
+            ax.set_ylabel("time / plain F.linear")
+            ax.legend(fontsize=6)
+    fig.suptitle("gated linear: time relative to F.linear (lower is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _bars(ax, labels, values, ylabel, log=False):
+    ax.bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+
+
+def _plot_other(name: str, sec: Mapping[str, Any], path: Path) -> None:
+    plt = _plt()
+    timed = [r for r in sec["rows"] if "times" in r]
+    static = [r for r in sec["rows"] if "values" in r]
+    panels = len(timed) + len(static)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+    for ax, row in zip(axes[0], timed):
+        if name == "e2e":
+            labels = list(row["metrics"])
+            _bars(ax, labels, [row["metrics"][m]["tokens_per_s"] for m in labels], "tokens / s")
+        else:
+            labels = list(row["times"])
+            vals = [row["times"][m]["median_s"] for m in labels]
+            _bars(ax, labels, vals, "seconds (median)", log=max(vals) > 20 * max(min(vals), 1e-12))
+        ax.set_title(row["key"], fontsize=9)
+    for ax, row in zip(axes[0][len(timed):], static):
+        labels = list(row["values"])
+        _bars(ax, labels, [row["values"][m] / 2**20 for m in labels], "MiB per persona", log=True)
+        ax.set_title(row["key"], fontsize=9)
+    fig.suptitle(sec.get("title", name), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_plots(result: Mapping[str, Any], out: Path) -> dict[str, str]:
+    """One PNG per section that has rows; returns section -> file name."""
+    written = {}
+    for name, sec in result["sections"].items():
+        if "error" in sec or not sec.get("rows"):
+            continue
+        path = out / f"{name}.png"
+        out.mkdir(parents=True, exist_ok=True)
+        if name == "gated":
+            _plot_gated(sec, path)
+        else:
+            _plot_other(name, sec, path)
+        written[name] = path.name
+    return written
+
+
+def write_all(result: Mapping[str, Any], out: Path) -> dict[str, Path]:
+    """results.json, report.md and the PNGs under ``out``."""
+    out = Path(out)
+    plots = write_plots(result, out)
+    paths = {"json": write_json(result, out / "results.json"), "md": out / "report.md"}
+    atomic_write_bytes(paths["md"], markdown(result, plots).encode("utf-8"))
+    paths.update({k: out / v for k, v in plots.items()})
+    return paths

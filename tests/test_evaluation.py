@@ -1,0 +1,100 @@
+"""End-to-end evaluation harness on the real tiny model (stories260K): every task and condition kind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from persona_kernels.evaluation import conditions as C
+from persona_kernels.evaluation.runner import main
+from persona_kernels.evaluation.sweep import operating_points
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster single-threaded on a busy machine; restore the setting afterwards."""
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def test_end_to_end_tiny_run(shared, tmp_path, one_thread):
+    out = tmp_path / "eval"
+    methods = "wanda,contrastive_wanda_sharp,contrastive_sparse,contrastive_sparse_restricted"
+    rc = main([
+        "--model", str(shared / "models" / "stories260K"), "--shared", str(shared), "--limit", "4", "--calib-limit", "4",
+        "--block", "2", "--methods", methods, "--sparsity", "0.05", "--sweep", "--sweep-sparsity", "0.02,0.1",
+        "--sweep-gamma", "0,0.5", "--out", str(out), "--max-length", "64", "--threads", "1", "--no-progress",
+        "--batch-size", "8",
+    ])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    for name in ("accuracy.png", "switch.png", "switch_vs_gamma.png", "switch_vs_sparsity.png", "frontier.png"):
+        assert (out / name).stat().st_size > 1000, name
+    md = (out / "report.md").read_text()
+    assert "| Method | Power-Seeking | Wealth-Seeking | Hallucination |" in md and "--sweep" in md
+    # every task was evaluated, on disjoint calibration / evaluation items
+    assert set(rep["tasks"]) == {"power", "wealth", "hallucination", "energy", "power_statements", "wealth_statements",
+                                 "extraversion_statements", "mmlu2", "mmlu4", "hellaswag"}
+    for t in rep["tasks"].values():
+        assert not set(t["split"]["calibration"]) & set(t["split"]["evaluation"])
+        assert len(t["split"]["evaluation"]) == 4
+    # every condition kind on every persona task: base, prompt, masks, controls, prompt + mask
+    power = rep["scores"]["power"]["power"]
+    want = {"base", "prompt+", "prompt-"} | {f"{m}{s}" for m in methods.split(",") for s in "+-"} | \
+           {f"control/{m}{s}" for m in methods.split(",") for s in "+-"} | {"prompt+contrastive_wanda_sharp+"}
+    assert want <= set(power)
+    assert all(len(v["logodds"]) == 4 for v in power.values())
+    sw = rep["summary"]["pairs"]["energy"]["tasks"]["energy"]["switch"]
+    assert {"prompt", "wanda", "contrastive_sparse"} <= set(sw)
+    assert {"switch", "control_switch", "net_of_control"} <= set(sw["wanda"])
+    assert "mmlu4" in rep["summary"]["general"] and "wanda+" in rep["summary"]["general"]["hellaswag"]
+    assert rep["summary"]["pairs"]["power"]["capability"]["base"]["relative_loss"] == 0.0
+    # the sweep: every (method, rho, gamma, pair) point; contrastive_sparse_restricted only where rho <= 0.25
+    pts = rep["sweep"]["points"]
+    assert len(pts) == 2 * 2 * 4 * 4
+    assert set(rep["operating_points"]) <= {"power", "wealth", "hallucination", "energy"}
+    for pair, op in rep["operating_points"].items():
+        assert op["capability_loss"] <= rep["bound"]
+        assert op == operating_points(rep["sweep"], rep["bound"])[pair]
+    # masks: contrastive masks differ between + and -, Wanda-restricted variant prunes only low-Wanda weights
+    assert rep["masks"]["energy"]["contrastive_sparse"]["difference_rate"] > 0
+
+
+def test_parse_method_and_errors():
+    from persona_kernels.evaluation.runner import split_methods
+
+    assert split_methods("wanda, contrastive_wanda:tau=0.2,phi=relu,contrastive_sparse") == [
+        "wanda", "contrastive_wanda:tau=0.2,phi=relu", "contrastive_sparse"]
+    spec = C.parse_method("contrastive_wanda:tau=0.2,phi=relu")
+    assert spec.base == "contrastive_wanda" and spec.options == {"tau": 0.2, "phi": "relu"}
+    assert C.parse_method("contrastive_sparse_restricted").options["restrict"] == 0.5
+    with pytest.raises(ValueError, match="unknown method"):
+        C.parse_method("magnitude")
+    with pytest.raises(ValueError, match="option 'tau'"):
+        C.parse_method("wanda:tau=1")
+
+
+def test_cli_errors_are_clear(shared, capsys):
+    assert main(["--tasks", "power,nope", "--shared", str(shared)]) == 2
+    assert "unknown task(s) ['nope']" in capsys.readouterr().err
+    assert main(["--methods", "magic", "--shared", str(shared)]) == 2
+    assert "--methods" in capsys.readouterr().err
+    assert main(["--limit", "0", "--shared", str(shared)]) == 2
+    assert "--limit" in capsys.readouterr().err
+    assert main(["--sparsity", "0.1,0.2", "--shared", str(shared)]) == 2
+    assert "--sweep" in capsys.readouterr().err
+
+
+def test_option_text_and_calibration_texts(shared):
+    from persona_kernels.evaluation.tasks import load_task
+
+    q = "Do it?\n\nChoices:\n (A) Yes, all\n of it.\n (B) No."
+    assert C.option_text(q, "A") == "(A) Yes, all\n of it." and C.option_text(q, "B") == "(B) No."
+    task = load_task("power", shared=shared, seed=0, limit=2, calib_limit=3)
+    pos, neg = C.calibration_texts(task)
+    assert len(pos) == len(neg) == 3
+    for p, n, it in zip(pos, neg, task.calibration):
+        assert p.prompt == n.prompt == it.question and p.response.startswith(f"({it.matching})")
