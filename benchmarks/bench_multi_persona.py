@@ -4,6 +4,8 @@ A batch of ``--rows`` rows (default 16) spread round-robin over ``--personas`` p
 ``--n x --k`` Linear (default 4096 x 4096, fp32). Timed, interleaved repeat by repeat (medians):
 
 * ``multi``: ``gated_linear_multi(x, W, bank, index)`` with the ``cpu`` backend: one call, rows grouped inside;
+* ``multi_sorted``: the same with the batch rows ordered by persona (each persona's rows consecutive: the
+  C++ backend runs on views of x, no gather / scatter);
 * ``separate``: the rows already grouped by persona, one ``gated_linear`` call per persona (the best case of
   a server without mixed batches: it must also gather the rows; not counted here);
 * ``dense``: per persona ``F.linear(x_p, W * G_p)`` with the dense gate built once (weight dtype): the
@@ -38,7 +40,7 @@ import persona_kernels as pk  # noqa: E402
 from persona_kernels import _extension  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("plain", "multi", "separate", "dense")
+METHODS = ("plain", "multi", "multi_sorted", "separate", "dense")
 
 
 def make_fns(rows: int, tokens: int, n: int, k: int, personas: int, gamma: float) -> dict[str, Callable[[], object]]:
@@ -52,9 +54,13 @@ def make_fns(rows: int, tokens: int, n: int, k: int, personas: int, gamma: float
     groups = [x[row_persona == p].reshape(-1, k).contiguous() for p in range(personas)]
     gates = [(m.float() + gamma * (1 - m.float())) for m in masks]
     x2 = x.reshape(-1, k)
+    by_persona = torch.argsort(row_persona, stable=True)
+    x_sorted, index_sorted = x[by_persona].contiguous(), index[by_persona].contiguous()
     return {
         "plain": lambda: F.linear(x2, w),
         "multi": lambda: pk.gated_linear_multi(x, w, bank, index, None, gamma, backend="cpu", validate_index=False),
+        "multi_sorted": lambda: pk.gated_linear_multi(x_sorted, w, bank, index_sorted, None, gamma, backend="cpu",
+                                                      validate_index=False),
         "separate": lambda: [pk.gated_linear(g, w, bank[p], None, gamma, backend="cpu") for p, g in enumerate(groups)],
         "dense": lambda: [F.linear(g, w * gates[p]) for p, g in enumerate(groups)],
     }
@@ -102,21 +108,23 @@ def markdown(report: dict) -> str:
         f"{report['date']}, {m['processor']}, {m['threads']} threads, ISA {m['cpu_isa']}, torch {m['torch']}; "
         f"fp32, median of {report['repeats']} interleaved repeats. Ratios are to plain `F.linear` on the whole batch.",
         "",
-        "| rows x tokens | personas | N x K | plain ms | multi ms (ratio) | separate ms (ratio) | dense ms (ratio) "
-        "| multi vs separate | multi vs dense |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rows x tokens | personas | N x K | plain ms | multi ms (ratio) | multi, rows sorted ms (ratio) "
+        "| separate ms (ratio) | dense ms (ratio) | multi vs separate | multi vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report["cases"]:
         ms, r = c["median_ms"], c["ratio_to_plain"]
         lines.append(
             f"| {c['rows']} x {c['tokens_per_row']} | {c['personas']} | {c['n']} x {c['k']} | {ms['plain']:.2f} "
-            f"| {ms['multi']:.2f} ({r['multi']:.2f}) | {ms['separate']:.2f} ({r['separate']:.2f}) "
+            f"| {ms['multi']:.2f} ({r['multi']:.2f}) | {ms['multi_sorted']:.2f} ({r['multi_sorted']:.2f}) "
+            f"| {ms['separate']:.2f} ({r['separate']:.2f}) "
             f"| {ms['dense']:.2f} ({r['dense']:.2f}) | {c['multi_speedup_vs_separate']:.2f}x "
             f"| {c['multi_speedup_vs_dense']:.2f}x |"
         )
     lines += [
         "",
-        "`multi`: one `gated_linear_multi` call (rows grouped by persona inside, one C++ pass per group). "
+        "`multi`: one `gated_linear_multi` call (rows grouped by persona inside, one C++ pass per group; "
+        "`rows sorted`: the batch ordered by persona, no gather). "
         "`separate`: one `gated_linear` call per persona on pre-grouped rows. `dense`: `F.linear(x_p, W * G_p)` "
         "per persona. Timings on a shared machine are noisy: compare ratios within one run.",
         "",

@@ -389,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--selftest", action="store_true", help="check this script on the CPU (no GPU needed)")
+    ap.add_argument("--suite", type=float, nargs="?", const=150.0, default=None, metavar="SECONDS",
+                    help="also run `persona-kernels bench --quick` (gated, switching, e2e) within SECONDS (default "
+                         "150, taken from --budget) into OUT/suite_gpu/")
     args = ap.parse_args(argv)
     if args.selftest:
         return selftest()
@@ -413,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
           f"triton {triton_version}, extension built with CUDA: {env['cuda_ext']}", flush=True)
 
     start = time.time()
+    if args.suite:
+        args.budget = max(args.budget - args.suite, 120.0)
     # Shares of the budget: correctness triton 35 %, cuda 20 %, timings the rest.
     correct = run_worker("correct", "triton", 0.35 * args.budget)
     correct += run_worker("correct", "cuda", 0.20 * args.budget)
@@ -432,6 +437,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(text)
         os.replace(tmp, base.with_suffix(suffix))
     print(f"\ngpu_check: wrote {base}.json and {base}.md in {time.time() - start:.0f} s\n")
+    if args.suite:  # the benchmark suite, in a subprocess with a hard time limit; its failure is reported only
+        cmd = [sys.executable, "-m", "persona_kernels.cli", "bench", "--quick", "--no-progress", "--sections",
+               "gated,switching,e2e", "--max-seconds", str(args.suite / 4), "--out", str(out_dir / "suite_gpu")]
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, timeout=args.suite + 45).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        print(f"gpu_check: benchmark suite exit code {rc} -> {out_dir / 'suite_gpu'}", flush=True)
     print(md)
     failed = sum(r["status"] in ("FAIL", "ERROR") for r in correct)
     return 1 if failed else 0

@@ -3,7 +3,8 @@
 // Rows are grouped by persona with a stable counting sort over `index` (-1 = base model first, then
 // personas 0..P-1). Each non-empty group is one pass: the rows are gathered, run through the
 // single-persona kernel `gated_linear_cpu` (at::linear for the base group, exactly what an unpatched
-// nn.Linear computes), and scattered back. A batch with a single persona runs without gather/scatter.
+// nn.Linear computes), and scattered back. A group whose rows are consecutive (e.g. a batch sorted by
+// persona) runs on a view of x without gather; a batch with a single persona runs on x itself.
 #include "common.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -69,6 +70,11 @@ torch::Tensor gated_linear_multi_cpu(const torch::Tensor& x, const torch::Tensor
     if (count == 0) continue;
     if (count == M) return run_group(g, x);  // one persona for the whole batch: no gather / scatter
     if (!y.defined()) y = at::empty({M, N}, x.options());
+    const int64_t first = ov[start[g]];
+    if (ov[start[g] + count - 1] - first == count - 1) {  // the group is one run of consecutive rows: no gather
+      y.narrow(0, first, count).copy_(run_group(g, x.narrow(0, first, count)));
+      continue;
+    }
     const torch::Tensor rows = order.narrow(0, start[g], count);
     y.index_copy_(0, rows, run_group(g, x.index_select(0, rows)));
   }

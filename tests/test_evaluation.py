@@ -98,3 +98,32 @@ def test_option_text_and_calibration_texts(shared):
     assert len(pos) == len(neg) == 3
     for p, n, it in zip(pos, neg, task.calibration):
         assert p.prompt == n.prompt == it.question and p.response.startswith(f"({it.matching})")
+
+
+def test_method_masks_restricted_prunes_only_low_wanda_weights():
+    from types import SimpleNamespace
+
+    from persona_kernels import scoring
+    from persona_kernels.ops.packing import unpack_mask
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential()
+    model.add_module("lin", torch.nn.Linear(172, 9, bias=False))
+    a_pos, a_neg = torch.rand(172, dtype=torch.float64) + 0.1, torch.rand(172, dtype=torch.float64) + 0.1
+    sp = {"lin": SimpleNamespace(abs_mean=a_pos, abs_var=torch.rand(172, dtype=torch.float64))}
+    sn = {"lin": SimpleNamespace(abs_mean=a_neg, abs_var=torch.rand(172, dtype=torch.float64))}
+    rho = 0.1
+    pos, neg = C.method_masks(model, sp, sn, C.parse_method("contrastive_sparse_restricted"), rho)
+    keep_p, keep_n = unpack_mask(pos["lin"], 172), unpack_mask(neg["lin"], 172)
+    w = model.lin.weight.detach()
+    prunable = ~scoring.wanda(w, 0.5 * (a_pos + a_neg), 0.5)
+    for keep in (keep_p, keep_n):
+        assert not (~keep & ~prunable).any()  # never prunes a weight Wanda keeps at sparsity 0.5
+        assert ((~keep).sum(dim=1) == int(rho / 0.5 * 86)).all()  # rho K per row (86 prunable of 172)
+    assert not (~keep_p & ~keep_n).any()  # disjoint pruned sets
+    with pytest.raises(ValueError, match="sparsity <= 0.25"):
+        C.method_masks(model, sp, sn, C.parse_method("contrastive_sparse_restricted"), 0.3)
+    # Wanda and Contrastive-Wanda keep exactly (1 - rho) K per row
+    for m in ("wanda", "contrastive_wanda_sharp"):
+        p, n = C.method_masks(model, sp, sn, C.parse_method(m), rho)
+        assert (unpack_mask(p["lin"], 172).sum(dim=1) == 172 - int(rho * 172)).all()

@@ -185,3 +185,12 @@ def test_cpu_op_checks_its_arguments():
         op(x, w, bank, torch.tensor([0, 5, 0, 0]), b, [0.0, 0.0])
     with pytest.raises(RuntimeError, match="gamma"):
         op(x, w, bank, torch.tensor([0, 1, 0, 0]), b, [0.0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sorted_runs_and_single_persona_batches(backend):
+    """Consecutive runs per persona (no-gather path of the C++ backend) and a batch of one persona only."""
+    index = torch.tensor([-1, -1, 0, 0, 0, 2, 2, 1, 1, 1, 1])
+    check(backend, (11,), 20, 70, 3, torch.float32, [0.0, 0.4, 1.0], index=index)
+    check(backend, (11,), 20, 70, 3, torch.float32, 0.2, index=torch.full((11,), 1))
+    check(backend, (2, 4), 20, 70, 3, torch.float32, 0.0, index=torch.tensor([[2, 2, 2, 2], [0, 0, 0, 0]]))

@@ -56,7 +56,7 @@ def row_alone(model, ids, name, gamma=None, **kw):
         set_persona(model, None)
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["auto"])
 def test_mixed_batch_rows_equal_single_persona_runs(backend):
     model = patched(skip_module_for="c")
     pk.patching.set_backend(model, backend)

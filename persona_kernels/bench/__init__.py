@@ -75,7 +75,7 @@ def run_suite(cfg, sections: Sequence[str], command: str = "") -> dict[str, Any]
         t0 = time.perf_counter()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         try:
-            module = importlib.import_module(f"persona_kernels.bench.{'gated' if name == 'gated' else name}")
+            module = importlib.import_module(f"persona_kernels.bench.{name}")
             if name in _MODEL_SECTIONS:
                 if model is None:
                     model = load_default_model(cfg)

@@ -99,15 +99,15 @@ def settings(cfg: Config) -> dict[str, Any]:
     return {"texts_per_persona": 64, "batch_sizes": [16, 64], "repeats": cfg.repeats}
 
 
-def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
+def make_cases(cfg: Config, model: nn.Module, tok, check: dict[str, float] | None = None) -> list[Case]:
+    """One case per batch size: methods ``plain``, ``stats``, ``hooks``. ``check`` (if given) receives the
+    cross-check of the two statistics (max relative difference of the per-channel RMS) on first setup."""
     s = settings(cfg)
-    model, tok = model_and_tokenizer or load_default_model(cfg)
+    check = {} if check is None else check
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     token_lists = {p: [tok(t)["input_ids"] for t in ts] for p, ts in texts(s["texts_per_persona"]).items()}
     singles = {p: [torch.tensor([ids], device=cfg.device) for ids in tl] for p, tl in token_lists.items()}
     n_tokens = sum(len(ids) for tl in token_lists.values() for ids in tl)
-    # correctness cross-check on the first batch size: sqrt(E[x^2]) per channel of both approaches agree
-    check: dict[str, float] = {}
 
     def make(bs: int) -> Case:
         batches = {p: make_batches(tl, bs, pad_id, cfg.device) for p, tl in token_lists.items()}
@@ -132,8 +132,14 @@ def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
                     setup=setup, repeats=s["repeats"],
                     ratios=[("stats/plain", "stats", "plain", True), ("stats/hooks", "stats", "hooks", True)])
 
-    rows, skipped = run_cases([make(bs) for bs in s["batch_sizes"]], cfg, "calibration")
-    return {"title": TITLE, "settings": s, "rows": rows, "skipped": skipped, "check": dict(check),
+    return [make(bs) for bs in s["batch_sizes"]]
+
+
+def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
+    model, tok = model_and_tokenizer or load_default_model(cfg)
+    check: dict[str, float] = {}
+    rows, skipped = run_cases(make_cases(cfg, model, tok, check), cfg, "calibration")
+    return {"title": TITLE, "settings": settings(cfg), "rows": rows, "skipped": skipped, "check": dict(check),
             "notes": ["stats/plain - 1 = statistics overhead (target <= 5 %); hooks/stats = speed-up over the hook "
                       "approach run one text at a time (target >= 3x)",
                       "check: max relative difference of the per-channel RMS, collect_stats vs hooks"]}

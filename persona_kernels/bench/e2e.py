@@ -37,18 +37,24 @@ def settings(cfg: Config) -> dict[str, Any]:
     return {"new_tokens": 64, "batch_sizes": [1, 8], "repeats": cfg.repeats}
 
 
-def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
+def models_for(cfg: Config, base) -> dict[str, Any]:
+    """``unpatched`` (``base`` itself), ``patched`` (a copy, persona active) and ``merged`` (a copy, persona
+    written into the weights)."""
     from persona_kernels.bench.switching import PERSONAS, random_bank
     from persona_kernels.patching import merge_persona, patch_model, set_persona
 
-    s = settings(cfg)
-    base, tok = model_and_tokenizer or load_default_model(cfg)
     bank = random_bank(base, cfg.seed)
     patched = patch_model(copy.deepcopy(base), bank)
     set_persona(patched, PERSONAS[0])
     merged = patch_model(copy.deepcopy(base), bank)
     merge_persona(merged, PERSONAS[0])
-    models = {"unpatched": base, "patched": patched, "merged": merged}
+    return {"unpatched": base, "patched": patched, "merged": merged}
+
+
+def make_cases(cfg: Config, models: dict[str, Any], tok) -> list[Case]:
+    """One case per batch size; methods = the names of ``models``."""
+    s = settings(cfg)
+    base = models["unpatched"]
     t_new = s["new_tokens"]
 
     def make(bs: int) -> Case:
@@ -77,9 +83,16 @@ def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
                             ("merged/unpatched", "merged", "unpatched", False),
                             ("patched/merged", "patched", "merged", True)])
 
+    return [make(bs) for bs in s["batch_sizes"]]
+
+
+def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
+    base, tok = model_and_tokenizer or load_default_model(cfg)
+    models = models_for(cfg, base)
     try:
-        rows, skipped = run_cases([make(bs) for bs in s["batch_sizes"]], cfg, "end to end")
+        rows, skipped = run_cases(make_cases(cfg, models, tok), cfg, "end to end")
     finally:
-        del patched, merged, models
+        del models
+    s = settings(cfg)
     return {"title": TITLE, "settings": s, "rows": rows, "skipped": skipped,
             "notes": ["ratios are time ratios (tokens/s of the denominator / tokens/s of the numerator)"]}

@@ -18,6 +18,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -179,8 +180,9 @@ def _plt():
 def _plot_gated(sec: Mapping[str, Any], path: Path) -> None:
     plt = _plt()
     rows = sec["rows"]
+    order = {"float32": 0, "bfloat16": 1, "float16": 2}
     panels = sorted({(r["params"]["N"], r["params"]["K"], r["params"]["dtype"]) for r in rows},
-                    key=lambda t: (t[0] * t[1], t[2]))
+                    key=lambda t: (t[0] * t[1], t[0], order.get(t[2], 9)))
     shapes = list(dict.fromkeys((n, k) for n, k, _ in panels))
     dtypes = list(dict.fromkeys(d for _, _, d in panels))
     fig, axes = plt.subplots(len(shapes), len(dtypes), figsize=(5 * len(dtypes), 3.2 * len(shapes)), squeeze=False)

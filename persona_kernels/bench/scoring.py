@@ -10,11 +10,11 @@ is the sum over modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from persona_kernels.bench.common import Config, run_case, Case
+from persona_kernels.bench.common import Case, Config, run_case
 from persona_kernels.bench.timing import Timing, ratio
 
 TITLE = "Mask construction: vectorised scoring vs the per-row loop"
@@ -65,9 +65,8 @@ def settings(cfg: Config) -> dict[str, Any]:
     return {"layers": 30, "repeats": cfg.repeats}
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
+def build(cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Callable[[str, torch.Tensor], object]]]:
+    """Random SmolLM2-shaped weights (name -> [N, K]) and the methods ``name -> fn(module_name, weight)``."""
     from persona_kernels import scoring
 
     s = settings(cfg)
@@ -81,6 +80,14 @@ def run(cfg: Config) -> dict[str, Any]:
         "contrastive_sparse": lambda n, w: scoring.contrastive_sparse(w, stats["pos"][n], stats["neg"][n], SPARSITY),
         "loop_wanda_x2": lambda n, w: [loop_wanda(w, stats[p][n], SPARSITY) for p in ("pos", "neg")],
     }
+    return weights, methods
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    s = settings(cfg)
+    weights, methods = build(cfg)
     totals = {m: Timing([0.0] * s["repeats"]) for m in methods}
     # agreement of our Wanda masks with the loop (may differ on exact score ties only)
     differ = 0

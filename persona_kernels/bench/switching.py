@@ -12,11 +12,12 @@ a masked bf16 copy of the weights.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -75,27 +76,28 @@ def memory_row(model: nn.Module, bank, bool_masks, tmp: Path) -> dict[str, Any]:
     return static_row("memory per persona", {"model": "SmolLM2-135M-Instruct", "weights": weights}, values, ratios, metrics)
 
 
-def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
+@contextlib.contextmanager
+def switch_methods(cfg: Config, model: nn.Module, bool_masks=None, bank=None) -> Iterator[dict[str, Callable[[], None]]]:
+    """Patch ``model`` with a random two-persona bank and yield ``{method: switch to the next persona}``.
+
+    On exit the weights are restored and the model unpatched (memory is measured by :func:`memory_row`).
+    """
     from safetensors.torch import load_file, save_file
 
     from persona_kernels.patching import patch_model, set_persona, unpatch_model
 
-    model, _ = model_and_tokenizer or load_default_model(cfg)
     mods = linear_modules(model)
-    bool_masks = random_bool_masks(model, cfg.seed)
-    bank = random_bank(model, cfg.seed, bool_masks)
+    bool_masks = bool_masks or random_bool_masks(model, cfg.seed)
+    bank = bank or random_bank(model, cfg.seed, bool_masks)
+    params = {n: m.weight for n, m in mods.items()}
+    originals = {n: w.detach().clone() for n, w in params.items()}
     with tempfile.TemporaryDirectory(prefix="pk-bench-") as tmpdir:
-        tmp = Path(tmpdir)
-        mem = memory_row(model, bank, bool_masks, tmp)
-        params = {n: m.weight for n, m in mods.items()}
-        originals = {n: w.detach().clone() for n, w in params.items()}
         files = {}
         for p in PERSONAS:  # each persona's masked weights, as a switch-by-reload would keep them
-            files[p] = tmp / f"{p}.safetensors"
+            files[p] = Path(tmpdir) / f"{p}.safetensors"
             save_file({n: (originals[n] * bool_masks[p][n].to(originals[n].device)).cpu().contiguous()
                        for n in params}, str(files[p]))
         dev_masks = {p: {n: m.to(cfg.device) for n, m in bm.items()} for p, bm in bool_masks.items()}
-        patch_model(model, bank)
         cycle = {k: itertools.cycle(PERSONAS) for k in ("set", "reload", "inplace")}
 
         @torch.no_grad()
@@ -111,25 +113,30 @@ def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
                 w.copy_(originals[n])
                 w.mul_(dev_masks[p][n])
 
-        def setup():
-            return {"set_persona": lambda: set_persona(model, next(cycle["set"])),
-                    "reload_safetensors": reload, "inplace_multiply": inplace}
-
-        @torch.no_grad()
-        def teardown():
+        patch_model(model, bank)
+        try:
+            yield {"set_persona": lambda: set_persona(model, next(cycle["set"])),
+                   "reload_safetensors": reload, "inplace_multiply": inplace}
+        finally:
             set_persona(model, None)
-            for n, w in params.items():
-                w.copy_(originals[n])
+            with torch.no_grad():
+                for n, w in params.items():
+                    w.copy_(originals[n])
+            unpatch_model(model)
 
-        case = Case(key="SmolLM2-135M|switch", params={"model": "SmolLM2-135M-Instruct", "modules": len(mods)},
-                    setup=setup, teardown=teardown, min_time=0.05,
-                    repeats=3 if cfg.quick or cfg.tiny else cfg.repeats,
+
+def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
+    model, _ = model_and_tokenizer or load_default_model(cfg)
+    bool_masks = random_bool_masks(model, cfg.seed)
+    bank = random_bank(model, cfg.seed, bool_masks)
+    with tempfile.TemporaryDirectory(prefix="pk-bench-") as tmpdir:
+        mem = memory_row(model, bank, bool_masks, Path(tmpdir))
+    with switch_methods(cfg, model, bool_masks, bank) as fns:
+        case = Case(key="SmolLM2-135M|switch", params={"model": "SmolLM2-135M-Instruct", "modules": len(bank.module_names)},
+                    setup=lambda: fns, min_time=0.05, repeats=3 if cfg.quick or cfg.tiny else cfg.repeats,
                     ratios=[("set_persona/reload_safetensors", "set_persona", "reload_safetensors", True),
                             ("set_persona/inplace_multiply", "set_persona", "inplace_multiply", True)])
-        try:
-            rows, skipped = run_cases([case], cfg, "switching")
-        finally:
-            unpatch_model(model)
+        rows, skipped = run_cases([case], cfg, "switching")
     return {"title": TITLE, "rows": rows + [mem], "skipped": skipped,
             "notes": ["latency rows: seconds per switch (median over repeats, several switches per sample)",
                       "memory row: bytes per persona; ratios are ours / other (lower is smaller)"]}

@@ -197,18 +197,37 @@ def render_markdown(rep: dict) -> str:
         return _fmt(g["accuracy"], pct=True) if g else "—"
 
     cap_pair = rep.get("capability_pair")
-    lines += ["## Accuracy (the paper's layout)", "",
-              "A/B accuracy = rate of the persona-matching answer under the + condition, original option order (the "
-              "paper's metric; % with 95% bootstrap CI). E/I = rate at which the + condition prefers the extraverted "
-              f"response. MMLU/HellaSwag under the + mask of the `{cap_pair}` pair.", "",
-              "| Method | Power-Seeking | Wealth-Seeking | Hallucination | E/I | MMLU-2 | MMLU-4 | HellaSwag |", "|---|---|---|---|---|---|---|---|"]
-    rows = [("Base", "base"), ("Prompt", "prompt+")] + [(m, f"{m}+") for m in methods] + \
-           [(f"prompt + {m}", f"prompt+{m}+") for m in cfg.get("prompt_mask", [])]
-    for label, cond in rows:
-        cells = [acc(p, p, cond) for p in PAPER_TASKS] + [acc("energy", "energy", cond, "persona_rate")]
-        cells += [gen(t, cond) for t in ("mmlu2", "mmlu4", "hellaswag")]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("")
+    if pairs or s["general"]:
+        gen_cols = [t for t in ("mmlu2", "mmlu4", "hellaswag") if t in s["general"]]
+        gen_names = {"mmlu2": "MMLU-2", "mmlu4": "MMLU-4", "hellaswag": "HellaSwag"}
+        sw_tasks = [(p, p) for p in (*PAPER_TASKS, "energy") if p in pairs and p in pairs[p]["tasks"]]
+        lines += ["## Accuracy (the paper's layout) with bias-free switch columns", "",
+                  "Accuracy = rate of the persona-matching answer under the + condition, original option order (the "
+                  "paper's metric; % with 95% bootstrap CI); E/I = rate at which the + condition prefers the extraverted "
+                  f"response; MMLU/HellaSwag under the + mask of the `{cap_pair}` pair. Switch columns: bias-free switch "
+                  "effect of the row's (+, −) pair (see below), with the label-shuffled control's switch in parentheses. "
+                  "Capability loss: mean relative loss of the ± conditions on neutral text, over pairs.", "",
+                  "| Method | Power-Seeking | Wealth-Seeking | Hallucination | E/I | " + " | ".join(gen_names[t] for t in gen_cols)
+                  + "".join(f" | switch {t}" for _, t in sw_tasks) + " | capability loss |",
+                  "|---" * (6 + len(gen_cols) + len(sw_tasks)) + "|"]
+        rows = [("Base", "base", "base"), ("Prompt", "prompt+", "prompt")] + [(m, f"{m}+", m) for m in methods] + \
+               [(f"prompt + {m}", f"prompt+{m}+", f"prompt+{m}") for m in cfg.get("prompt_mask", [])]
+        for label, cond, group in rows:
+            cells = [acc(p, p, cond) for p in PAPER_TASKS] + [acc("energy", "energy", cond, "persona_rate")]
+            cells += [gen(t, cond) for t in gen_cols]
+            for p, t in sw_tasks:
+                sw = pairs[p]["tasks"][t]["switch"].get(group)
+                if not sw:
+                    cells.append("—")
+                    continue
+                ctl = sw.get("control_switch")
+                cells.append(f"{sw['switch']['mean']:+.3f}" + (f" ({ctl['mean']:+.3f})" if ctl else "")
+                             + ("*" if Estimate(**sw["switch"]).excludes_zero else ""))
+            losses = [e["capability"][c]["relative_loss"] for e in pairs.values() for c in (cond, cond[:-1] + "-")
+                      if c in e["capability"]]
+            cells.append(f"{100 * sum(losses) / len(losses):+.2f}%" if losses and group != "base" else "—")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "`*`: the switch's 95% interval excludes 0.", ""]
 
     lines += ["## Switch effects (bias-free)", "",
               "Switch = score(+ condition) − score(− condition) on the same held-out items, paired bootstrap 95% CI. "

@@ -102,7 +102,8 @@ def tile_table(index: torch.Tensor, num_personas: int, block_m: int):
     m = index.shape[0]
     idx = index.long()
     order = torch.argsort(idx, stable=True).to(torch.int32)
-    counts = torch.bincount(idx + 1, minlength=num_personas + 1)
+    counts = torch.zeros(num_personas + 1, dtype=torch.int64, device=index.device)
+    counts.scatter_add_(0, idx + 1, torch.ones_like(idx))  # bincount would sync on CUDA (output size)
     seg_end = torch.cumsum(counts, 0)
     seg_start = seg_end - counts
     tiles = (counts + block_m - 1) // block_m
