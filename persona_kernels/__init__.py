@@ -27,6 +27,8 @@ _EXPORTS = {
     "linear_with_stats": "persona_kernels.ops.welford",
     "ActivationStats": "persona_kernels.stats",
     "collect_stats": "persona_kernels.calibration",
+    "StatsRecorder": "persona_kernels.calibration",
+    "all_reduce_stats": "persona_kernels.distributed",
     "MaskBank": "persona_kernels.bank",
     "patch_model": "persona_kernels.patching",
     "unpatch_model": "persona_kernels.patching",

@@ -7,6 +7,7 @@ fastest backend available for the tensors' device.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Callable
@@ -79,6 +80,17 @@ def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     return backend
 
 
-def get_kernel(op: str, backend: str, device: torch.device | str) -> Callable:
-    """The function implementing ``op`` for ``backend`` (``"auto"`` allowed) on ``device``."""
+@functools.lru_cache(maxsize=256)
+def _cached_kernel(op: str, backend: str, device: torch.device, forced: str | None, interpreting: bool) -> Callable:
     return getattr(_backend_module(resolve_backend(backend, device, op)), op)
+
+
+def get_kernel(op: str, backend: str, device: torch.device | str) -> Callable:
+    """The function implementing ``op`` for ``backend`` (``"auto"`` allowed) on ``device``.
+
+    Resolution is cached per (op, backend, device) and the environment switches it depends on, so the
+    per-call cost in a model's forward is one dictionary lookup.
+    """
+    return _cached_kernel(
+        op, backend, torch.device(device), os.environ.get("PERSONA_KERNELS_BACKEND") or None, triton_interpreting()
+    )

@@ -147,10 +147,7 @@ def persona_stats(
     if world > 1:
         tokens = resolve_token_mode([_as_item(t) for ts in texts_by_persona.values() for t in ts], tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    from persona_kernels.evaluation.loglik import logits_to_keep_arg
-
     device = _model_device(model)
-    keep_arg = logits_to_keep_arg(model)
     stats: dict[str, dict] = {}
     tokens_seen: dict[str, int] = {}
     for name, texts in texts_by_persona.items():
@@ -172,9 +169,6 @@ def persona_stats(
         if not encoded:
             raise ValueError(f"persona_kernels.calibrate: persona {name!r}: no text kept any calibration token")
         batches = list(iter_batches(encoded, batch_size, pad_id, device))
-        if keep_arg:  # the output head is not calibrated: skip its logits for all but one position
-            for b in batches:
-                b[keep_arg] = 1
         stats[name] = collect_stats(model, batches, target_modules=target_modules, backend=backend, progress=progress)
         if world > 1:
             from persona_kernels.distributed import all_reduce_stats

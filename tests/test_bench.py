@@ -140,7 +140,7 @@ def test_guard_flags_a_regression_and_not_noise():
     assert [(f["section"], f["key"], f["ratio"]) for f in res["flagged"]] == [("gated", row["key"], "cpu/plain")]
     assert res["flagged"][0]["change"] == pytest.approx(2.0 / 1.1 - 1)
     table = guard_markdown(res)
-    assert "| gated | 64x172|float32|M=1|gamma=0 | cpu/plain |" in table
+    assert "| gated | 64x172\\|float32\\|M=1\\|gamma=0 | cpu/plain |" in table
     # the same change is within tolerance when both runs were noisy enough
     for r in (row["ratios"]["cpu/plain"], base["sections"]["gated"]["rows"][0]["ratios"]["cpu/plain"]):
         r["noise"] = 0.5
@@ -150,7 +150,12 @@ def test_guard_flags_a_regression_and_not_noise():
     better["sections"]["gated"]["rows"][0]["ratios"]["cpu/plain"]["value"] = 0.5
     better["sections"]["gated"]["rows"][1]["key"] = "new shape"
     res = compare(better, synthetic_result())
-    assert res["flagged"] == [] and len(res["missing"]) == 1
+    assert res["flagged"] == [] and len(res["missing"]) == 1 and res["warnings"] == []
+    other = synthetic_result()
+    other["machine"]["cpu_model"] = "another CPU"
+    res = compare(other, synthetic_result())
+    assert res["warnings"] == ["machine cpu_model differs: now 'another CPU', baseline " + repr(synthetic_result()["machine"]["cpu_model"])]
+    assert "Not like for like" in guard_markdown(res)
 
 
 def test_report_writer_produces_json_markdown_and_pngs(tmp_path):

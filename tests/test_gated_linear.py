@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (exception type used by an xfail mark)
 
 import persona_kernels as pk
 from persona_kernels import _extension, dispatch
@@ -226,12 +225,6 @@ def test_opcheck(backend):
     _opcheck(backend, requires_grad=False)
 
 
-# The backward unpacks the mask with torch_ref.unpack_mask, whose module-level cache of bit shifts
-# (_BIT_SHIFTS) hands a real tensor to FakeTensor tracing (opcheck's test_aot_dispatch_dynamic).
-_SHIFT_CACHE_BUG = hasattr(torch_ref, "_BIT_SHIFTS")
-
-
-@pytest.mark.xfail(_SHIFT_CACHE_BUG, strict=True, reason="torch_ref._BIT_SHIFTS caches a real tensor (see report)")
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_opcheck_with_grad(backend):
     _opcheck(backend, requires_grad=True)
@@ -253,11 +246,6 @@ def test_autograd_matches_reference(backend, gamma):
 
 
 @needs_cpu
-@pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported, strict=False,
-    reason="ops/gated_linear.py validates backend != 'auto' through dispatch (importlib) while tracing; "
-    "needs a torch.compiler.is_compiling() guard (see report)",
-)
 def test_torch_compile_fullgraph():
     x, w, packed, b, mask = make_case((3,), 4, 40, torch.float32, 0.3)
 

@@ -8,17 +8,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
-
-
 def is_available(device: torch.device) -> bool:
     return True
 
 
 def _shifts(device: torch.device) -> torch.Tensor:
-    if device not in _BIT_SHIFTS:
-        _BIT_SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
-    return _BIT_SHIFTS[device]
+    # created per call (tiny): a cached real tensor would leak into FakeTensor tracing under torch.compile
+    return torch.arange(32, dtype=torch.int32, device=device)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

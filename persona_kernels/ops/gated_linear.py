@@ -145,6 +145,6 @@ def gated_linear(
         ``x @ (weight * G).T + bias`` in x's dtype, accumulated in fp32.
     """
     check_gated_linear_args(x, weight, packed_mask, bias, gamma, backend)
-    if backend != "auto":
+    if backend != "auto" and not torch.compiler.is_compiling():
         get_kernel("gated_linear", backend, x.device)  # raise now if unavailable, with the backend's message
     return _gated_linear_op(x, weight, packed_mask, bias, float(gamma), backend)
