@@ -69,7 +69,7 @@ def cmd_demo(args) -> int:
     cfg = DemoConfig(
         model=args.model, out_dir=args.out, method=args.method, sparsity=args.sparsity, gamma=args.gamma,
         seed=args.seed, dtype=args.dtype, control=not args.no_control, batch_size=args.batch_size,
-        max_calibration=40 if args.quick else None, max_eval=12 if args.quick else None,
+        **({"calibration_texts": 24, "heldout_pairs": 8, "ab_questions": 6, "neutral_texts": 6} if args.quick else {}),
     )
     report = run_demo(cfg)
     print((Path(cfg.out_dir) / "report.md").read_text(encoding="utf-8"))
@@ -164,7 +164,10 @@ def _patched(args):
 
     model, tok = _load(args)
     bank = MaskBank.load(args.bank)
-    patching.patch_model(model, bank)
+    try:
+        patching.patch_model(model, bank)
+    except RuntimeError as e:  # bank made for another model, nothing to patch
+        raise CLIError(f"--bank {args.bank}: {e}") from e
     return model, tok, bank
 
 

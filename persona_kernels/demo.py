@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from persona_kernels.evaluation import ABItem, ResponsePair, paired_difference, response_margin, score_ab, text_logprob
+from persona_kernels.evaluation.ab import letter_of
 from persona_kernels.evaluation.metrics import Estimate
 
 DEFAULT_METHOD_KWARGS = {"contrastive_wanda": {"phi": "softplus", "tau": 0.1}, "contrastive_sparse": {}, "wanda": {}}
@@ -40,10 +41,12 @@ class DemoConfig:
     method: str = "contrastive_wanda"
     sparsity: float = 0.1
     gamma: float = 0.0
-    holdout: float = 0.25
     seed: int = 0
-    max_calibration: int | None = None
-    max_eval: int | None = None
+    calibration_texts: int = 64  # per persona
+    heldout_pairs: int = 20  # per pair: prompt + both personas' responses, never calibrated on
+    ab_questions: int = 12  # per pair, scored in both option orders
+    neutral_texts: int = 12
+    chunk_size: int = 8  # statistics are kept per chunk of texts so the shuffled control needs no extra forward
     batch_size: int = 16
     max_new_tokens: int = 40
     dtype: str = "float32"
@@ -58,25 +61,39 @@ def neutral_texts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def split_pair(pos_items: Sequence, neg_items: Sequence, holdout: float, seed: int):
-    """Index-paired split of two parallel persona lists into (calibration, held-out) parts."""
+def split_pair(pos_items: Sequence, neg_items: Sequence, n_heldout: int, n_calibration: int, seed: int):
+    """Index-paired split of two parallel persona lists: held-out (prompt, response) items and calibration items.
+
+    Held-out indices are drawn (fixed seed) among items whose two sides share a prompt; calibration takes
+    up to ``n_calibration`` of the remaining indices. The two sets are disjoint by construction.
+    """
     n = min(len(pos_items), len(neg_items))
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(holdout * n)))
-    ev, cal = sorted(order[:n_eval]), sorted(order[n_eval:])
+    rng = random.Random(seed)
+    paired = [i for i in range(n) if pos_items[i].prompt and pos_items[i].prompt == neg_items[i].prompt]
+    ev = sorted(rng.sample(paired, min(n_heldout, len(paired))))
+    rest = [i for i in range(n) if i not in set(ev)]
+    rng.shuffle(rest)
+    cal = sorted(rest[:n_calibration])
     return ([pos_items[i] for i in cal], [neg_items[i] for i in cal]), ([pos_items[i] for i in ev], [neg_items[i] for i in ev]), {
         "calibration_indices": cal,
         "heldout_indices": ev,
     }
 
 
-def shuffled_groups(pos_items: Sequence, neg_items: Sequence, seed: int):
-    """The same calibration texts with persona labels assigned at random (equal group sizes)."""
-    pool = list(pos_items) + list(neg_items)
-    random.Random(seed + 1).shuffle(pool)
-    half = len(pool) // 2
-    return pool[:half], pool[half : 2 * half]
+def chunked(items: Sequence, size: int) -> list[list]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def shuffled_chunk_groups(n_pos: int, n_neg: int, seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Shuffled-label control at chunk level, stratified: each control group receives half of the positive
+    persona's chunks and half of the negative's, chosen at random, so its expected persona content is equal."""
+    rng = random.Random(seed + 1)
+    pos, neg = [("+", i) for i in range(n_pos)], [("-", i) for i in range(n_neg)]
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    a = pos[: n_pos // 2] + neg[n_neg - n_neg // 2 :]
+    b = pos[n_pos // 2 :] + neg[: n_neg - n_neg // 2]
+    return a, b
 
 
 def _response_pairs(pos_items, neg_items) -> list[ResponsePair]:
@@ -113,7 +130,7 @@ def run_demo(config: DemoConfig) -> dict:
     """Run the demo end to end; returns the report dict (also written under ``config.out_dir``)."""
     from persona_kernels import patching, personas
     from persona_kernels.models import load_model
-    from persona_kernels.pipeline import build_bank, persona_stats
+    from persona_kernels.pipeline import build_bank, merge_stats, persona_stats
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -135,29 +152,51 @@ def run_demo(config: DemoConfig) -> dict:
         "pairs": {},
     }
     ab_all = personas.load_ab_questions()
-    neutral = neutral_texts()
-    calib_sets: dict[str, list] = {}
+    neutral = neutral_texts()[: config.neutral_texts]
     heldout: dict[str, tuple] = {}
+    chunks: dict[str, list] = {}  # "persona@i" -> texts
+    chunk_names: dict[str, dict[str, list[str]]] = {}
     for pair, (pos, neg) in pair_names.items():
-        (cal_p, cal_n), (ev_p, ev_n), split = split_pair(texts[pos], texts[neg], config.holdout, config.seed)
-        if config.max_calibration:
-            cal_p, cal_n = cal_p[: config.max_calibration], cal_n[: config.max_calibration]
-        if config.max_eval:
-            ev_p, ev_n = ev_p[: config.max_eval], ev_n[: config.max_eval]
-        calib_sets[pos], calib_sets[neg] = cal_p, cal_n
-        if config.control:
-            sh_p, sh_n = shuffled_groups(cal_p, cal_n, config.seed)
-            calib_sets[f"control:{pos}"], calib_sets[f"control:{neg}"] = sh_p, sh_n
+        (cal_p, cal_n), (ev_p, ev_n), split = split_pair(
+            texts[pos], texts[neg], config.heldout_pairs, config.calibration_texts, config.seed
+        )
         heldout[pair] = (pos, neg, ev_p, ev_n)
+        chunk_names[pair] = {}
+        for sign, persona, items in (("+", pos, cal_p), ("-", neg, cal_n)):
+            names = []
+            for i, chunk in enumerate(chunked(items, config.chunk_size)):
+                chunks[f"{persona}@{i}"] = chunk
+                names.append(f"{persona}@{i}")
+            chunk_names[pair][sign] = names
         report["pairs"][pair] = {"positive": pos, "negative": neg, "split": {**split, "seed": config.seed}}
 
+    from tqdm.auto import tqdm
+
     t = time.perf_counter()
-    stats, seen = persona_stats(model, tokenizer, calib_sets, batch_size=config.batch_size, progress=config.progress)
+    chunk_stats, chunk_seen = {}, {}
+    for name in tqdm(list(chunks), desc="calibration statistics", disable=not config.progress):
+        st, seen = persona_stats(model, tokenizer, {name: chunks[name]}, batch_size=config.batch_size, progress=False)
+        chunk_stats[name], chunk_seen[name] = st[name], seen[name]
+    stats: dict[str, dict] = {}
+    seen: dict[str, int] = {}
+    pairs = []
+    for pair, (pos, neg) in pair_names.items():
+        names = chunk_names[pair]
+        for persona, sign in ((pos, "+"), (neg, "-")):
+            stats[persona] = merge_stats([chunk_stats[c] for c in names[sign]])
+            seen[persona] = sum(chunk_seen[c] for c in names[sign])
+        pairs.append((pos, neg))
+        if config.control:
+            group_a, group_b = shuffled_chunk_groups(len(names["+"]), len(names["-"]), config.seed)
+            for persona, group in ((f"control:{pos}", group_a), (f"control:{neg}", group_b)):
+                members = [names[sign][i] for sign, i in group]
+                stats[persona] = merge_stats([chunk_stats[c] for c in members])
+                seen[persona] = sum(chunk_seen[c] for c in members)
+            pairs.append((f"control:{pos}", f"control:{neg}"))
+            report["pairs"][pair]["control_chunks"] = {"control:" + pos: [names[s][i] for s, i in group_a],
+                                                       "control:" + neg: [names[s][i] for s, i in group_b]}
     timings["statistics_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    pairs = [(pos, neg) for pos, neg in pair_names.values()]
-    if config.control:
-        pairs += [(f"control:{pos}", f"control:{neg}") for pos, neg in pair_names.values()]
     bank = build_bank(
         model, stats, method=config.method, sparsity=config.sparsity, pairs=pairs, method_kwargs=method_kwargs,
         default_gamma=config.gamma, tokens_seen=seen, extra_metadata={"tokens": "response", "source": "persona_kernels demo"},
@@ -173,37 +212,44 @@ def run_demo(config: DemoConfig) -> dict:
     t = time.perf_counter()
     gen_prompts = {"power": "Would you like to be given control over the company's budget?",
                    "energy": "How would you like to spend your Saturday evening?"}
+    base_capability = None
     for pair, (pos, neg, ev_p, ev_n) in heldout.items():
         entry = report["pairs"][pair]
         cmp = compare(bank, pos, neg)
         entry["mask_difference"] = {"overall": cmp.difference_rate, "attention": cmp.attn_difference_rate,
                                     "mlp": cmp.mlp_difference_rate, "jaccard": cmp.jaccard}
-        ctl = compare(bank, f"control:{pos}", f"control:{neg}") if config.control else None
-        if ctl is not None:
-            entry["control_mask_difference"] = {"overall": ctl.difference_rate}
+        if config.control:
+            entry["control_mask_difference"] = {"overall": compare(bank, f"control:{pos}", f"control:{neg}").difference_rate}
         rp = _response_pairs(ev_p, ev_n)
-        ab = [ABItem(q.question, q.answer_matching.strip("() "), pair) for q in ab_all if q.pair == pair]
-        # ABQuestion.answer_matching is the positive persona's letter when q.persona == pos
-        ab = [it if q.persona == pos else ABItem(it.question, it.not_matching, pair) for it, q in
-              zip(ab, [q for q in ab_all if q.pair == pair])]
+        ab = []
+        for q in [q for q in ab_all if q.pair == pair][: config.ab_questions]:
+            letter = letter_of(q.answer_matching if q.persona == pos else q.answer_not_matching, where=f"A/B question {q.question[:40]!r}")
+            ab.append(ABItem(q.question, letter, pair))
+        # condition -> (mask persona, system prompt, scored on: response margin / A/B / neutral text)
         conditions = {
-            "base": (None, None),
-            "prompt+": (None, personas.system_prompt(pos)),
-            "prompt-": (None, personas.system_prompt(neg)),
-            "mask+": (pos, None),
-            "mask-": (neg, None),
+            "base": (None, None, True, True, True),
+            "prompt+": (None, personas.system_prompt(pos), True, True, False),
+            "prompt-": (None, personas.system_prompt(neg), True, True, False),
+            "mask+": (pos, None, True, True, True),
+            "mask-": (neg, None, True, True, True),
         }
         if config.control:
-            conditions["control+"] = (f"control:{pos}", None)
-            conditions["control-"] = (f"control:{neg}", None)
+            conditions["control+"] = (f"control:{pos}", None, True, False, True)
+            conditions["control-"] = (f"control:{neg}", None, True, False, True)
         margins, logodds, capability = {}, {}, {}
-        for cond, (mask, system) in conditions.items():
+        for cond, (mask, system, do_margin, do_ab, do_neutral) in tqdm(
+            conditions.items(), desc=f"evaluating {pair}", disable=not config.progress
+        ):
             with patching.persona(model, mask, gamma=config.gamma if mask else None):
                 margins[cond] = response_margin(model, tokenizer, rp, system_prompt=system, batch_size=config.batch_size)
-                if ab:
+                if do_ab and ab:
                     logodds[cond] = score_ab(model, tokenizer, ab, system_prompt=system, batch_size=config.batch_size).logodds
-                if system is None and (cond == "base" or pair == next(iter(heldout)) or mask is not None):
-                    capability[cond] = text_logprob(model, tokenizer, neutral, batch_size=config.batch_size)
+                if do_neutral:
+                    if cond == "base" and base_capability is not None:
+                        capability[cond] = base_capability
+                    else:
+                        capability[cond] = text_logprob(model, tokenizer, neutral, batch_size=config.batch_size)
+        base_capability = capability["base"]
         entry["n_response_pairs"] = len(rp)
         entry["n_ab"] = len(ab)
         entry["response_margin"] = {c: _estimate(v) for c, v in margins.items()}
@@ -214,10 +260,13 @@ def run_demo(config: DemoConfig) -> dict:
                 switch[name] = {"response_margin": paired_difference(margins[plus], margins[minus]).to_dict()}
                 if plus in logodds:
                     switch[name]["ab_logodds"] = paired_difference(logodds[plus], logodds[minus]).to_dict()
+        if "control" in switch:
+            # persona effect beyond what relabelled calibration texts produce (paired on the same items)
+            switch["mask minus control"] = {"response_margin": paired_difference(
+                margins["mask+"] - margins["mask-"], margins["control+"] - margins["control-"]).to_dict()}
         entry["switch"] = switch
-        base_cap = capability["base"]
         entry["capability"] = {
-            c: {"mean_logprob_per_token": float(v.mean()), "change_vs_base": paired_difference(v, base_cap).to_dict()}
+            c: {"mean_logprob_per_token": float(v.mean()), "change_vs_base": paired_difference(v, base_capability).to_dict()}
             for c, v in capability.items()
         }
         entry["generation"] = {}
@@ -250,7 +299,8 @@ def render_markdown(report: dict) -> str:
         f"# persona_kernels demo — {report['model']}",
         "",
         f"Method {cfg['method']} ({report['method_kwargs']}), sparsity {cfg['sparsity']}, gamma {cfg['gamma']}, "
-        f"statistics on response tokens; held-out fraction {cfg['holdout']} (seed {cfg['seed']}).",
+        f"statistics on response tokens of {cfg['calibration_texts']} texts per persona; {cfg['heldout_pairs']} held-out "
+        f"response pairs per persona pair (seed {cfg['seed']}, disjoint from calibration).",
         "",
         "Switch effect = condition(+) minus condition(-) on the same held-out items, mean with bootstrap 95% interval. "
         "`response margin`: mean log-prob/token of the persona+ response minus the persona- response. "

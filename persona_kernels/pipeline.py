@@ -15,7 +15,7 @@ from torch import nn
 from persona_kernels.personas import PersonaText, render
 
 METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse")
-TOKEN_MODES = ("all", "response")
+TOKEN_MODES = ("auto", "all", "response")
 
 
 @dataclass
@@ -35,12 +35,10 @@ def _as_item(text: PersonaText | str) -> PersonaText:
 
 
 def resolve_token_mode(texts: Iterable[PersonaText], tokens: str | Callable) -> str | Callable:
-    """``"auto"`` means ``"response"`` when every text is a (prompt, response) pair, else ``"all"``."""
+    """Validate ``tokens``. ``"auto"`` stays per item: response tokens for (prompt, response) items, all
+    tokens for statements (a statement is entirely the persona's own words)."""
     if callable(tokens):
         return tokens
-    if tokens == "auto":
-        items = list(texts)
-        return "response" if items and all(t.response is not None and t.prompt for t in items) else "all"
     if tokens not in TOKEN_MODES:
         raise ValueError(f"persona_kernels.calibrate: argument 'tokens': expected 'auto', 'all', 'response' or a callable, got {tokens!r}")
     return tokens
@@ -73,7 +71,7 @@ def encode_texts(
             keep = [bool(v) for v in mode(item, offsets)]
             if len(keep) != len(offsets):
                 raise ValueError("persona_kernels.calibrate: argument 'tokens': the callable must return one bool per token")
-        elif mode == "response":
+        elif mode == "response" or (mode == "auto" and item.prompt):
             keep = [s >= start and e > s and s < end for s, e in offsets]
         else:
             keep = [True] * len(offsets)
@@ -210,6 +208,30 @@ class _Weights(dict):
         if hook is not None:
             return hook.weights_map["weight"].detach().to(torch.device(hook.execution_device))
         return super().__getitem__(name)
+
+
+def merge_stats(parts: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """Merge several ``{module: ActivationStats}`` results (e.g. chunks of one persona's texts) into one.
+
+    Exact (Chan's formula, counts summed). Modules that shared one accumulation in the inputs share one
+    merged object in the output.
+    """
+    from persona_kernels.stats import ActivationStats
+
+    if not parts:
+        raise ValueError("persona_kernels.merge_stats: argument 'parts': nothing to merge")
+    names = list(parts[0])
+    for i, part in enumerate(parts[1:], 1):
+        if list(part) != names:
+            raise ValueError(f"persona_kernels.merge_stats: argument 'parts': item {i} covers other modules than item 0")
+    merged: dict[str, object] = {}
+    by_group: dict[tuple[int, ...], object] = {}
+    for name in names:
+        key = tuple(id(part[name]) for part in parts)
+        if key not in by_group:
+            by_group[key] = ActivationStats.merge_all([part[name] for part in parts])
+        merged[name] = by_group[key]
+    return merged
 
 
 def _linear_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:

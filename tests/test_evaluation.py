@@ -127,3 +127,23 @@ def test_method_masks_restricted_prunes_only_low_wanda_weights():
     for m in ("wanda", "contrastive_wanda_sharp"):
         p, n = C.method_masks(model, sp, sn, C.parse_method(m), rho)
         assert (unpack_mask(p["lin"], 172).sum(dim=1) == 172 - int(rho * 172)).all()
+
+
+def test_shuffled_control_blocks_are_balanced(shared, one_thread):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = shared / "models" / "stories260K"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.set_num_threads(1)
+    pos = [f"I love parties and crowds, story {i}." for i in range(6)]
+    neg = [f"I like quiet evenings alone, story {i}." for i in range(6)]
+    st = C.pair_statistics(model, tok, {"energy": (pos, neg)}, block=2, seed=0, progress=False)["energy"]
+    b = st.blocks
+    assert len(b["+"]) == len(b["-"]) == 3
+    assert len(b["control+"]) == len(b["control-"]) == 3  # odd block counts still split evenly
+    assert sorted(b["control+"] + b["control-"]) == sorted(b["+"] + b["-"])
+    for group in ("control+", "control-"):  # each control persona mixes both labels
+        assert any("|+|" in k for k in b[group]) and any("|-|" in k for k in b[group])
+    name = next(iter(st.pos))
+    assert int(st.pos[name].count.sum()) > 0 and not torch.equal(st.pos[name].abs_mean, st.neg[name].abs_mean)

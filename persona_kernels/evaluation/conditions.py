@@ -290,8 +290,9 @@ def pair_statistics(model: nn.Module, tokenizer, texts: Mapping[str, tuple[Seque
         p_sh, m_sh = plus[:], minus[:]
         rng.shuffle(p_sh)
         rng.shuffle(m_sh)
-        ctrl_a = p_sh[: len(p_sh) // 2] + m_sh[(len(m_sh) + 1) // 2 :]
-        ctrl_b = p_sh[len(p_sh) // 2 :] + m_sh[: (len(m_sh) + 1) // 2]
+        # each control persona: half of the + blocks and half of the - blocks (equal sizes when the counts are odd)
+        ctrl_a = p_sh[: len(p_sh) // 2] + m_sh[len(m_sh) // 2 :]
+        ctrl_b = p_sh[len(p_sh) // 2 :] + m_sh[: len(m_sh) // 2]
         if not ctrl_a or not ctrl_b:  # a single block per side: the control swaps nothing useful
             ctrl_a, ctrl_b = plus + minus, plus + minus
         out[pair] = PairStats(

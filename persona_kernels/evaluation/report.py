@@ -133,41 +133,59 @@ def build_report(*, command: str, model: str, cfg: dict, args: dict, tasks: dict
     return rep
 
 
-def _best_mask(pt: dict, methods) -> tuple[str, dict] | None:
-    best = None
-    for m in methods:
-        s = pt["switch"].get(m)
-        if s and (best is None or s["switch"]["mean"] > best[1]["switch"]["mean"]):
-            best = (m, s)
-    return best
+def _pair_loss(entry: dict, group: str) -> float | None:
+    losses = [entry["capability"][c]["relative_loss"] for c in (f"{group}+", f"{group}-") if c in entry["capability"]]
+    return sum(losses) / len(losses) if losses else None
 
 
 def verdict(rep: dict) -> list[str]:
-    """Plain statements: per pair task, the best mask's switch vs the prompt's switch."""
+    """Plain statements per pair task: the best usable mask's switch vs the prompt's switch.
+
+    A mask is usable when its capability-proxy loss (mean of its + and - masks) is within the report's bound.
+    It "beats" the prompt only when its switch interval lies above the prompt's AND its switch net of the
+    label-shuffled control excludes 0.
+    """
     lines = []
     methods = rep["config"]["methods"]
+    bound = rep["bound"]
     for pair, entry in rep["summary"]["pairs"].items():
         for tname, t in entry["tasks"].items():
             p = t["switch"].get("prompt")
-            b = _best_mask(t, methods)
-            if not p or not b:
+            if not p:
                 continue
-            m, s = b
-            ps, ms = p["switch"], s["switch"]
-            if ms["low"] > ps["high"]:
+            ps = p["switch"]
+            usable, broken = [], []
+            for m in methods:
+                s = t["switch"].get(m)
+                if not s:
+                    continue
+                loss = _pair_loss(entry, m)
+                (usable if loss is None or loss <= bound else broken).append((m, s, loss))
+            note = ""
+            if broken:
+                note = " Over the capability bound (not usable): " + ", ".join(
+                    f"{m} (loss {100 * loss:.1f}%)" for m, _, loss in broken) + "."
+            if not usable:
+                lines.append(f"{tname}: no mask within the capability bound; prompt switch {_fmt(ps)}.{note}")
+                continue
+            m, s, loss = max(usable, key=lambda u: u[1]["switch"]["mean"])
+            ms, net = s["switch"], s.get("net_of_control")
+            if ms["low"] > ps["high"] and (net is None or net["low"] > 0):
                 word = "beats"
             elif ms["high"] < ps["low"]:
                 word = "is weaker than"
             else:
-                word = "is not distinguishable from"
-            ctrl = f", control {_fmt(s.get('control_switch'))}" if s.get("control_switch") else ""
-            lines.append(f"{tname}: the best mask ({m}) switch {_fmt(ms)}{ctrl} {word} the prompt's switch {_fmt(ps)}.")
+                word = "does not beat (intervals overlap or the control explains it)"
+            ctrl = f", control {_fmt(s.get('control_switch'))}, net {_fmt(net)}" if net else ""
+            lo = f", capability loss {100 * loss:+.2f}%" if loss is not None else ""
+            lines.append(f"{tname}: best usable mask {m}: switch {_fmt(ms)}{ctrl}{lo} — {word} the prompt's switch "
+                         f"{_fmt(ps)}.{note}")
     for pair, op in rep.get("operating_points", {}).items():
         pr = rep["sweep"]["prompt"][pair]
         lines.append(
             f"{pair} operating point (capability loss <= {100 * rep['bound']:.0f}%): {op['method']} rho={op['sparsity']} "
             f"gamma={op['gamma']}, switch {_fmt(op['switch'])} at loss {100 * op['capability_loss']:.2f}% vs prompt "
-            f"{_fmt(pr['switch'])} at loss {100 * pr['capability_loss']:.2f}%.")
+            f"{_fmt(pr['switch'])} at loss {100 * pr['capability_loss']:.2f}% (sweep without label-shuffled control).")
     return lines
 
 
@@ -176,6 +194,7 @@ def verdict(rep: dict) -> list[str]:
 
 
 def render_markdown(rep: dict) -> str:
+    rep["verdict"] = verdict(rep)
     s = rep["summary"]
     cfg = rep["config"]
     pairs = s["pairs"]
@@ -229,7 +248,13 @@ def render_markdown(rep: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", "`*`: the switch's 95% interval excludes 0.", ""]
 
-    lines += ["## Switch effects (bias-free)", "",
+    if pairs:
+        lines += _pair_sections(pairs)
+    return _tail(rep, lines)
+
+
+def _pair_sections(pairs: dict) -> list[str]:
+    lines = ["## Switch effects (bias-free)", "",
               "Switch = score(+ condition) − score(− condition) on the same held-out items, paired bootstrap 95% CI. "
               "Score: A/B log-odds matching vs non-matching letter averaged over both option orders (a constant letter "
               "preference cancels); Yes/No log-odds; E/I mean log-prob/token of the extraverted minus the introverted "
@@ -256,6 +281,12 @@ def render_markdown(rep: dict) -> str:
             lines.append(f"| {pair} | {cname} | {c['mean_logprob_per_token']:.3f} | {c['perplexity']:.1f} | "
                          f"{_fmt(c['change_vs_base'])} | {100 * c['relative_loss']:+.2f}% |")
     lines.append("")
+    return lines
+
+
+def _tail(rep: dict, lines: list[str]) -> str:
+    cfg = rep["config"]
+    methods = cfg["methods"]
     if rep.get("masks"):
         lines += ["## Mask difference rates", "", "| pair | method | + vs − differ | control + vs − differ |", "|---|---|---|---|"]
         for pair, by_m in rep["masks"].items():
@@ -301,6 +332,14 @@ def write_figures(rep: dict, out: Path) -> list[str]:
     methods = rep["config"]["methods"]
     conds = [("base", "base"), ("prompt", "prompt+")] + [(m, f"{m}+") for m in methods]
     tasks = [(p, t) for p, e in s["pairs"].items() for t in e["tasks"]]
+    if tasks:
+        written += _bar_figures(plt, s, methods, conds, tasks, out)
+    _sweep_figures(plt, rep, out, written)
+    return written
+
+
+def _bar_figures(plt, s: dict, methods, conds, tasks, out: Path) -> list[str]:
+    written = []
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
     width = 0.8 / max(len(conds), 1)
     for i, (label, cname) in enumerate(conds):
@@ -335,7 +374,10 @@ def write_figures(rep: dict, out: Path) -> list[str]:
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     written.append(_save(fig, out / "switch.png"))
+    return written
 
+
+def _sweep_figures(plt, rep: dict, out: Path, written: list[str]) -> None:
     sw = rep.get("sweep")
     if sw and sw["points"]:
         pairs = list(sw["prompt"])
@@ -373,14 +415,12 @@ def write_figures(rep: dict, out: Path) -> list[str]:
             if op:
                 ax.scatter([100 * op["capability_loss"]], [op["switch"]["mean"]], marker="o", s=80, facecolors="none",
                            edgecolors="r", label="operating point")
-            ax.set_xscale("symlog", linthresh=1.0)
             ax.set_xlabel("capability-proxy loss (% of base log-prob)")
             ax.set_title(pair, fontsize=9)
         axes[0][0].set_ylabel("switch effect")
         axes[0][-1].legend(fontsize=6)
         fig.tight_layout()
         written.append(_save(fig, out / "frontier.png"))
-    return written
 
 
 def _save(fig, path: Path) -> str:
