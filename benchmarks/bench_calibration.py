@@ -162,32 +162,8 @@ def run_stats(model: nn.Module, batches_by_persona: dict[str, list[dict]]) -> di
     return {p: collect_stats(model, batches, progress=False) for p, batches in batches_by_persona.items()}
 
 
-def run_hooks(model: nn.Module, singles_by_persona: dict[str, list[torch.Tensor]]) -> dict:
-    """Per-Linear forward hooks: squared L2 norm of the input per channel, copied to the host every call."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    result = {}
-    with torch.no_grad():
-        for persona, singles in singles_by_persona.items():
-            acc: dict[str, torch.Tensor] = {}
-            rows = {n: 0 for n, _ in linears}
-
-            def make_hook(name):
-                def hook(mod, inputs, output):
-                    x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-                    norm = (torch.norm(x, p=2, dim=0) ** 2).cpu()
-                    acc[name] = acc[name] + norm if name in acc else norm
-                    rows[name] += x.shape[0]
-                return hook
-
-            handles = [m.register_forward_hook(make_hook(n)) for n, m in linears]
-            try:
-                for ids in singles:
-                    model(input_ids=ids, **CALL_KWARGS)
-            finally:
-                for h in handles:
-                    h.remove()
-            result[persona] = {n: (acc[n] / rows[n]).sqrt() for n in acc}
-    return result
+# the paper-style hook baseline is shared with the package suite (persona-kernels bench)
+from persona_kernels.bench.calibration import run_hooks  # noqa: E402
 
 
 def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[int]]], pad_id: int,

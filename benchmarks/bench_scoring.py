@@ -21,7 +21,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,31 +31,10 @@ from persona_kernels import scoring  # noqa: E402
 
 SPARSITY = 0.5
 LAYERS = 30
-SHAPES = {
-    "self_attn.q_proj": (576, 576),
-    "self_attn.k_proj": (192, 576),
-    "self_attn.v_proj": (192, 576),
-    "self_attn.o_proj": (576, 576),
-    "mlp.gate_proj": (1536, 576),
-    "mlp.up_proj": (1536, 576),
-    "mlp.down_proj": (576, 1536),
-}
-
-
-@dataclass
-class Stats:
-    """Stand-in for ActivationStats (random positive per-channel statistics)."""
-
-    abs_mean: torch.Tensor
-    abs_var: torch.Tensor
-    l2_norm: torch.Tensor
-
-
-def random_stats(k: int, gen: torch.Generator) -> Stats:
-    def r():
-        return torch.rand(k, generator=gen, dtype=torch.float64) + 0.05
-
-    return Stats(r(), r(), r() * 30)
+# the SmolLM2 layer shapes and random statistics are shared with the package suite (persona-kernels bench)
+from persona_kernels.bench.scoring import SHAPES  # noqa: E402
+from persona_kernels.bench.scoring import RandomStats as Stats  # noqa: E402
+from persona_kernels.bench.scoring import _stats as random_stats  # noqa: E402
 
 
 def random_weights(gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -29,6 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model folder or name (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a machine shared with other jobs 1 can be much faster)")
 
 
 def _load(args):
@@ -324,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func = parser._subparsers._group_actions[0].choices[argv[0]].get_default("func")  # type: ignore[union-attr]
     else:
         args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except CLIError as e:

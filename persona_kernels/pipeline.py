@@ -65,8 +65,9 @@ def encode_texts(
     for item in items:
         full, start = render(item, tokenizer, chat_template=chat_template, system_prompt=system_prompt)
         end = start + len(item.body)  # end-of-turn markers after the response are not persona tokens
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
-        offsets = enc["offset_mapping"]
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        # too long: cut from the left, so the prompt shortens and the response (at the end) survives
+        ids, offsets = list(enc["input_ids"])[-max_length:], list(enc["offset_mapping"])[-max_length:]
         if callable(mode):
             keep = [bool(v) for v in mode(item, offsets)]
             if len(keep) != len(offsets):
@@ -77,7 +78,7 @@ def encode_texts(
             keep = [True] * len(offsets)
         if not any(keep):
             continue  # nothing of this text survived truncation
-        encoded.append(EncodedText(list(enc["input_ids"]), keep))
+        encoded.append(EncodedText(ids, keep))
     return encoded
 
 

@@ -1,4 +1,6 @@
-"""Evaluation: log-likelihood scoring, bias-free A/B scoring, paired response margins, bootstrap CIs."""
+"""Evaluation: log-likelihood scoring, bias-free A/B scoring, paired response margins, bootstrap CIs,
+task loaders (tasks), conditions with shuffled-label controls (conditions), the trade-off sweep (sweep),
+reports (report) and the ``persona-kernels eval`` entry point (runner)."""
 
 from persona_kernels.evaluation.ab import ABItem, ABScores, score_ab, swap_options
 from persona_kernels.evaluation.loglik import LogLik, continuation_loglik
