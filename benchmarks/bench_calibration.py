@@ -42,8 +42,8 @@ if importlib.util.find_spec("persona_kernels") is None:  # run from a checkout w
 
 CACHE_DIR = Path(os.environ.get("PERSONA_KERNELS_CACHE", Path.home() / ".cache" / "persona_kernels"))
 RESULTS = Path(__file__).resolve().parent / "results"
-# Every mode calls the model the way collect_stats does by default: no logits beyond the last token, no KV cache.
-CALL_KWARGS = {"logits_to_keep": 1, "use_cache": False}
+# Every mode calls the model the way collect_stats does by default (no logits beyond the last token, no KV
+# cache): persona_kernels.bench.calibration.CALL_KWARGS, added to each batch by make_batches.
 
 # ------------------------------------------------------------------------------------------------ texts
 _PERSONAS = {
@@ -132,38 +132,15 @@ def _random_llama(vocab: int) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ modes
+# batching, the plain / statistics modes and the paper-style hook baseline are shared with the package
+# suite (persona-kernels bench), so both report the same measurements
+from persona_kernels.bench.calibration import make_batches as _make_batches  # noqa: E402
+from persona_kernels.bench.calibration import run_hooks, run_plain, run_stats  # noqa: E402
+
+
 def make_batches(token_lists: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches of ``batch_size`` texts, grouped by length (less padding; the statistics do not
-    depend on the order)."""
-    ordered = sorted(token_lists, key=len)
-    out = []
-    for i in range(0, len(ordered), batch_size):
-        chunk = ordered[i:i + batch_size]
-        t = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), t), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), t, dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
-        out.append({"input_ids": ids, "attention_mask": mask, **CALL_KWARGS})
-    return out
-
-
-def run_plain(model: nn.Module, batches_by_persona: dict[str, list[dict]]) -> None:
-    with torch.no_grad():
-        for batches in batches_by_persona.values():
-            for b in batches:
-                model(**b)
-
-
-def run_stats(model: nn.Module, batches_by_persona: dict[str, list[dict]]) -> dict:
-    from persona_kernels.calibration import collect_stats
-
-    return {p: collect_stats(model, batches, progress=False) for p, batches in batches_by_persona.items()}
-
-
-# the paper-style hook baseline is shared with the package suite (persona-kernels bench)
-from persona_kernels.bench.calibration import run_hooks  # noqa: E402
+    """Right-padded CPU batches grouped by length (see persona_kernels.bench.calibration.make_batches)."""
+    return _make_batches(token_lists, batch_size, pad_id, torch.device("cpu"))
 
 
 def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[int]]], pad_id: int,
