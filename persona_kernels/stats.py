@@ -46,6 +46,18 @@ def _sqrt(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t > 0, root, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
+def _has_merge_op() -> bool:
+    global _MERGE_OP
+    if _MERGE_OP is None:
+        from persona_kernels import _extension
+
+        _MERGE_OP = _extension.has_cpu_kernels() and hasattr(torch.ops.persona_kernels_C, "welford_merge_cpu_")
+    return _MERGE_OP
+
+
+_MERGE_OP: Optional[bool] = None
+
+
 def _err(arg: str, msg: str, exc: type[Exception] = ValueError):
     raise exc(f"persona_kernels.ActivationStats: argument '{arg}': {msg}")
 
@@ -58,7 +70,8 @@ class ActivationStats:
     (sqrt Σx²), ``seq_count`` (int64, sequences seen), ``seq_l2_mean`` / ``seq_l2_var`` (mean and
     population variance over sequences of the sequence's per-channel L2 norm), ``nonfinite`` (int64 scalar:
     values excluded as inf/NaN). Channels without data report 0. The returned tensors are views of the
-    state or fresh results: treat them as read-only.
+    state (updated in place on CPU, so they follow later updates) or fresh results: treat them as read-only
+    and `.clone()` what must stay fixed.
 
     Args:
         num_channels: K, the number of input channels (``in_features``).
@@ -205,6 +218,26 @@ class ActivationStats:
             if isinstance(rows, torch.Tensor):
                 rows = rows.to(dev, non_blocking=True).to(_I64)
             self._nonfinite = self._nonfinite + (rows * k - count.sum())
+
+    def _merge_partials_cpu(self, partials: Sequence[torch.Tensor], row_mask: Optional[torch.Tensor], seq_len: int,
+                            rows: int) -> bool:
+        """Merge a kernel's partials in place with the C++ op (one pass instead of ~30 tensor ops).
+
+        Only for CPU state and CPU partials from the kernels (contiguous, float32/float64 moments); returns
+        False (nothing done) when that does not apply, and the caller falls back to :meth:`update_from_partials`.
+        """
+        if self._n.device.type != "cpu" or not _has_merge_op():
+            return False
+        count, mean, m2, amean, am2, seq_sumsq = partials
+        if count.dtype != _I64 or any(t.device.type != "cpu" or not t.is_contiguous() for t in partials):
+            return False
+        if mean.dtype not in (torch.float32, _F64) or any(t.dtype != mean.dtype for t in (m2, amean, am2, seq_sumsq)):
+            return False
+        if row_mask is not None and (row_mask.device.type != "cpu" or not row_mask.is_contiguous()):
+            return False
+        torch.ops.persona_kernels_C.welford_merge_cpu_(self._n, self._mean, self._m2, self._nonfinite, count, mean, m2,
+                                                       amean, am2, seq_sumsq, row_mask, int(seq_len), int(rows))
+        return True
 
     def merge(self, other: "ActivationStats") -> "ActivationStats":
         """Merge ``other`` (any device) into this one, in place; exact counts. Returns self."""

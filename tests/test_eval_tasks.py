@@ -122,6 +122,15 @@ def test_split_is_disjoint_deterministic_and_limited():
     assert split_items(50, seed=2, salt="y").evaluation != split_items(50, seed=1, salt="y").evaluation
     with pytest.raises(ValueError, match="limit"):
         split_items(10, seed=0, limit=0)
+    # offset: the next items of the same evaluation order, disjoint from the first ones and from calibration
+    full = split_items(50, seed=1, salt="y")
+    c = split_items(50, seed=1, limit=6, offset=4, salt="y")
+    assert not set(c.evaluation) & set(a.evaluation) and not set(c.evaluation) & set(full.calibration)
+    assert set(a.evaluation) | set(c.evaluation) == set(split_items(50, seed=1, limit=10, salt="y").evaluation)
+    with pytest.raises(ValueError, match="offset"):
+        split_items(10, seed=0, offset=-1)
+    with pytest.raises(ValueError, match="skips all"):
+        split_items(10, seed=0, offset=5)
 
 
 # ------------------------------------------------------------------------------------------------------

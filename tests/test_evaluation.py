@@ -9,7 +9,7 @@ import torch
 
 from persona_kernels.evaluation import conditions as C
 from persona_kernels.evaluation.runner import main
-from persona_kernels.evaluation.sweep import operating_points
+from persona_kernels.evaluation.sweep import common_operating_point, operating_points, parse_grid
 
 
 @pytest.fixture
@@ -63,6 +63,66 @@ def test_end_to_end_tiny_run(shared, tmp_path, one_thread):
     assert rep["masks"]["energy"]["contrastive_sparse"]["difference_rate"] > 0
 
 
+def test_sweep_grids_controls_and_confirmation(shared, tmp_path, one_thread):
+    out = tmp_path / "grid"
+    rc = main([
+        "--model", str(shared / "models" / "stories260K"), "--shared", str(shared), "--tasks", "power,energy",
+        "--limit", "4", "--calib-limit", "4", "--block", "2", "--methods", "wanda", "--sweep", "--sweep-only",
+        "--sweep-grid", "contrastive_wanda_sharp;contrastive_sparse_relative@0.02,0.1@0,0.5@0",
+        "--sweep-grid", "wanda@0.05@0", "--confirm-limit", "3", "--bound", "1.0", "--out", str(out),
+        "--max-length", "64", "--threads", "1", "--no-progress", "--batch-size", "8",
+    ])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    pts = rep["sweep"]["points"]
+    assert len(pts) == 2 * (2 * 2 * 2 + 1)  # pairs x (2 methods x 2 rho x 2 gamma + wanda)
+    for p in pts:
+        assert len(p["items"]) == 4 and abs(sum(p["items"]) / 4 - p["switch"]["mean"]) < 1e-5
+        if p["gamma"] == 0.0:  # controls only where the grid asked for them; net is per item
+            net = [a - b for a, b in zip(p["items"], p["control"]["items"])]
+            assert abs(sum(net) / 4 - p["net"]["mean"]) < 1e-5
+        else:
+            assert "control" not in p and "net" not in p
+    ops = rep["operating_points"]
+    assert set(ops) == {"power", "energy"} and all("net" in op for op in ops.values())
+    conf = rep["sweep"]["confirmation"]["pairs"]
+    for pair, c in conf.items():
+        assert c["n"] == 3 and c["mask"]["method"] == ops[pair]["method"] and c["mask"]["gamma"] == ops[pair]["gamma"]
+        fresh = rep["sweep"]["confirmation"]["items"][pair]
+        assert len(fresh) == 3 and not set(fresh) & set(rep["tasks"][pair]["split"]["evaluation"])
+        assert not set(fresh) & set(rep["tasks"][pair]["split"]["calibration"])
+    assert not set(rep["sweep"]["confirmation"]["capability_indices"]) & set(rep["capability_texts"]["hellaswag_indices"])
+    md = (out / "report.md").read_text()
+    assert "## Confirmation of the operating points on fresh items" in md and "net of control" in md
+    assert (out / "frontier_net.png").stat().st_size > 1000
+    assert rep["common_operating_point"]["method"] in {"contrastive_wanda_sharp", "contrastive_sparse_relative", "wanda"}
+    # re-rendering under a tighter bound re-derives the operating points from the stored points
+    from persona_kernels.evaluation.report import main as render_main
+
+    assert render_main([str(out), "--bound", "0.001", "--no-figures"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["bound"] == 0.001 and again["sweep"]["points"] == pts
+    assert all(op["capability_loss"] <= 0.001 for op in again["operating_points"].values())
+
+
+def _full(pair, method, items, control, loss):
+    return {"pair": pair, "method": method, "sparsity": 0.1, "gamma": 0.0, "items": items, "capability_loss": loss,
+            "control": {"items": control}, "net": {"mean": sum(a - b for a, b in zip(items, control)) / len(items)}}
+
+
+def test_common_operating_point_weighs_pairs_by_effect_size():
+    # method a: large raw net on the A/B-like pair but noisy; method b: small but consistent nets on both pairs
+    pts = [_full("x", "a", [2.0, -1.0, 3.0, -0.5], [0.0] * 4, 0.01), _full("y", "a", [0.01, -0.02, 0.0, 0.01], [0.0] * 4, 0.01),
+           _full("x", "b", [0.30, 0.25, 0.35, 0.28], [0.0] * 4, 0.01), _full("y", "b", [0.02, 0.03, 0.025, 0.02], [0.0] * 4, 0.01),
+           _full("x", "c", [5.0, 5.1, 5.2, 5.3], [0.0] * 4, 0.5), _full("y", "c", [5.0, 5.1, 5.2, 5.3], [0.0] * 4, 0.01)]
+    sweep = {"prompt": {"x": {}, "y": {}}, "points": pts}
+    best = common_operating_point(sweep, 0.02)
+    assert best["method"] == "b" and set(best["pairs"]) == {"x", "y"}  # c is over the bound on x
+    assert best["standardised_net"]["x"] > 5
+    assert common_operating_point(sweep, 1.0)["method"] == "c"
+    assert common_operating_point({"prompt": {"x": {}}, "points": []}, 0.02) is None
+
+
 def test_parse_method_and_errors():
     from persona_kernels.evaluation.runner import split_methods
 
@@ -86,6 +146,43 @@ def test_cli_errors_are_clear(shared, capsys):
     assert "--limit" in capsys.readouterr().err
     assert main(["--sparsity", "0.1,0.2", "--shared", str(shared)]) == 2
     assert "--sweep" in capsys.readouterr().err
+    assert main(["--sweep", "--sweep-grid", "wanda@0.1", "--shared", str(shared)]) == 2
+    assert "--sweep-grid" in capsys.readouterr().err
+    assert main(["--sweep", "--confirm-limit", "8", "--shared", str(shared)]) == 2
+    assert "--confirm-limit needs --limit" in capsys.readouterr().err
+    assert main(["--sweep", "--sweep-control-gamma", "2", "--shared", str(shared)]) == 2
+    assert "--sweep-control-gamma" in capsys.readouterr().err
+
+
+def test_parse_grid():
+    g = parse_grid("wanda;contrastive_wanda:tau=0.2,phi=relu@0.01,0.1@0,0.5@0")
+    assert g.methods == ("wanda", "contrastive_wanda:tau=0.2,phi=relu")
+    assert g.sparsities == (0.01, 0.1) and g.gammas == (0.0, 0.5) and g.control_gammas == (0.0,)
+    assert g.wants_control(0.0) and not g.wants_control(0.5)
+    assert parse_grid("wanda@0.1@0").wants_control(0.3)  # no control list: every gamma
+    assert not parse_grid("wanda@0.1@0@none").wants_control(0.0)
+    for bad, msg in (("wanda@0.1", "expected"), ("wanda@0.9@0", r"\[0, 0.5\]"), ("wanda@x@0", "numbers"),
+                     ("magic@0.1@0", "unknown method"), ("wanda@0.1@1.5", "gammas")):
+        with pytest.raises(ValueError, match=msg):
+            parse_grid(bad)
+
+
+def _pt(pair, switch, loss, net=None):
+    p = {"pair": pair, "switch": {"mean": switch}, "capability_loss": loss}
+    if net is not None:
+        p["net"] = {"mean": net}
+    return p
+
+
+def test_operating_point_ranks_by_net_of_control_within_the_bound():
+    pts = [_pt("a", 0.5, 0.01), _pt("a", 0.3, 0.01, net=0.05), _pt("a", 0.2, 0.01, net=0.1), _pt("a", 0.9, 0.5, net=0.8),
+           _pt("b", 0.4, 0.01)]
+    op = operating_points({"points": pts}, 0.02)
+    # a point without a control is never chosen once controls exist; over-the-bound points never are
+    assert op == {"a": pts[2]}
+    assert operating_points({"points": pts}, 0.02, require_control=False) == {"a": pts[0], "b": pts[4]}
+    assert operating_points({"points": pts}, 1.0)["a"] is pts[3]
+    assert operating_points({"points": []}, 0.02) == {}
 
 
 def test_option_text_and_calibration_texts(shared):

@@ -261,3 +261,47 @@ def test_to_and_clone_are_independent():
     assert stats.to("cpu") is stats and stats.device == torch.device("cpu")
     meta = stats.clone().to("meta")
     assert meta.device.type == "meta" and meta.count.shape == (3,)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_in_place_merge_equals_tensor_op_merge(pdtype, masked):
+    """The one-pass C++ merge (used by welford_update / linear_with_stats on CPU) gives the same state as the
+    tensor-op merge, including non-finite counts, empty channels, sequences without valid tokens and K % 32 != 0."""
+    from persona_kernels.ops.welford import _seq_info
+
+    gen = torch.Generator().manual_seed(7)
+    k, b, t = 45, 5, 7
+    fused, plain = ActivationStats(k), ActivationStats(k)
+    for step in range(4):
+        x = torch.randn(b, t, k, generator=gen) * (1 + step)
+        x[0, 1, 3] = float("inf")
+        x[2, :, 5] = float("nan")  # channel 5 of sequence 2 has no finite value
+        mask = torch.rand(b, t, generator=gen) > 0.3 if masked else None
+        if mask is not None:
+            mask[1] = False  # a sequence with no valid token
+        partials = dispatch.get_kernel("welford_partials", "cpu", torch.device("cpu"))(
+            x.reshape(-1, k), None if mask is None else mask.reshape(-1), t)
+        partials = tuple(p.to(pdtype) if p.is_floating_point() else p for p in partials)
+        assert fused._merge_partials_cpu(partials, None if mask is None else mask.reshape(-1), t, b * t)
+        seq, rows = _seq_info(None if mask is None else mask.reshape(-1), b * t, t)
+        plain.update_from_partials(WelfordPartials(*partials), seq=seq, rows=rows)
+    a, p = fused.state_dict(), plain.state_dict()
+    for key in a:
+        if a[key].dtype == torch.int64:
+            assert torch.equal(a[key], p[key]), key
+        else:
+            torch.testing.assert_close(a[key], p[key], rtol=1e-12, atol=1e-12, msg=key)
+    assert int(fused.nonfinite) > 0
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled extension not built")
+def test_cpu_in_place_merge_rejects_bad_state():
+    s = ActivationStats(8)
+    parts = (torch.ones(8, dtype=torch.int64),) + tuple(torch.rand(8) for _ in range(4)) + (torch.zeros(0, 8),)
+    with pytest.raises(RuntimeError, match="argument 'row_mask'"):
+        s._merge_partials_cpu(parts, torch.ones(3, dtype=torch.bool), 0, 4)  # 3 mask rows for 4 rows
+    # partials that the op does not take (non-contiguous) fall back to the tensor-op merge
+    odd = (parts[0],) + tuple(torch.rand(16)[::2] for _ in range(4)) + (parts[5],)
+    assert not s._merge_partials_cpu(odd, None, 0, 1)

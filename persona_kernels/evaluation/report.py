@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from persona_kernels.evaluation.metrics import Estimate, bootstrap_mean, paired_difference
-from persona_kernels.evaluation.sweep import SWITCH_KEY, capability_loss, operating_points
+from persona_kernels.evaluation.sweep import SWITCH_KEY, capability_loss, common_operating_point, operating_points
 
 PAPER_TASKS = ("power", "wealth", "hallucination")
 
@@ -128,9 +128,32 @@ def build_report(*, command: str, model: str, cfg: dict, args: dict, tasks: dict
     }
     if sweep is not None:
         rep["sweep"] = sweep
-        rep["operating_points"] = operating_points(sweep, bound)
-    rep["verdict"] = verdict(rep)
+    _derive(rep)
     return rep
+
+
+def _derive(rep: dict) -> None:
+    """Operating points (per pair and one common setting) and the verdict, from the sweep and the summary."""
+    sweep = rep.get("sweep")
+    if sweep is not None:
+        rep["operating_points"] = operating_points(sweep, rep["bound"])
+        common = common_operating_point(sweep, rep["bound"])
+        if common is not None:
+            common = {**common, "pairs": {pair: {k: p[k] for k in ("switch", "net", "capability_loss")}
+                                          for pair, p in common["pairs"].items()}}
+        rep["common_operating_point"] = common
+    rep["verdict"] = verdict(rep)
+
+
+def rerender(out: str | Path, *, bound: float | None = None, figures: bool = True) -> list[str]:
+    """Re-derive the operating points and verdict of a written report (optionally under a new ``bound``) and
+    write its markdown and figures again."""
+    out = Path(out)
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    if bound is not None:
+        rep["bound"] = float(bound)
+    _derive(rep)
+    return write_report(rep, out, figures=figures)
 
 
 def _pair_loss(entry: dict, group: str) -> float | None:
@@ -180,13 +203,43 @@ def verdict(rep: dict) -> list[str]:
             lo = f", capability loss {100 * loss:+.2f}%" if loss is not None else ""
             lines.append(f"{tname}: best usable mask {m}: switch {_fmt(ms)}{ctrl}{lo} — {word} the prompt's switch "
                          f"{_fmt(ps)}.{note}")
+    common = rep.get("common_operating_point")
+    if common:
+        lines.append(
+            f"One setting for all pairs (largest mean paired effect size d_z of the net switch, within the bound on "
+            f"every pair): {common['method']} rho={common['sparsity']} gamma={common['gamma']}, mean d_z "
+            f"{common['score']:+.2f} (" + ", ".join(f"{p} {v:+.2f}" for p, v in common["standardised_net"].items()) + ").")
+    conf = (rep.get("sweep") or {}).get("confirmation", {}).get("pairs", {})
     for pair, op in rep.get("operating_points", {}).items():
         pr = rep["sweep"]["prompt"][pair]
+        ctrl = (f", control {_fmt(op['control']['switch'])}, net {_fmt(op['net'])}" if "net" in op
+                else " (sweep without label-shuffled control)")
         lines.append(
-            f"{pair} operating point (capability loss <= {100 * rep['bound']:.0f}%): {op['method']} rho={op['sparsity']} "
-            f"gamma={op['gamma']}, switch {_fmt(op['switch'])} at loss {100 * op['capability_loss']:.2f}% vs prompt "
-            f"{_fmt(pr['switch'])} at loss {100 * pr['capability_loss']:.2f}% (sweep without label-shuffled control).")
+            f"{pair} operating point (capability loss <= {100 * rep['bound']:.0f}%, chosen on the sweep items): "
+            f"{op['method']} rho={op['sparsity']} gamma={op['gamma']}, switch {_fmt(op['switch'])}{ctrl} at loss "
+            f"{100 * op['capability_loss']:.2f}%; prompt {_fmt(pr['switch'])} at loss {100 * pr['capability_loss']:.2f}%.")
+        c = conf.get(pair)
+        if c:
+            lines.append(f"{pair} confirmation on {c['n']} fresh items: {confirmation_sentence(c)}")
     return lines
+
+
+def confirmation_sentence(c: dict) -> str:
+    """One plain sentence on a re-measured operating point: mask vs control vs prompt."""
+    mk, pr = c["mask"], c["prompt"]
+    net, vs = Estimate(**mk["net"]), Estimate(**c["mask_vs_prompt"])
+    if net.low > 0 and vs.low > 0:
+        word = "the mask switches more than the prompt and more than its control"
+    elif net.low > 0:
+        word = ("the mask switches more than its label-shuffled control" +
+                (" but less than the prompt" if vs.high < 0 else ", not distinguishable from the prompt"))
+    elif net.high < 0:
+        word = "the mask switches less than its label-shuffled control"
+    else:
+        word = "the mask's switch is not distinguishable from its label-shuffled control"
+    return (f"mask switch {_fmt(mk['switch'])}, control {_fmt(mk['control']['switch'])}, net {_fmt(mk['net'])}, "
+            f"capability loss {100 * mk['capability_loss']:.2f}%; prompt {_fmt(pr['switch'])} at "
+            f"{100 * pr['capability_loss']:.2f}%; mask minus prompt {_fmt(c['mask_vs_prompt'])} — {word}.")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -296,15 +349,38 @@ def _tail(rep: dict, lines: list[str]) -> str:
         lines.append("")
     if rep.get("sweep"):
         sw = rep["sweep"]
+        n_items = sorted({p["switch"]["n"] for p in sw["points"]})
         lines += ["## Trade-off sweep", "", f"Base capability {sw['base_capability']:.3f} nats/token; bound "
-                  f"{100 * rep['bound']:.0f}% of it. Frontier figure: `frontier.png`.", "",
-                  "| pair | method | rho | gamma | switch | capability loss | masks differ |", "|---|---|---|---|---|---|---|"]
+                  f"{100 * rep['bound']:.0f}% of it; {', '.join(map(str, n_items))} items per point. Figures: "
+                  "`frontier.png` (switch vs capability loss; × = label-shuffled control), `frontier_net.png` (switch net "
+                  "of the control). The operating point is the largest net switch within the bound, chosen on these "
+                  "items; the confirmation below re-measures it on fresh items.", "",
+                  "| pair | method | rho | gamma | switch | control switch | net of control | capability loss | masks differ (control) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for pair, pr in sw["prompt"].items():
-            lines.append(f"| {pair} | prompt | — | — | {_fmt(pr['switch'])} | {100 * pr['capability_loss']:+.2f}% | — |")
-        for p in sw["points"]:
+            lines.append(f"| {pair} | prompt | — | — | {_fmt(pr['switch'])} | — | — | {100 * pr['capability_loss']:+.2f}% | — |")
+        for p in sorted(sw["points"], key=lambda p: (list(sw["prompt"]).index(p["pair"]) if p["pair"] in sw["prompt"] else 0,
+                                                     sw["methods"].index(p["method"]) if p["method"] in sw["methods"] else 0,
+                                                     p["sparsity"], p["gamma"])):
+            cd = p.get("control_difference_rate")
             lines.append(f"| {p['pair']} | {p['method']} | {p['sparsity']} | {p['gamma']} | {_fmt(p['switch'])} | "
-                         f"{100 * p['capability_loss']:+.2f}% | {100 * p['difference_rate']:.2f}% |")
+                         f"{_fmt((p.get('control') or {}).get('switch'))} | {_fmt(p.get('net'))} | "
+                         f"{100 * p['capability_loss']:+.2f}% | {100 * p['difference_rate']:.2f}%"
+                         + (f" ({100 * cd:.2f}%)" if cd is not None else "") + " |")
         lines.append("")
+        conf = sw.get("confirmation", {}).get("pairs", {})
+        if conf:
+            lines += ["## Confirmation of the operating points on fresh items", "",
+                      "Each pair's chosen point re-measured on evaluation items not used by the sweep (and fresh neutral "
+                      "texts), beside the prompt and the label-shuffled control on the same items.", "",
+                      "| pair | point | n | mask switch | control switch | net of control | mask − prompt | prompt switch | capability loss (mask / prompt) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for pair, c in conf.items():
+                mk, pr = c["mask"], c["prompt"]
+                lines.append(f"| {pair} | {mk['method']} rho={mk['sparsity']} gamma={mk['gamma']} | {c['n']} | {_fmt(mk['switch'])} | "
+                             f"{_fmt(mk['control']['switch'])} | {_fmt(mk['net'])} | {_fmt(c['mask_vs_prompt'])} | "
+                             f"{_fmt(pr['switch'])} | {100 * mk['capability_loss']:+.2f}% / {100 * pr['capability_loss']:+.2f}% |")
+            lines += [""] + [f"- {pair}: {confirmation_sentence(c)}" for pair, c in conf.items()] + [""]
     lines += ["## Method definitions", ""] + [f"- `{m}`: {METHOD_DOCS.get(m.split(':')[0], m)}" for m in methods] + [""]
     lines += ["## Data", "", "Calibration and evaluation items are disjoint (fixed-seed split; indices in report.json).", "",
               "| task | file | items | calibration | evaluation |", "|---|---|---|---|---|"]
@@ -402,25 +478,56 @@ def _sweep_figures(plt, rep: dict, out: Path, written: list[str]) -> None:
             axes[0][-1].legend(fontsize=6)
             fig.tight_layout()
             written.append(_save(fig, out / fname))
-        fig, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5), squeeze=False)
-        for ax, pair in zip(axes[0], pairs):
-            for m in sw["methods"]:
-                pts = [p for p in sw["points"] if p["pair"] == pair and p["method"] == m]
-                if pts:
-                    ax.scatter([100 * p["capability_loss"] for p in pts], [p["switch"]["mean"] for p in pts], s=12, label=m)
+        for key, fname in (("switch", "frontier.png"), ("net", "frontier_net.png")):
+            if key == "net" and not any("net" in p for p in sw["points"]):
+                continue
+            written.append(_frontier(plt, rep, pairs, key, out / fname))
+
+
+def _frontier(plt, rep: dict, pairs: list, key: str, path: Path) -> str:
+    """Switch (or switch net of control) vs capability loss per pair; colour = method, marker = gamma, size = rho."""
+    sw = rep["sweep"]
+    markers = "osD^v<>P"
+    gammas = sw["gamma"]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    rhos = sorted(sw["sparsity"])
+    for ax, pair in zip(axes[0], pairs):
+        for i, m in enumerate(sw["methods"]):
+            for j, g in enumerate(gammas):
+                pts = sorted((p for p in sw["points"] if p["pair"] == pair and p["method"] == m and p["gamma"] == g
+                              and key in p), key=lambda p: p["sparsity"])
+                if not pts:
+                    continue
+                xs = [100 * p["capability_loss"] for p in pts]
+                ys = [p[key]["mean"] for p in pts]
+                ax.plot(xs, ys, color=colours[i % len(colours)], lw=0.6, alpha=0.6)
+                ax.scatter(xs, ys, s=[12 + 10 * rhos.index(p["sparsity"]) for p in pts], marker=markers[j % len(markers)],
+                           color=colours[i % len(colours)], label=f"{m} γ={g}")
+                if key == "switch":
+                    cp = [p for p in pts if "control" in p]
+                    ax.scatter([100 * p["capability_loss"] for p in cp], [p["control"]["switch"]["mean"] for p in cp],
+                               marker="x", s=14, color=colours[i % len(colours)], alpha=0.5)
+        if key == "switch":
             pr = sw["prompt"][pair]
-            ax.scatter([100 * pr["capability_loss"]], [pr["switch"]["mean"]], marker="*", s=150, color="k", label="prompt")
-            ax.axvline(100 * rep["bound"], color="grey", ls=":", lw=1)
-            op = rep.get("operating_points", {}).get(pair)
-            if op:
-                ax.scatter([100 * op["capability_loss"]], [op["switch"]["mean"]], marker="o", s=80, facecolors="none",
-                           edgecolors="r", label="operating point")
-            ax.set_xlabel("capability-proxy loss (% of base log-prob)")
-            ax.set_title(pair, fontsize=9)
-        axes[0][0].set_ylabel("switch effect")
-        axes[0][-1].legend(fontsize=6)
-        fig.tight_layout()
-        written.append(_save(fig, out / "frontier.png"))
+            ax.errorbar([100 * pr["capability_loss"]], [pr["switch"]["mean"]],
+                        yerr=[[pr["switch"]["mean"] - pr["switch"]["low"]], [pr["switch"]["high"] - pr["switch"]["mean"]]],
+                        marker="*", ms=12, color="k", label="prompt", capsize=3)
+        ax.axvline(100 * rep["bound"], color="grey", ls=":", lw=1)
+        ax.axhline(0, color="grey", lw=0.5)
+        op = rep.get("operating_points", {}).get(pair)
+        if op and key in op:
+            ax.errorbar([100 * op["capability_loss"]], [op[key]["mean"]],
+                        yerr=[[op[key]["mean"] - op[key]["low"]], [op[key]["high"] - op[key]["mean"]]],
+                        marker="o", ms=10, mfc="none", mec="r", ecolor="r", capsize=3, label="operating point")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("capability-proxy loss (% of base, symlog)")
+        ax.set_title(f"{pair}: {'switch' if key == 'switch' else 'switch net of control'}", fontsize=9)
+    axes[0][0].set_ylabel("switch effect" if key == "switch" else "switch − control switch")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="lower center", ncol=min(6, max(1, len(labels))))
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) // 6), 1, 1))
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> str:
@@ -450,3 +557,21 @@ def write_report(rep: dict, out: str | Path, *, figures: bool = True) -> list[st
     _atomic(out / "report.json", json.dumps(rep, indent=1))
     _atomic(out / "report.md", render_markdown(rep))
     return ["report.json", "report.md"] + names
+
+
+def main(argv=None) -> int:
+    """``python -m persona_kernels.evaluation.report DIR [--bound B]``: re-render a written report."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m persona_kernels.evaluation.report", description=rerender.__doc__.splitlines()[0])
+    p.add_argument("out", help="folder holding report.json")
+    p.add_argument("--bound", type=float, default=None, help="new capability-loss bound (fraction of base)")
+    p.add_argument("--no-figures", action="store_true")
+    args = p.parse_args(argv)
+    names = rerender(args.out, bound=args.bound, figures=not args.no_figures)
+    print(f"wrote {', '.join(names)} under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

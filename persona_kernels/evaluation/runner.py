@@ -8,6 +8,7 @@ Calibration statistics are computed once (per text block) and masks rebuilt per 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Sequence
 import torch
 
 from persona_kernels.evaluation import conditions as C
+from persona_kernels.evaluation import sweep as S
 from persona_kernels.evaluation.tasks import TASK_SPECS, Split, Task, capability_texts, load_task, score_items
 
 DEFAULT_METHODS = ("wanda", "contrastive_wanda", "contrastive_wanda_sharp", "contrastive_sparse",
@@ -61,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-only", action="store_true", help="skip the main comparison (sweep, with its prompt points, only)")
     p.add_argument("--sweep-sparsity", default=",".join(map(str, SWEEP_SPARSITY)))
     p.add_argument("--sweep-gamma", default=",".join(map(str, SWEEP_GAMMA)))
+    p.add_argument("--sweep-control-gamma", default="all",
+                   help="gammas at which the sweep also scores the label-shuffled control ('all', 'none' or a list)")
+    p.add_argument("--sweep-grid", action="append", default=None, metavar="M1;M2@RHOS@GAMMAS[@CONTROL_GAMMAS]",
+                   help="a sweep block (repeatable); replaces the --methods x --sweep-sparsity x --sweep-gamma grid")
+    p.add_argument("--confirm-limit", type=int, default=None,
+                   help="re-measure each pair's operating point on this many fresh items (after the --limit ones)")
     p.add_argument("--bound", type=float, default=0.02, help="operating point: max capability loss (fraction of base)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/eval", help="output folder")
@@ -106,12 +114,25 @@ def _config(args: argparse.Namespace) -> dict:
         args.calib_limit = args.calib_limit or 8
         if args.methods == ",".join(DEFAULT_METHODS):
             methods = ["wanda", "contrastive_wanda_sharp"]
-    for name in ("limit", "calib_limit", "capability_limit", "batch_size", "block", "max_length"):
+    for name in ("limit", "calib_limit", "capability_limit", "batch_size", "block", "max_length", "confirm_limit"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise EvalError(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
     if args.sweep_only and not args.sweep:
         raise EvalError("--sweep-only needs --sweep")
+    if (args.sweep_grid or args.confirm_limit) and not args.sweep:
+        raise EvalError("--sweep-grid and --confirm-limit need --sweep")
+    if args.confirm_limit and not args.limit:
+        raise EvalError("--confirm-limit needs --limit (the confirmation items come after the first --limit items)")
+    grids = None
+    if args.sweep_grid:
+        try:
+            grids = [S.parse_grid(g) for g in args.sweep_grid]
+        except ValueError as e:
+            raise EvalError(f"--sweep-grid: {e}") from None
+        methods = list(dict.fromkeys(methods + [m for g in grids for m in g.methods]))
+    cg = args.sweep_control_gamma.strip()
+    control_gamma = None if cg == "all" else [] if cg == "none" else _floats(cg, "sweep-control-gamma", 0.0, 1.0)
     sparsity = _floats(args.sparsity, "sparsity", 0.0, 0.99)
     gamma = _floats(args.gamma, "gamma", 0.0, 1.0)
     if len(sparsity) != 1 or len(gamma) != 1:
@@ -126,6 +147,7 @@ def _config(args: argparse.Namespace) -> dict:
         "tasks": tasks, "methods": methods, "sparsity": sparsity[0], "gamma": gamma[0], "prompt_mask": pm,
         "sweep_sparsity": _floats(args.sweep_sparsity, "sweep-sparsity", 0.0, 0.5),
         "sweep_gamma": _floats(args.sweep_gamma, "sweep-gamma", 0.0, 1.0),
+        "sweep_grids": [dataclasses.asdict(g) for g in grids] if grids else None, "sweep_control_gamma": control_gamma,
     }
 
 
@@ -141,10 +163,15 @@ def load_tasks(names: Sequence[str], args) -> tuple[dict[str, Task], dict[str, T
     return tasks, calib
 
 
-def _capability_task(tasks: dict[str, Task], args) -> Task:
-    """The neutral-text capability proxy: HellaSwag contexts + gold endings (evaluation split)."""
-    hs = tasks.get("hellaswag") or load_task("hellaswag", shared=args.shared, seed=args.seed, limit=args.limit)
-    n = args.capability_limit or args.limit or len(hs.items)
+def _capability_task(tasks: dict[str, Task], args, offset: int = 0) -> Task:
+    """The neutral-text capability proxy: HellaSwag contexts + gold endings (evaluation split, after
+    ``offset`` items)."""
+    n = args.capability_limit or args.limit
+    hs = None if offset else tasks.get("hellaswag")
+    if hs is not None and n is not None and len(hs.items) < n:
+        hs = None
+    hs = hs or load_task("hellaswag", shared=args.shared, seed=args.seed, limit=n, offset=offset)
+    n = n or len(hs.items)
     texts = capability_texts(hs.items[:n])
     split = Split(args.seed, hs.split.n_items, [], hs.split.evaluation[:n])
     return Task("capability", "text", hs.path, None, False, split, texts)
@@ -206,7 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args, argv: list[str]) -> int:
     from persona_kernels.evaluation import report as R
-    from persona_kernels.evaluation import sweep as S
     from persona_kernels.models import load_model
 
     cfg = _config(args)
@@ -241,6 +267,8 @@ def _run(args, argv: list[str]) -> int:
         texts[pair] = (pos, neg)
 
     stats = {}
+    if not cfg["methods"]:
+        raise EvalError("--methods: no mask method given")
     if cfg["methods"] and texts:
         t = time.perf_counter()
         stats = C.pair_statistics(model, tokenizer, texts, block=args.block, seed=args.seed,
@@ -271,9 +299,21 @@ def _run(args, argv: list[str]) -> int:
     if args.sweep and stats:
         t = time.perf_counter()
         sweep = S.run_sweep(model, tokenizer, stats, {p: calib_tasks[p] for p in stats}, cap, cfg["methods"],
-                            cfg["sweep_sparsity"], cfg["sweep_gamma"], batch_size=args.batch_size,
+                            cfg["sweep_sparsity"], cfg["sweep_gamma"], grids=[S.Grid(**g) for g in cfg["sweep_grids"]] if cfg["sweep_grids"] else None,
+                            control_gammas=cfg["sweep_control_gamma"], batch_size=args.batch_size,
                             max_length=args.max_length, progress=progress)
         timings["sweep_s"] = time.perf_counter() - t
+        if args.confirm_limit:
+            t = time.perf_counter()
+            ops = S.operating_points(sweep, args.bound)
+            fresh = {p: load_task(calib_tasks[p].name, shared=args.shared, seed=args.seed, limit=args.confirm_limit,
+                                  calib_limit=args.calib_limit, offset=args.limit) for p in ops}
+            fresh_cap = _capability_task(tasks, args, offset=args.capability_limit or args.limit)
+            sweep["confirmation"] = S.confirm(model, tokenizer, stats, ops, fresh, fresh_cap, batch_size=args.batch_size,
+                                              max_length=args.max_length, progress=progress)
+            sweep["confirmation"]["items"] = {p: fresh[p].split.evaluation for p in fresh}
+            sweep["confirmation"]["capability_indices"] = fresh_cap.split.evaluation
+            timings["confirm_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     command = "persona-kernels eval " + " ".join(shlex.quote(a) for a in argv)

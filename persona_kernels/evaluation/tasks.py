@@ -283,9 +283,12 @@ class Split:
 
 
 def split_items(n: int, *, seed: int, calib_fraction: float = 0.5, limit: int | None = None,
-                calib_limit: int | None = None, salt: str = "") -> Split:
+                calib_limit: int | None = None, salt: str = "", offset: int = 0) -> Split:
     """Shuffle ``range(n)`` with a fixed seed; the first ``calib_fraction`` are calibration items, the rest
-    evaluation items; then keep at most ``calib_limit`` / ``limit`` of each (disjoint by construction)."""
+    evaluation items; then keep at most ``calib_limit`` / ``limit`` of each (disjoint by construction).
+    ``offset`` skips that many evaluation items first (fresh items for a confirmation run)."""
+    if offset < 0:
+        raise ValueError(f"persona_kernels.evaluation: argument 'offset': expected >= 0, got {offset}")
     if n < 2:
         raise ValueError(f"persona_kernels.evaluation: a task needs at least 2 items to split, got {n}")
     if not 0.0 < calib_fraction < 1.0:
@@ -299,6 +302,9 @@ def split_items(n: int, *, seed: int, calib_fraction: float = 0.5, limit: int | 
     cal, ev = order[:n_cal], order[n_cal:]
     if calib_limit is not None:
         cal = cal[:calib_limit]
+    if offset >= len(ev):
+        raise ValueError(f"persona_kernels.evaluation: argument 'offset': {offset} skips all {len(ev)} evaluation items")
+    ev = ev[offset:]
     if limit is not None:
         ev = ev[:limit]
     return Split(seed, n, sorted(cal), sorted(ev))
@@ -319,8 +325,10 @@ class Task:
 
 
 def load_task(name: str, *, shared: str | Path | None = None, path: str | Path | None = None, seed: int = 0,
-              limit: int | None = None, calib_limit: int | None = None, calib_fraction: float = 0.5) -> Task:
-    """Load task ``name`` from ``path`` (default: its file under the shared folder) and split it."""
+              limit: int | None = None, calib_limit: int | None = None, calib_fraction: float = 0.5,
+              offset: int = 0) -> Task:
+    """Load task ``name`` from ``path`` (default: its file under the shared folder) and split it
+    (``offset``: skip that many evaluation items, see :func:`split_items`)."""
     if name not in TASK_SPECS:
         raise ValueError(f"persona_kernels.evaluation: unknown task {name!r}; expected one of {sorted(TASK_SPECS)}")
     spec = TASK_SPECS[name]
@@ -332,7 +340,8 @@ def load_task(name: str, *, shared: str | Path | None = None, path: str | Path |
         path = Path(shared) / spec.relpath
     path = Path(path)
     items = spec.loader(path)
-    split = split_items(len(items), seed=seed, calib_fraction=calib_fraction, limit=limit, calib_limit=calib_limit, salt=name)
+    split = split_items(len(items), seed=seed, calib_fraction=calib_fraction, limit=limit, calib_limit=calib_limit, salt=name,
+                        offset=offset)
     return Task(name, spec.kind, str(path), spec.pair, spec.chat, split,
                 [items[i] for i in split.evaluation], [items[i] for i in split.calibration])
 

@@ -4,7 +4,8 @@ The kernels are pure functions (a batch in, its statistics out as a :class:`Welf
 registered as the custom ops ``torch.ops.persona_kernels.welford_partials`` and
 ``torch.ops.persona_kernels.linear_with_stats`` (with fake implementations, so ``torch.compile`` and
 ``torch.library.opcheck`` work). The stateful part, merging a batch into the running
-:class:`~persona_kernels.stats.ActivationStats`, stays in Python and runs with tensor ops on the device.
+:class:`~persona_kernels.stats.ActivationStats`, runs with tensor ops on the device (no host sync), or on CPU
+in eager mode as one in-place C++ pass (``welford_merge_cpu_``).
 
 Layout: ``x`` is ``[..., K]``; when ``x.dim() >= 3`` every index of the leading dims before the last two
 is one sequence of ``x.shape[-2]`` tokens (so ``[B, T, K]`` holds B sequences), which feeds the per-sequence
@@ -226,6 +227,13 @@ def welford_update(
         get_kernel("welford_partials", backend, x.device)  # raise now with the backend's message
     x2, row_mask, seq_len = _layout(x, token_mask)
     partials = _partials(x2, row_mask, seq_len, backend)
+    _merge(stats, partials, x2, row_mask, seq_len)
+
+
+def _merge(stats: "ActivationStats", partials, x2: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int) -> None:
+    """Merge a batch's partials into ``stats``: one C++ pass on CPU in eager mode, else tensor ops."""
+    if _eager_fast_path(x2) and stats._merge_partials_cpu(partials, row_mask, seq_len, x2.shape[0]):
+        return
     seq, rows = _seq_info(row_mask, x2.shape[0], seq_len)
     stats.update_from_partials(WelfordPartials(*partials), seq=seq, rows=rows)
 
@@ -281,6 +289,5 @@ def linear_with_stats(
             None if row_mask is None else row_mask.contiguous(), seq_len)
     else:
         y, *partials = _linear_with_stats_op(x2, weight, bias, row_mask, seq_len, backend)
-    seq, rows = _seq_info(row_mask, x2.shape[0], seq_len)
-    stats.update_from_partials(WelfordPartials(*partials), seq=seq, rows=rows)
+    _merge(stats, partials, x2, row_mask, seq_len)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,140 @@
+// In-place merge of one batch's Welford partials into ActivationStats' float64 running state (CPU).
+//
+// ActivationStats keeps three stacked summaries per channel: row 0 = x, row 1 = |x|, row 2 = the
+// per-sequence L2 norm of x. A batch arrives as WelfordPartials (count, mean, m2, abs_mean, abs_m2 per
+// channel; seq_sumsq [S, K]). The Python merge (stats.py: _chan) is about thirty small tensor ops; this is
+// one pass over the K channels doing the same arithmetic in float64:
+//   n = n_a + n_b,  w = n_b / n,  d = mean_b - mean_a,
+//   mean = mean_a + d * w,  m2 = m2_a + m2_b + d * d * n_a * w     (state unchanged where n_b == 0)
+// Sequences count when they hold at least one valid row (row_mask) and enter with their L2 norm
+// sqrt(seq_sumsq). `nonfinite` grows by (valid rows) * K - sum(count).
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace persona_kernels {
+namespace {
+
+inline void chan(int64_t& n_a, double& mean_a, double& m2_a, int64_t n_b, double mean_b, double m2_b) {
+  if (n_b <= 0) return;
+  const int64_t n = n_a + n_b;
+  const double w = static_cast<double>(n_b) / static_cast<double>(n);
+  const double d = mean_b - mean_a;
+  mean_a = mean_a + d * w;
+  m2_a = m2_a + m2_b + d * d * (static_cast<double>(n_a) * w);
+  n_a = n;
+}
+
+template <typename P>
+void merge_impl(int64_t k, int64_t* n, double* mean, double* m2, const int64_t* cnt, const P* pmean,
+                const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq,
+                const std::vector<char>& seq_ok, int64_t n_seq_ok) {
+  auto body = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      chan(n[j], mean[j], m2[j], cnt[j], static_cast<double>(pmean[j]), static_cast<double>(pm2[j]));
+      chan(n[k + j], mean[k + j], m2[k + j], cnt[j], static_cast<double>(pamean[j]), static_cast<double>(pam2[j]));
+      if (n_seq_ok == 0) continue;
+      // two-pass mean / M2 of the valid sequences' L2 norms (as the Python merge computes them)
+      double s = 0.0;
+      for (int64_t q = 0; q < nseq; ++q)
+        if (seq_ok[q]) s += std::sqrt(std::max(0.0, static_cast<double>(seq_sumsq[q * k + j])));
+      const double mu = s / static_cast<double>(n_seq_ok);
+      double ss = 0.0;
+      for (int64_t q = 0; q < nseq; ++q) {
+        if (!seq_ok[q]) continue;
+        const double d = std::sqrt(std::max(0.0, static_cast<double>(seq_sumsq[q * k + j]))) - mu;
+        ss += d * d;
+      }
+      chan(n[2 * k + j], mean[2 * k + j], m2[2 * k + j], n_seq_ok, mu, ss);
+    }
+  };
+  if (k * (2 + nseq) < 16384) body(0, k);
+  else at::parallel_for(0, k, 256, body);
+}
+
+void welford_merge_cpu(at::Tensor n, at::Tensor mean, at::Tensor m2, at::Tensor nonfinite, const at::Tensor& count,
+                       const at::Tensor& pmean, const at::Tensor& pm2, const at::Tensor& pamean, const at::Tensor& pam2,
+                       const at::Tensor& seq_sumsq, const c10::optional<at::Tensor>& row_mask, int64_t seq_len,
+                       int64_t rows) {
+  const int64_t k = count.numel();
+  PK_CHECK_ARG(n.device().is_cpu() && n.scalar_type() == at::kLong && n.is_contiguous() && n.dim() == 2 &&
+                   n.size(0) == 3 && n.size(1) == k,
+               "n", "expected a contiguous int64 CPU tensor [3, ", k, "], got ", n.scalar_type(), " ", n.sizes());
+  for (auto* t : {&mean, &m2}) {
+    PK_CHECK_ARG(t->device().is_cpu() && t->scalar_type() == at::kDouble && t->is_contiguous() &&
+                     t->sizes() == n.sizes(),
+                 "mean/m2", "expected contiguous float64 CPU tensors [3, ", k, "], got ", t->scalar_type(), " ",
+                 t->sizes());
+  }
+  PK_CHECK_ARG(nonfinite.device().is_cpu() && nonfinite.scalar_type() == at::kLong && nonfinite.numel() == 1,
+               "nonfinite", "expected an int64 CPU scalar tensor");
+  PK_CHECK_ARG(count.device().is_cpu() && count.scalar_type() == at::kLong && count.dim() == 1 && count.is_contiguous(),
+               "count", "expected a contiguous int64 CPU tensor [K]");
+  const auto pt = pmean.scalar_type();
+  PK_CHECK_ARG(pt == at::kFloat || pt == at::kDouble, "partials", "expected float32 or float64 moments, got ", pt);
+  for (const at::Tensor* t : {&pmean, &pm2, &pamean, &pam2}) {
+    PK_CHECK_ARG(t->device().is_cpu() && t->scalar_type() == pt && t->dim() == 1 && t->size(0) == k &&
+                     t->is_contiguous(),
+                 "partials", "expected contiguous CPU ", pt, " tensors [", k, "], got ", t->scalar_type(), " ",
+                 t->sizes());
+  }
+  PK_CHECK_ARG(seq_sumsq.device().is_cpu() && seq_sumsq.scalar_type() == pt && seq_sumsq.dim() == 2 &&
+                   seq_sumsq.size(1) == k && seq_sumsq.is_contiguous(),
+               "seq_sumsq", "expected a contiguous CPU ", pt, " tensor [S, ", k, "], got ", seq_sumsq.sizes());
+  const int64_t nseq = seq_sumsq.size(0);
+  PK_CHECK_ARG(rows >= 0, "rows", "expected >= 0, got ", rows);
+  PK_CHECK_ARG(seq_len >= 0, "seq_len", "expected >= 0, got ", seq_len);
+
+  // valid rows and valid sequences from the row mask
+  std::vector<char> seq_ok(static_cast<size_t>(nseq), 1);
+  int64_t valid_rows = rows;
+  if (row_mask.has_value()) {
+    const at::Tensor& rm = *row_mask;
+    PK_CHECK_ARG(rm.device().is_cpu() && rm.scalar_type() == at::kBool && rm.numel() == rows && rm.is_contiguous(),
+                 "row_mask", "expected a contiguous bool CPU tensor of ", rows, " rows, got ", rm.scalar_type(), " ",
+                 rm.sizes());
+    const bool* m = rm.data_ptr<bool>();
+    valid_rows = 0;
+    for (int64_t r = 0; r < rows; ++r) valid_rows += m[r] ? 1 : 0;
+    if (nseq > 0) {
+      PK_CHECK_ARG(seq_len > 0 && nseq * seq_len == rows, "seq_sumsq", nseq, " sequences do not tile ", rows,
+                   " rows with seq_len ", seq_len);
+      for (int64_t q = 0; q < nseq; ++q) {
+        char any = 0;
+        for (int64_t t = 0; t < seq_len && !any; ++t) any = m[q * seq_len + t] ? 1 : 0;
+        seq_ok[q] = any;
+      }
+    }
+  }
+  int64_t n_seq_ok = 0;
+  for (char c : seq_ok) n_seq_ok += c;
+
+  const int64_t* cnt = count.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t j = 0; j < k; ++j) total += cnt[j];
+  if (pt == at::kFloat) {
+    merge_impl<float>(k, n.data_ptr<int64_t>(), mean.data_ptr<double>(), m2.data_ptr<double>(), cnt,
+                      pmean.data_ptr<float>(), pm2.data_ptr<float>(), pamean.data_ptr<float>(), pam2.data_ptr<float>(),
+                      seq_sumsq.data_ptr<float>(), nseq, seq_ok, n_seq_ok);
+  } else {
+    merge_impl<double>(k, n.data_ptr<int64_t>(), mean.data_ptr<double>(), m2.data_ptr<double>(), cnt,
+                       pmean.data_ptr<double>(), pm2.data_ptr<double>(), pamean.data_ptr<double>(),
+                       pam2.data_ptr<double>(), seq_sumsq.data_ptr<double>(), nseq, seq_ok, n_seq_ok);
+  }
+  nonfinite.data_ptr<int64_t>()[0] += valid_rows * k - total;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(persona_kernels_C, m) {
+  m.def("welford_merge_cpu_(Tensor(a!) n, Tensor(b!) mean, Tensor(c!) m2, Tensor(d!) nonfinite, Tensor count, "
+        "Tensor pmean, Tensor pm2, Tensor pamean, Tensor pam2, Tensor seq_sumsq, Tensor? row_mask, int seq_len, "
+        "int rows) -> ()",
+        &welford_merge_cpu);
+}
+
+}  // namespace persona_kernels
