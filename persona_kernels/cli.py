@@ -7,6 +7,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
+
 EXAMPLES = """examples:
   persona-kernels demo                                   # the main job on SmolLM2-135M-Instruct
   persona-kernels demo --quick                           # fewer texts, same pipeline
@@ -71,6 +73,7 @@ def cmd_demo(args) -> int:
     cfg = DemoConfig(
         model=args.model, out_dir=args.out, method=args.method, sparsity=args.sparsity, gamma=args.gamma,
         seed=args.seed, dtype=args.dtype, control=not args.no_control, batch_size=args.batch_size,
+        method_kwargs=_method_kwargs(args),
         **({"calibration_texts": 24, "heldout_pairs": 8, "ab_questions": 6, "neutral_texts": 6} if args.quick else {}),
     )
     report = run_demo(cfg)
@@ -263,10 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def method_args(p):
-        p.add_argument("--method", default="contrastive_wanda", choices=["wanda", "contrastive_wanda", "contrastive_sparse"])
-        p.add_argument("--sparsity", type=float, default=0.1, help="fraction of each row pruned per persona (default 0.1)")
-        p.add_argument("--gamma", type=float, default=0.0, help="soft gate for pruned weights, in [0, 1] (default 0)")
-        p.add_argument("--tau", type=float, default=0.1, help="contrastive_wanda: softplus temperature (default 0.1)")
+        op = OPERATING_POINT
+        p.add_argument("--method", default=op.method, choices=["wanda", "contrastive_wanda", "contrastive_sparse"],
+                       help=f"mask method (default {op.method}, the operating point of docs/results/smollm2)")
+        p.add_argument("--sparsity", type=float, default=op.sparsity,
+                       help=f"fraction of each row pruned per persona (default {op.sparsity})")
+        p.add_argument("--gamma", type=float, default=op.gamma, help=f"soft gate for pruned weights, in [0, 1] (default {op.gamma})")
+        p.add_argument("--tau", type=float, default=op.method_kwargs.get("tau", 1.0),
+                       help=f"contrastive_wanda: softplus temperature (default {op.method_kwargs.get('tau', 1.0)})")
         p.add_argument("--phi", default="softplus", choices=["softplus", "relu"])
         p.add_argument("--statistic", default="token", choices=["token", "sequence"])
         p.add_argument("--activation", default=None, choices=["abs_mean", "l2"])

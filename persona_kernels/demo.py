@@ -29,18 +29,20 @@ from persona_kernels.evaluation import ABItem, ResponsePair, paired_difference, 
 from persona_kernels.evaluation.ab import letter_of
 from persona_kernels.evaluation.metrics import Estimate
 
-DEFAULT_METHOD_KWARGS = {"contrastive_wanda": {"phi": "softplus", "tau": 0.1}, "contrastive_sparse": {}, "wanda": {}}
+from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
+from persona_kernels.operating_point import default_method_kwargs
 
 
 @dataclass
 class DemoConfig:
-    """Settings of the demo; the defaults are the operating point stated in the README."""
+    """Settings of the demo; method, sparsity, gamma and method kwargs default to the package's operating
+    point (:mod:`persona_kernels.operating_point`)."""
 
     model: str | None = None
     out_dir: str = "runs/demo"
-    method: str = "contrastive_wanda"
-    sparsity: float = 0.1
-    gamma: float = 0.0
+    method: str = OPERATING_POINT.method
+    sparsity: float = OPERATING_POINT.sparsity
+    gamma: float = OPERATING_POINT.gamma
     seed: int = 0
     calibration_texts: int = 64  # per persona
     heldout_pairs: int = 20  # per pair: prompt + both personas' responses, never calibrated on
@@ -144,11 +146,14 @@ def run_demo(config: DemoConfig) -> dict:
 
     texts = personas.default_personas()
     pair_names = personas.default_pair_names()
-    method_kwargs = {**DEFAULT_METHOD_KWARGS.get(config.method, {}), **config.method_kwargs}
+    method_kwargs = {**default_method_kwargs(config.method), **config.method_kwargs}
     report: dict = {
         "model": config.model or "SmolLM2-135M-Instruct",
         "config": {k: v for k, v in vars(config).items() if k != "progress"},
         "method_kwargs": method_kwargs,
+        "operating_point": {"method": OPERATING_POINT.method, "sparsity": OPERATING_POINT.sparsity,
+                            "gamma": OPERATING_POINT.gamma, "method_kwargs": dict(OPERATING_POINT.method_kwargs),
+                            "evidence": OPERATING_POINT.evidence, "finding": OPERATING_POINT.finding},
         "pairs": {},
     }
     ab_all = personas.load_ab_questions()
@@ -292,11 +297,25 @@ def _fmt(est: dict) -> str:
     return str(Estimate(est["mean"], est["low"], est["high"], est["n"]))
 
 
+def _point_sentence(report: dict) -> str:
+    cfg, op = report["config"], report.get("operating_point")
+    if not op:
+        return "Mask setting chosen by the caller."
+    same = (cfg["method"] == op["method"] and cfg["sparsity"] == op["sparsity"] and cfg["gamma"] == op["gamma"]
+            and report["method_kwargs"] == op["method_kwargs"])
+    where = f"the package's operating point, chosen on the SmolLM2 frontier (evidence: {op['evidence']})"
+    if same:
+        return f"Mask setting: {where}. {op.get('finding', '')}".rstrip()
+    return f"Mask setting chosen by the caller (the operating point is {op['method']} rho={op['sparsity']} gamma={op['gamma']}: {where})."
+
+
 def render_markdown(report: dict) -> str:
     """A short human-readable report of :func:`run_demo`'s results."""
     cfg = report["config"]
     lines = [
         f"# persona_kernels demo — {report['model']}",
+        "",
+        _point_sentence(report),
         "",
         f"Method {cfg['method']} ({report['method_kwargs']}), sparsity {cfg['sparsity']}, gamma {cfg['gamma']}, "
         f"statistics on response tokens of {cfg['calibration_texts']} texts per persona; {cfg['heldout_pairs']} held-out "

@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
+from persona_kernels.operating_point import default_method_kwargs
 from persona_kernels.personas import PersonaText, render
 
 METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse")
@@ -259,8 +261,8 @@ def build_bank(
     model: nn.Module,
     stats_by_persona: Mapping[str, Mapping[str, object]],
     *,
-    method: str = "contrastive_wanda",
-    sparsity: float = 0.1,
+    method: str = OPERATING_POINT.method,
+    sparsity: float = OPERATING_POINT.sparsity,
     pairs: Sequence[tuple[str, str]] | None = None,
     method_kwargs: Mapping | None = None,
     default_gamma: float = 0.0,
@@ -276,7 +278,7 @@ def build_bank(
 
     if method not in METHODS:
         raise ValueError(f"persona_kernels.calibrate: argument 'method': expected one of {METHODS}, got {method!r}")
-    kwargs = dict(method_kwargs or {})
+    kwargs = dict(method_kwargs) if method_kwargs is not None else default_method_kwargs(method)
     personas = list(stats_by_persona)
     if method == "wanda":
         jobs = [(p,) for p in personas]
@@ -319,8 +321,8 @@ def calibrate(
     model: nn.Module,
     tokenizer,
     texts_by_persona: Mapping[str, Sequence[PersonaText | str]],
-    method: str = "contrastive_wanda",
-    sparsity: float = 0.1,
+    method: str = OPERATING_POINT.method,
+    sparsity: float = OPERATING_POINT.sparsity,
     pairs: Sequence[tuple[str, str]] | None = None,
     batch_size: int = 8,
     max_length: int = 256,
@@ -339,6 +341,8 @@ def calibrate(
     Args:
         texts_by_persona: persona name -> texts (``str`` or :class:`~persona_kernels.personas.PersonaText`).
         method: ``"wanda"`` (each persona alone), ``"contrastive_wanda"`` or ``"contrastive_sparse"`` (pairs).
+            Method, sparsity and (when ``method_kwargs`` is None) its keyword arguments default to
+            :data:`persona_kernels.operating_point.DEFAULT`.
         sparsity: fraction of each output row's connections a persona prunes.
         pairs: ``[(positive, negative), ...]`` for the contrastive methods.
         tokens: which tokens enter the statistics: ``"all"``, ``"response"`` (prompt runs as context only),

@@ -114,3 +114,26 @@ def test_demo_end_to_end_on_a_tiny_model(shared, tmp_path):
         assert set(entry["split"]["calibration_indices"]).isdisjoint(entry["split"]["heldout_indices"])
     bank = MaskBank.load(tmp_path / "bank.safetensors")
     assert "control:extravert" in bank.personas and report["bank"]["personas"] == bank.personas
+    # the demo runs at the package's operating point and says so
+    from persona_kernels.operating_point import DEFAULT
+
+    assert bank.metadata["method"] == DEFAULT.method and bank.metadata["sparsity"] == pytest.approx(DEFAULT.sparsity)
+    assert bank.metadata["method_kwargs"] == DEFAULT.method_kwargs
+    assert "the package's operating point" in (tmp_path / "report.md").read_text()
+
+
+def test_defaults_are_the_operating_point():
+    import inspect
+
+    from persona_kernels.cli import build_parser
+    from persona_kernels.operating_point import DEFAULT, default_method_kwargs
+    from persona_kernels.pipeline import build_bank, calibrate
+
+    for cmd in ("demo", "calibrate"):
+        args = build_parser().parse_args([cmd] + (["--out", "x"] if cmd == "calibrate" else []))
+        assert (args.method, args.sparsity, args.gamma) == (DEFAULT.method, DEFAULT.sparsity, DEFAULT.gamma)
+        assert {"phi": args.phi, "tau": args.tau, "statistic": args.statistic} == DEFAULT.method_kwargs
+    for fn in (build_bank, calibrate):
+        sig = inspect.signature(fn).parameters
+        assert sig["method"].default == DEFAULT.method and sig["sparsity"].default == DEFAULT.sparsity
+    assert default_method_kwargs(DEFAULT.method) == DEFAULT.method_kwargs and default_method_kwargs("wanda") == {}

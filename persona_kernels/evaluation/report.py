@@ -230,6 +230,8 @@ def confirmation_sentence(c: dict) -> str:
     net, vs = Estimate(**mk["net"]), Estimate(**c["mask_vs_prompt"])
     if net.low > 0 and vs.low > 0:
         word = "the mask switches more than the prompt and more than its control"
+        if Estimate(**pr["switch"]).high < 0:
+            word += " (the prompt moves the wrong way)"
     elif net.low > 0:
         word = ("the mask switches more than its label-shuffled control" +
                 (" but less than the prompt" if vs.high < 0 else ", not distinguishable from the prompt"))
