@@ -226,6 +226,37 @@ def test_method_masks_restricted_prunes_only_low_wanda_weights():
         assert (unpack_mask(p["lin"], 172).sum(dim=1) == 172 - int(rho * 172)).all()
 
 
+def test_method_scope_masks_only_that_family():
+    from types import SimpleNamespace
+
+    from persona_kernels.ops.packing import unpack_mask
+
+    torch.manual_seed(2)
+    model = torch.nn.Module()
+    model.add_module("layers", torch.nn.ModuleList([torch.nn.Module()]))
+    layer = model.layers[0]
+    layer.add_module("self_attn", torch.nn.Module())
+    layer.add_module("mlp", torch.nn.Module())
+    layer.self_attn.add_module("q_proj", torch.nn.Linear(37, 5, bias=False))
+    layer.mlp.add_module("up_proj", torch.nn.Linear(37, 7, bias=False))
+    names = ("layers.0.self_attn.q_proj", "layers.0.mlp.up_proj")
+
+    def st():
+        return SimpleNamespace(abs_mean=torch.rand(37, dtype=torch.float64) + 0.1, abs_var=torch.rand(37, dtype=torch.float64))
+
+    sp, sn = {n: st() for n in names}, {n: st() for n in names}
+    for scope, masked in (("mlp", names[1]), ("attn", names[0])):
+        pos, neg = C.method_masks(model, sp, sn, C.parse_method(f"contrastive_sparse_relative:scope={scope}"), 0.2)
+        for n in names:
+            keep_p, keep_n = unpack_mask(pos[n], 37), unpack_mask(neg[n], 37)
+            if n == masked:
+                assert ((~keep_p).sum(dim=1) == 7).all() and not (~keep_p & ~keep_n).any()
+            else:
+                assert keep_p.all() and keep_n.all()
+    with pytest.raises(ValueError, match="scope must be one of"):
+        C.parse_method("wanda:scope=lm_head")
+
+
 def test_shuffled_control_blocks_are_balanced(shared, one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

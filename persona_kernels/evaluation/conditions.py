@@ -16,6 +16,9 @@ Mask methods are given as specs ``base[:key=value,...]`` with ``base`` in ``wand
   sparsity ``restrict`` (default 0.5, statistics of both personas averaged) would prune anyway; the
   inner sparsity is ``sparsity / restrict`` so each persona still prunes ``sparsity`` of every row.
 
+Every method also takes ``scope=mlp`` or ``scope=attn``: only the MLP (or attention) Linears get masks, the
+others keep every weight (e.g. ``contrastive_sparse_relative:scope=mlp``, an MLP-only budget).
+
 Label-shuffled controls: calibration texts are cut into blocks of ``block`` texts per persona, statistics
 are computed per block once, and the control personas get a random half of the + blocks and of the -
 blocks each (stratified, fixed seed), merged exactly. So the controls cost no extra forward pass.
@@ -80,10 +83,11 @@ METHODS: dict[str, tuple[str, dict]] = {
 }
 _BASES = ("wanda", "contrastive_wanda", "contrastive_sparse")
 _ALLOWED_KW = {
-    "wanda": {"activation"},
-    "contrastive_wanda": {"phi", "tau", "statistic", "eps"},
-    "contrastive_sparse": {"activation", "variant", "restrict", "eps"},
+    "wanda": {"activation", "scope"},
+    "contrastive_wanda": {"phi", "tau", "statistic", "eps", "scope"},
+    "contrastive_sparse": {"activation", "variant", "restrict", "eps", "scope"},
 }
+_SCOPES = ("all", "mlp", "attn")
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ def parse_method(spec: str) -> MethodSpec:
         kw[k] = _value(v)
     if "restrict" in kw and not 0.0 < float(kw["restrict"]) < 1.0:
         raise ValueError(f"persona_kernels.evaluation: method {spec!r}: restrict must be in (0, 1)")
+    if kw.get("scope", "all") not in _SCOPES:
+        raise ValueError(f"persona_kernels.evaluation: method {spec!r}: scope must be one of {_SCOPES}")
     return MethodSpec(spec, base, tuple(sorted(kw.items())))
 
 
@@ -141,10 +147,13 @@ def method_masks(model: nn.Module, stats_pos: Mapping, stats_neg: Mapping, metho
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Packed keep-masks ``({module: int32}, {module: int32})`` of the (+, -) personas for one method."""
     from persona_kernels import scoring
+    from persona_kernels.analysis import module_info
+    from persona_kernels.ops.packing import pack_mask
 
     modules = dict(model.named_modules())
     kw = method.options
     restrict = kw.pop("restrict", None)
+    scope = kw.pop("scope", "all")
     if method.base == "contrastive_sparse":
         limit = 0.5 * (restrict if restrict else 1.0)
         if sparsity > limit + 1e-12:
@@ -153,6 +162,10 @@ def method_masks(model: nn.Module, stats_pos: Mapping, stats_neg: Mapping, metho
     for name in stats_pos:
         w = modules[name].weight.detach()
         sp, sn = stats_pos[name], stats_neg[name]
+        if scope != "all" and module_info(name)[1] != scope:  # outside the budget's scope: keep every weight
+            pos[name] = pack_mask(torch.ones(w.shape, dtype=torch.bool, device=w.device))
+            neg[name] = pos[name].clone()
+            continue
         if method.base == "wanda":
             pos[name] = scoring.wanda(w, sp, sparsity, packed=True, **kw)
             neg[name] = scoring.wanda(w, sn, sparsity, packed=True, **kw)

@@ -28,6 +28,17 @@ METHOD_DOCS = {
 }
 
 
+def _method_doc(spec: str) -> str:
+    name, _, opts = spec.partition(":")
+    doc = METHOD_DOCS.get(name, name)
+    if opts:
+        doc += f" Options changed: {opts.replace(',', ', ')}"
+        if "scope=" in opts:
+            doc += " (scope: only the MLP or attention Linears are masked; the others keep every weight)"
+        doc += "."
+    return f"- `{spec}`: {doc}"
+
+
 def _est(values) -> dict | None:
     v = torch.as_tensor(values, dtype=torch.float64)
     return bootstrap_mean(v).to_dict() if v.numel() else None
@@ -383,7 +394,7 @@ def _tail(rep: dict, lines: list[str]) -> str:
                              f"{_fmt(mk['control']['switch'])} | {_fmt(mk['net'])} | {_fmt(c['mask_vs_prompt'])} | "
                              f"{_fmt(pr['switch'])} | {100 * mk['capability_loss']:+.2f}% / {100 * pr['capability_loss']:+.2f}% |")
             lines += [""] + [f"- {pair}: {confirmation_sentence(c)}" for pair, c in conf.items()] + [""]
-    lines += ["## Method definitions", ""] + [f"- `{m}`: {METHOD_DOCS.get(m.split(':')[0], m)}" for m in methods] + [""]
+    lines += ["## Method definitions", ""] + [_method_doc(m) for m in methods] + [""]
     lines += ["## Data", "", "Calibration and evaluation items are disjoint (fixed-seed split; indices in report.json).", "",
               "| task | file | items | calibration | evaluation |", "|---|---|---|---|---|"]
     for n, t in rep["tasks"].items():
