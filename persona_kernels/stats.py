@@ -9,6 +9,7 @@ therefore exact (also past 2**24 or 2**53 tokens).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional, Union
 
@@ -46,16 +47,11 @@ def _sqrt(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t > 0, root, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
+@functools.lru_cache(maxsize=None)
 def _has_merge_op() -> bool:
-    global _MERGE_OP
-    if _MERGE_OP is None:
-        from persona_kernels import _extension
+    from persona_kernels import _extension
 
-        _MERGE_OP = _extension.has_cpu_kernels() and hasattr(torch.ops.persona_kernels_C, "welford_merge_cpu_")
-    return _MERGE_OP
-
-
-_MERGE_OP: Optional[bool] = None
+    return _extension.has_cpu_kernels() and hasattr(torch.ops.persona_kernels_C, "welford_merge_cpu_")
 
 
 def _err(arg: str, msg: str, exc: type[Exception] = ValueError):

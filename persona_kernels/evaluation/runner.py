@@ -34,12 +34,9 @@ class EvalError(ValueError):
 
 def _floats(text: str, name: str, low: float, high: float) -> list[float]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EvalError(f"--{name}: expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not low <= v <= high for v in values):
-        raise EvalError(f"--{name}: expected values in [{low}, {high}], got {text!r}")
-    return values
+        return S.parse_floats(text, low, high)
+    except ValueError as e:
+        raise EvalError(f"--{name}: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

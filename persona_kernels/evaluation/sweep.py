@@ -40,6 +40,18 @@ class Grid:
         return self.control_gammas is None or any(abs(gamma - g) < 1e-12 for g in self.control_gammas)
 
 
+def parse_floats(text: str, low: float, high: float) -> list[float]:
+    """``"0.01, 0.1"`` -> ``[0.01, 0.1]``; ValueError (saying what was expected) when empty, not numbers or
+    outside ``[low, high]``."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not low <= v <= high for v in values):
+        raise ValueError(f"expected values in [{low}, {high}], got {text!r}")
+    return values
+
+
 def parse_grid(text: str) -> Grid:
     """``"m1;m2@0.01,0.1@0,0.5[@0]"`` -> :class:`Grid` (methods ';'-separated, then rhos, gammas, control gammas)."""
     parts = text.split("@")
@@ -50,12 +62,13 @@ def parse_grid(text: str) -> Grid:
         C.parse_method(m)
 
     def floats(s: str, what: str, high: float) -> tuple[float, ...]:
+        head = f"persona_kernels.evaluation: sweep grid {text!r}: {what}"
         try:
-            vals = tuple(float(v) for v in s.split(",") if v.strip())
+            vals = tuple(parse_floats(s, float("-inf"), float("inf")))
         except ValueError:
-            raise ValueError(f"persona_kernels.evaluation: sweep grid {text!r}: {what} must be numbers, got {s!r}") from None
-        if not vals or any(not 0.0 <= v <= high for v in vals):
-            raise ValueError(f"persona_kernels.evaluation: sweep grid {text!r}: {what} must lie in [0, {high}], got {s!r}")
+            raise ValueError(f"{head} must be numbers, got {s!r}") from None
+        if any(not 0.0 <= v <= high for v in vals):
+            raise ValueError(f"{head} must lie in [0, {high}], got {s!r}")
         return vals
 
     ctrl = None
@@ -100,8 +113,13 @@ def _switch_point(model, tokenizer, task: Task, cap: Task, names: tuple, gamma: 
     return _point(vals, caps, base_cap)
 
 
-def _with_control(p: dict, ctrl_items: list[float]) -> None:
-    c = torch.tensor(ctrl_items, dtype=torch.float64)
+def _add_control(model, tokenizer, task: Task, pair: str, method: str, gamma: float, p: dict, batch_size: int,
+                 max_length: int) -> None:
+    """Score ``task`` under the label-shuffled control masks of (pair, method) and add ``control`` and ``net``
+    (per-item switch minus control switch) to the point ``p``."""
+    names = (C.mask_name(pair, method, "+", True), C.mask_name(pair, method, "-", True))
+    vals, _ = _scores(model, tokenizer, task, names, gamma, (None, None), batch_size, max_length, None)
+    c = (vals[0] - vals[1]).to(torch.float64)
     p["control"] = {"switch": bootstrap_mean(c).to_dict(), "items": [round(float(v), 6) for v in c]}
     p["net"] = bootstrap_mean(torch.tensor(p["items"], dtype=torch.float64) - c).to_dict()
 
@@ -159,9 +177,7 @@ def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping
                 p.update(pair=pair, task=task.name, method=m, sparsity=rho, gamma=gamma,
                          difference_rate=info[pair][m]["difference_rate"])
                 if ctrl:
-                    cnames = (C.mask_name(pair, m, "+", True), C.mask_name(pair, m, "-", True))
-                    cvals, _ = _scores(model, tokenizer, task, cnames, gamma, (None, None), batch_size, max_length, None)
-                    _with_control(p, (cvals[0] - cvals[1]).tolist())
+                    _add_control(model, tokenizer, task, pair, m, gamma, p, batch_size, max_length)
                     p["control_difference_rate"] = info[pair][m].get("control_difference_rate")
                 points.append(p)
                 bar.update(1)
@@ -228,9 +244,7 @@ def confirm(model, tokenizer, stats: Mapping[str, C.PairStats], points: Mapping[
         C.install_masks(model, {pair: stats[pair]}, [op["method"]], op["sparsity"], control=True)
         names = (C.mask_name(pair, op["method"], "+"), C.mask_name(pair, op["method"], "-"))
         mk = _switch_point(model, tokenizer, task, cap, names, op["gamma"], base_cap, batch_size, max_length=max_length)
-        cnames = (C.mask_name(pair, op["method"], "+", True), C.mask_name(pair, op["method"], "-", True))
-        cvals, _ = _scores(model, tokenizer, task, cnames, op["gamma"], (None, None), batch_size, max_length, None)
-        _with_control(mk, (cvals[0] - cvals[1]).tolist())
+        _add_control(model, tokenizer, task, pair, op["method"], op["gamma"], mk, batch_size, max_length)
         mk.update(method=op["method"], sparsity=op["sparsity"], gamma=op["gamma"])
         out[pair] = {"task": task.name, "n": len(task.items), "prompt": pr, "mask": mk,
                      "mask_vs_prompt": paired_difference(mk["items"], pr["items"]).to_dict()}
