@@ -28,6 +28,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from persona_kernels.ops.packing import packed_words
+from persona_kernels.utils.errors import message
+
 __all__ = ["MaskBank", "MaskBankError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
@@ -46,8 +49,11 @@ def _err(arg: str, msg: str) -> str:
     return f"persona_kernels.MaskBank: argument '{arg}': {msg}"
 
 
-def _words(k: int) -> int:
-    return (int(k) + 31) // 32
+def check_persona_name(fn: str, name: Any) -> str:
+    """The one persona-name rule (banks and patched models): a non-empty str without '/' (the file's key separator)."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(message(fn, f"expected a non-empty persona name without '/', got {name!r}", "name"))
+    return name
 
 
 def _package_version() -> str:
@@ -280,8 +286,7 @@ class MaskBank:
         A packed mask needs its K: from the bank (module already known) or from ``shapes[module]``.
         Shapes must agree with the bank's. Masks keep their device. Returns self.
         """
-        if not isinstance(persona, str) or not persona or "/" in persona:
-            raise ValueError(_err("persona", f"expected a non-empty name without '/', got {persona!r}"))
+        check_persona_name("MaskBank.add", persona)
         if not isinstance(masks, Mapping):
             raise TypeError(_err("masks", f"expected a {{module: mask}} mapping, got {type(masks).__name__}"))
         from persona_kernels.ops.packing import pack_mask
@@ -310,9 +315,9 @@ class MaskBank:
                         _err("shapes", f"{name!r}: a packed mask needs the module's (N, K); pass shapes={{name: (N, K)}}")
                     )
                 shape = expected
-                if tuple(mask.shape) != (shape[0], _words(shape[1])):
+                if tuple(mask.shape) != (shape[0], packed_words(shape[1])):
                     raise ValueError(
-                        _err("masks", f"{name!r}: packed shape {tuple(mask.shape)}, expected {(shape[0], _words(shape[1]))}")
+                        _err("masks", f"{name!r}: packed shape {tuple(mask.shape)}, expected {(shape[0], packed_words(shape[1]))}")
                     )
                 if not _padding_ok(mask, shape[1]):
                     raise ValueError(_err("masks", f"{name!r}: padding bits past K={shape[1]} are not zero"))
@@ -556,8 +561,8 @@ class MaskBank:
                 if m not in shapes:
                     raise fail(f"mask {p}/{m} has no module shape in the metadata")
                 n, k = shapes[m]
-                if t.dtype != torch.int32 or tuple(t.shape) != (n, _words(k)):
-                    raise fail(f"mask {p}/{m}: {t.dtype} {tuple(t.shape)}, expected int32 {(n, _words(k))} for K={k}")
+                if t.dtype != torch.int32 or tuple(t.shape) != (n, packed_words(k)):
+                    raise fail(f"mask {p}/{m}: {t.dtype} {tuple(t.shape)}, expected int32 {(n, packed_words(k))} for K={k}")
                 if not _padding_ok(t, k):
                     raise fail(f"mask {p}/{m}: padding bits past K={k} are not zero")
         if _fingerprint(shapes) != stored_fp:

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from persona_kernels.utils.errors import message
+
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 _MODULES = {
     "torch": "persona_kernels.kernels.torch_ref",
@@ -54,14 +56,17 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in (*order, *rest) if is_available(b, device)]
 
 
+def check_backend(fn: str, backend: object) -> str:
+    """The one check of a ``backend`` argument: ``"auto"`` or a name in :data:`BACKENDS` (ValueError otherwise)."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(message(fn, f"expected one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}", "backend"))
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     """Turn a user's ``backend`` argument into a concrete backend that implements ``op`` on ``device``."""
     device = torch.device(device)
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(
-            f"persona_kernels: argument 'backend': expected one of 'auto', {', '.join(map(repr, BACKENDS))}; "
-            f"got {backend!r}"
-        )
+    check_backend("persona_kernels", backend)
     if backend == "auto":
         forced = os.environ.get("PERSONA_KERNELS_BACKEND")
         if forced:

@@ -77,7 +77,7 @@ def test_mixed_batch_rows_equal_single_persona_runs(backend):
         assert torch.equal(model(input_ids=ids).logits, base)
 
 
-def test_gamma_per_persona_and_stack_cache():
+def test_gamma_per_persona_and_one_mask_stack():
     model = patched()
     rows = ["a", "b", "a"]
     ids = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(4))
@@ -88,10 +88,11 @@ def test_gamma_per_persona_and_stack_cache():
     torch.testing.assert_close(mixed[0], row_alone(model, ids, "a", 0.0)[0], rtol=1e-4, atol=1e-4)
     module = model.model.layers[0].self_attn.q_proj
     assert isinstance(module, PersonaLinear)
-    cached = module._stack_cache[("a", "b")][0]
-    with persona_batch(model, ["b", "a", "b"]):  # same persona set: the stacked bank is reused, not rebuilt
-        assert module._batch[0] is cached
-        assert module._batch[1].tolist() == [1, 0, 1]
+    # every persona's mask lives in one stack built at patch time: a batch block allocates no masks
+    stack = module.persona_masks
+    assert stack.shape[0] == len(module.personas) and stack.data_ptr() == module.mask("a").data_ptr()
+    with persona_batch(model, ["b", "a", "b"]):
+        assert module.persona_masks is stack
 
 
 def test_generate_mixed_batch_equals_per_row_generation():

@@ -1,0 +1,148 @@
+"""The forward of a patched Linear for whatever persona the calling thread selects.
+
+:func:`persona_forward` is the one implementation, used by ``PersonaLinear.forward`` in eager mode and by the
+custom op ``torch.ops.persona_kernels.persona_linear`` in compiled graphs. The op takes only tensors and constants
+that never change while personas are switched (the module's mask stack ``[P, N, W]``, its slot -> row table and
+the model's integer key); it reads the selection (model default or this thread's override, see
+:mod:`persona_kernels.patching.state`) when it runs. Dynamo therefore has nothing to guard on: switching personas
+or gamma never recompiles, and two threads running one compiled model each get their own persona.
+
+Paths: base (or a persona without a mask here) -> ``F.linear`` (bit-identical to the unpatched model); one persona
+-> the gated kernel; ``persona_batch`` -> :func:`persona_kernels.gated_linear_multi`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from persona_kernels.dispatch import get_kernel
+from persona_kernels.ops.gated_linear import gated_linear
+from persona_kernels.ops.gated_linear_multi import gated_linear_multi
+from persona_kernels.utils.errors import message
+
+__all__ = ["persona_forward", "persona_linear"]
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _gated(x, weight, mask, bias, gamma: float, backend: str) -> torch.Tensor:
+    """Gated linear; in inference calls the kernel directly (the module validated shapes when it was patched)."""
+    if _needs_grad(x, weight, bias) or x.dtype != weight.dtype or x.device != weight.device or x.dim() < 1:
+        return gated_linear(x, weight, mask, bias, gamma, backend=backend)  # validating, differentiable op
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0 or k == 0:
+        return gated_linear(x, weight, mask, bias, gamma, backend=backend)
+    out = get_kernel("gated_linear", backend, x.device)(x2.contiguous(), weight, mask, bias, gamma)
+    return out.reshape(*lead, n)
+
+
+def persona_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    masks: torch.Tensor,
+    local: Sequence[int],
+    state,
+    backend: str,
+) -> torch.Tensor:
+    """``x`` through the Linear ``(weight, bias)`` gated by the persona ``state`` selects in this thread / task.
+
+    ``masks``: int32 ``[P, N, W]`` stack of this module's persona masks; ``local[slot]``: the row of a persona slot
+    in ``masks`` (-1: no mask here, dense). ``state``: the model's :class:`~persona_kernels.patching.state.PatchState`.
+    """
+    sel = state.current()
+    if state.merged is not None:
+        if sel.is_batch or (sel.name is not None and (sel.name, sel.gamma) != state.merged):
+            wanted = "a persona_batch block" if sel.is_batch else f"persona {sel.name!r} (gamma={sel.gamma})"
+            raise RuntimeError(message("PersonaLinear", f"persona {state.merged[0]!r} is merged into the weights, but this "
+                                       f"thread selects {wanted}; call unmerge_persona(model) first"))
+        return F.linear(x, weight, bias)
+    if sel.is_batch:
+        return _forward_batch(x, weight, bias, masks, local, sel, backend)
+    row = local[sel.slot] if sel.slot >= 0 else -1
+    if row < 0:
+        return F.linear(x, weight, bias)
+    return _gated(x, weight, masks[row], bias, sel.gamma, backend)
+
+
+def _forward_batch(x, weight, bias, masks, local, sel, backend) -> torch.Tensor:
+    batch = sel.slots.shape[0]
+    if x.dim() < 2 or x.shape[0] != batch:
+        raise RuntimeError(message(
+            "persona_batch", f"the input has batch size {x.shape[0] if x.dim() else 0} (shape {tuple(x.shape)}), but the "
+            f"persona_batch block gave {batch} personas (one per batch row); num_beams > 1 or num_return_sequences > 1 "
+            "change the batch size: repeat the persona list accordingly"))
+    rows = [local[s] if s >= 0 else -1 for s in sel.slots.tolist()]
+    if max(rows) < 0:
+        return F.linear(x, weight, bias)
+    slot_of_row = {r: s for s, r in enumerate(local) if r >= 0}
+    gammas = [sel.gammas.get(slot_of_row[r], 0.0) for r in range(masks.shape[0])]
+    index = torch.tensor(rows, dtype=torch.int32, device=x.device)
+    index = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    return gated_linear_multi(x, weight, masks, index, bias, gammas, backend=backend, validate_index=False)
+
+
+# -- the custom op (compiled graphs) ------------------------------------------------------------------------
+@torch.library.custom_op("persona_kernels::persona_linear", mutates_args=())
+def persona_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    masks: torch.Tensor,
+    local_index: torch.Tensor,
+    model_key: int,
+    backend: str,
+) -> torch.Tensor:
+    """``persona_forward`` for the model registered under ``model_key``; ``local_index``: int64 [slots] (CPU)."""
+    from persona_kernels.patching.state import state_for_key
+
+    out = persona_forward(x, weight, bias, masks, local_index.tolist(), state_for_key(model_key), backend)
+    return out.clone() if out is x else out
+
+
+@persona_linear.register_fake
+def _(x, weight, bias, masks, local_index, model_key, backend):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    from persona_kernels.patching.state import state_for_key
+
+    x, weight, bias, masks, local_index, model_key, backend = inputs
+    state = state_for_key(model_key)
+    sel = state.current()
+    row, gamma = -1, 1.0
+    if state.merged is None and not sel.is_batch and sel.slot >= 0:
+        row, gamma = int(local_index[sel.slot]), sel.gamma
+    ctx.batch = sel.is_batch and state.merged is None
+    ctx.row, ctx.gamma, ctx.has_bias = row, gamma, bias is not None
+    ctx.save_for_backward(x, weight, masks)
+
+
+def _backward(ctx, grad):
+    from persona_kernels.kernels.torch_ref import gate
+
+    if ctx.batch:
+        raise NotImplementedError(message("persona_batch", "backward through a persona_batch block is not supported"))
+    x, weight, masks = ctx.saved_tensors
+    k = weight.shape[1]
+    g = gate(masks[ctx.row], k, ctx.gamma) if ctx.row >= 0 else torch.ones_like(weight, dtype=torch.float32)
+    grad2 = grad.reshape(-1, grad.shape[-1]).float()
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad2 @ (weight.float() * g)).to(x.dtype).reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        grad_w = ((grad2.t() @ x.reshape(-1, k).float()) * g).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad2.sum(0).to(weight.dtype)
+    return grad_x, grad_w, grad_b, None, None, None, None
+
+
+persona_linear.register_autograd(_backward, setup_context=_setup_context)
