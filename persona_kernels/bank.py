@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from persona_kernels.ops.packing import packed_words
-from persona_kernels.utils.errors import message
+from persona_kernels.utils.atomic import atomic_write
+from persona_kernels.utils.errors import check_gamma, message
 
 __all__ = ["MaskBank", "MaskBankError", "FORMAT_VERSION"]
 
@@ -49,11 +50,45 @@ def _err(arg: str, msg: str) -> str:
     return f"persona_kernels.MaskBank: argument '{arg}': {msg}"
 
 
-def check_persona_name(fn: str, name: Any) -> str:
+def check_persona_name(fn: str, name: Any, arg: str = "name") -> str:
     """The one persona-name rule (banks and patched models): a non-empty str without '/' (the file's key separator)."""
     if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(message(fn, f"expected a non-empty persona name without '/', got {name!r}", "name"))
+        raise ValueError(message(fn, f"expected a non-empty persona name without '/', got {name!r}", arg))
     return name
+
+
+#: Weight sample recorded in new banks: up to this many modules, rows and columns per module.
+_SAMPLE_MODULES, _SAMPLE_ROWS, _SAMPLE_COLS = 16, 3, 8
+#: Two values are the same weight when they agree to bf16 precision (any dtype of one checkpoint passes).
+_SAMPLE_RTOL, _SAMPLE_ATOL = 2.0**-7, 1e-6
+
+
+def _sample_positions(n: int, k: int) -> tuple[list[int], list[int]]:
+    rows = sorted({min(n - 1, (i * n) // _SAMPLE_ROWS) for i in range(_SAMPLE_ROWS)}) if n else []
+    cols = sorted({min(k - 1, (j * k) // _SAMPLE_COLS) for j in range(_SAMPLE_COLS)}) if k else []
+    return rows, cols
+
+
+def _sampled_values(weight: torch.Tensor) -> list[float]:
+    rows, cols = _sample_positions(*weight.shape)
+    if not rows or not cols:
+        return []
+    w = weight.detach()
+    idx_r = torch.tensor(rows, device=w.device)
+    idx_c = torch.tensor(cols, device=w.device)
+    return w.index_select(0, idx_r).index_select(1, idx_c).float().cpu().reshape(-1).tolist()
+
+
+def _model_weights(model: Any) -> dict[str, torch.Tensor]:
+    """``{name: 2-D weight}`` of a model's Linear-like modules, or the mapping itself when given one."""
+    if isinstance(model, Mapping):
+        return {str(n): w for n, w in model.items() if isinstance(w, torch.Tensor)}
+    out = {}
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            out[name] = w
+    return out
 
 
 def _package_version() -> str:
@@ -133,6 +168,51 @@ def _to_bool(value: Any, where: str) -> torch.Tensor:
     return value != 0
 
 
+def _parse_header(header: Any):
+    """The validated parts of a bank file's JSON header (ValueError / TypeError / KeyError naming the bad field)."""
+    if not isinstance(header, dict):
+        raise TypeError(f"expected a JSON object, got {type(header).__name__}")
+
+    def typed(value: Any, kind: type, what: str) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"{what}: expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    shapes: dict[str, Shape] = {}
+    for entry in typed(header["modules"], list, "modules"):
+        name, n, k = typed(entry, list, "modules entry")
+        typed(name, str, "module name")
+        if not name or name in shapes:
+            raise ValueError(f"module name {name!r} is empty or repeated")
+        if typed(n, int, f"{name} N") < 0 or typed(k, int, f"{name} K") < 0:
+            raise ValueError(f"module {name!r}: negative shape {(n, k)}")
+        shapes[name] = (n, k)
+    personas = [check_persona_name("MaskBank.load", typed(p, str, "persona"), "personas")
+                for p in typed(header["personas"], list, "personas")]
+    if len(set(personas)) != len(personas):
+        raise ValueError("repeated persona names")
+    persona_modules = {}
+    for p, ms in typed(header["persona_modules"], dict, "persona_modules").items():
+        if p not in personas:
+            raise ValueError(f"persona_modules names unknown persona {p!r}")
+        persona_modules[p] = [typed(m, str, "module name") for m in typed(ms, list, f"persona_modules[{p!r}]")]
+    user_meta = typed(header.get("metadata", {}), dict, "metadata")
+    check_gamma("MaskBank.load", user_meta.get("default_gamma", 0.0), arg="metadata.default_gamma")
+    for p, t in typed(user_meta.get("tokens_seen", {}), dict, "metadata.tokens_seen").items():
+        if typed(t, int, f"tokens_seen[{p!r}]") < 0:
+            raise ValueError(f"tokens_seen[{p!r}] is negative")
+    stored_fp = typed(header["fingerprint"], str, "fingerprint")
+    sample = header.get("weight_sample")
+    if sample is not None:
+        typed(sample, dict, "weight_sample")
+        mods = [typed(m, str, "weight_sample module") for m in typed(sample.get("modules"), list, "weight_sample.modules")]
+        values = typed(sample.get("values"), list, "weight_sample.values")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError("weight_sample.values: expected finite numbers")
+        sample = {"modules": mods, "values": [float(v) for v in values]}
+    return shapes, personas, persona_modules, user_meta, stored_fp, sample
+
+
 class MaskBank:
     """Persona -> module -> bit-packed int32 keep-mask, plus JSON metadata.
 
@@ -149,6 +229,10 @@ class MaskBank:
         self.metadata: dict[str, Any] = copy.deepcopy(dict(metadata or {}))
         if "default_gamma" not in self.metadata or default_gamma:
             self.default_gamma = default_gamma
+        else:
+            self.default_gamma = self.metadata["default_gamma"]  # validated like the setter
+        #: Sampled weight values of the model the bank was built for (see :meth:`record_weights`), or None.
+        self.weight_sample: dict[str, Any] | None = None
         self.saved_with: dict[str, Any] | None = None  # package/format version of the file it was loaded from
 
     # ------------------------------------------------------------------ basic accessors
@@ -159,10 +243,7 @@ class MaskBank:
 
     @default_gamma.setter
     def default_gamma(self, value: float) -> None:
-        value = float(value)
-        if not (0.0 <= value <= 1.0):
-            raise ValueError(_err("default_gamma", f"expected a value in [0, 1], got {value!r}"))
-        self.metadata["default_gamma"] = value
+        self.metadata["default_gamma"] = check_gamma("MaskBank", value, arg="default_gamma")
 
     @property
     def personas(self) -> list[str]:
@@ -281,12 +362,14 @@ class MaskBank:
         shapes: Mapping[str, Shape] | None = None,
         tokens_seen: int | None = None,
     ) -> "MaskBank":
-        """Add (or replace) masks of ``persona``: ``{module: bool [N, K] or packed int32 [N, ceil(K/32)]}``.
+        """Add persona ``persona`` with ``{module: bool [N, K] or packed int32 [N, ceil(K/32)]}``; an existing
+        persona of that name is **replaced whole** (its masks on modules absent from ``masks`` are dropped), as
+        :func:`persona_kernels.patching.add_persona` with ``overwrite=True`` does.
 
         A packed mask needs its K: from the bank (module already known) or from ``shapes[module]``.
         Shapes must agree with the bank's. Masks keep their device. Returns self.
         """
-        check_persona_name("MaskBank.add", persona)
+        check_persona_name("MaskBank.add", persona, "persona")
         if not isinstance(masks, Mapping):
             raise TypeError(_err("masks", f"expected a {{module: mask}} mapping, got {type(masks).__name__}"))
         from persona_kernels.ops.packing import pack_mask
@@ -327,17 +410,21 @@ class MaskBank:
             staged[name] = packed
             new_shapes[name] = shape
         self._shapes.update({n: s for n, s in new_shapes.items() if n not in self._shapes})
-        self._masks.setdefault(persona, {}).update(staged)
+        self._masks[persona] = staged
+        self._forget_unused_modules()
         if tokens_seen is not None:
             self.metadata.setdefault("tokens_seen", {})[persona] = int(tokens_seen)
         return self
+
+    def _forget_unused_modules(self) -> None:
+        used = {n for m in self._masks.values() for n in m}
+        self._shapes = {n: s for n, s in self._shapes.items() if n in used}
 
     def remove(self, persona: str) -> None:
         """Drop a persona (modules no persona uses any more are forgotten too)."""
         self._check_persona(persona)
         del self._masks[persona]
-        used = {n for m in self._masks.values() for n in m}
-        self._shapes = {n: s for n, s in self._shapes.items() if n in used}
+        self._forget_unused_modules()
         self.metadata.get("tokens_seen", {}).pop(persona, None)
         self.metadata.get("composites", {}).pop(persona, None)
 
@@ -456,10 +543,56 @@ class MaskBank:
             shapes = {n: shapes[n] for n in names}
         return _fingerprint(shapes)
 
+    # ------------------------------------------------------------------ weight digest
+
+    def record_weights(self, model: Any) -> "MaskBank":
+        """Record a sample of the weights the masks were built from (``model``: an ``nn.Module`` or ``{name:
+        weight}``), saved with the bank so that :meth:`check_weights` can tell another checkpoint of the same
+        architecture. Deterministic: up to 16 modules (evenly spaced in name order), 3 rows x 8 columns each;
+        offloaded (meta) weights are skipped. Returns self."""
+        weights = {n: w for n, w in _model_weights(model).items() if w.device.type != "meta" and w.numel()}
+        names = sorted(weights)
+        if len(names) > _SAMPLE_MODULES:
+            names = [names[(i * len(names)) // _SAMPLE_MODULES] for i in range(_SAMPLE_MODULES)]
+        values = {n: _sampled_values(weights[n]) for n in names}
+        self.weight_sample = {"modules": names, "values": [v for n in names for v in values[n]]} if names else None
+        return self
+
+    def check_weights(self, model: Any) -> str | None:
+        """None when ``model``'s weights agree with :attr:`weight_sample` (to bf16 precision, so every dtype of one
+        checkpoint passes) or when there is nothing to compare; else a sentence describing the difference."""
+        sample = self.weight_sample
+        if not sample:
+            return None
+        weights = _model_weights(model)
+        compared = bad = 0
+        first = None
+        offset = 0
+        for name in sample["modules"]:
+            w = weights.get(name)
+            rows, cols = _sample_positions(*self._shapes.get(name, tuple(w.shape) if w is not None else (0, 0)))
+            count = len(rows) * len(cols)
+            stored = sample["values"][offset: offset + count]
+            offset += count
+            if w is None or w.device.type == "meta" or len(stored) != count:
+                continue
+            if tuple(_sample_positions(*w.shape)) != (rows, cols):
+                continue  # a shape difference is reported by the fingerprint
+            got = _sampled_values(w)
+            for i, (a, b) in enumerate(zip(stored, got)):
+                compared += 1
+                if not abs(a - b) <= _SAMPLE_RTOL * max(abs(a), abs(b)) + _SAMPLE_ATOL:
+                    bad += 1
+                    if first is None:
+                        first = f"{name}[{rows[i // len(cols)]}, {cols[i % len(cols)]}]: bank {a:.6g}, model {b:.6g}"
+        if compared and bad > 0.01 * compared:
+            return f"{bad} of {compared} sampled weight values differ (e.g. {first})"
+        return None
+
     # ------------------------------------------------------------------ save / load
 
     def _header(self) -> dict[str, Any]:
-        return {
+        header = {
             "format_version": FORMAT_VERSION,
             "package_version": _package_version(),
             "fingerprint": self.fingerprint,
@@ -468,10 +601,14 @@ class MaskBank:
             "persona_modules": {p: list(m) for p, m in self._masks.items()},
             "metadata": self.metadata,
         }
+        if self.weight_sample:
+            header["weight_sample"] = self.weight_sample
+        return header
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the bank as one safetensors file, atomically. Returns the path."""
-        from safetensors.torch import save_file
+        """Write the bank as one safetensors file, atomically, with the umask's permissions. Returns the path.
+        Errors name ``path``."""
+        from safetensors.torch import save as to_bytes
 
         path = Path(path)
         tensors = {f"{p}/{m}": t.detach().to("cpu").contiguous() for p, mods in self._masks.items() for m, t in mods.items()}
@@ -484,19 +621,7 @@ class MaskBank:
             _KEY_PAYLOAD: _payload_sha256(tensors),
             _KEY_HEADER: hashlib.sha256(header.encode("utf-8")).hexdigest(),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, to_bytes(tensors, metadata=meta))
 
     @classmethod
     def load(
@@ -511,12 +636,15 @@ class MaskBank:
 
         ``expected_fingerprint`` (a string) or ``model`` (``nn.Module`` or ``{name: (N, K)}``) make the
         load fail when the bank was built for another model. Raises :class:`MaskBankError` naming the
-        file for any corruption (truncation, flipped bytes, wrong shapes, non-zero padding bits).
+        file for any corruption (truncation, flipped bytes, wrong shapes, non-zero padding bits) and for any
+        value the setters would refuse (persona names, shapes, ``default_gamma``, ...).
         """
         from safetensors import safe_open
 
         path = Path(path)
         where = f"mask bank file {str(path)!r}"
+        if path.is_dir():
+            raise MaskBankError(f"persona_kernels.MaskBank: {where} is a folder, not a file (pass the .safetensors file in it)")
         if not path.is_file():
             raise FileNotFoundError(f"persona_kernels.MaskBank: {where} does not exist")
 
@@ -544,13 +672,9 @@ class MaskBank:
         if _payload_sha256(tensors) != meta.get(_KEY_PAYLOAD):
             raise fail("payload checksum mismatch: the mask data is corrupted")
         try:
-            shapes = {str(n): (int(rows), int(cols)) for n, rows, cols in header["modules"]}
-            personas = [str(p) for p in header["personas"]]
-            persona_modules = {str(p): [str(m) for m in ms] for p, ms in header["persona_modules"].items()}
-            user_meta = dict(header.get("metadata", {}))
-            stored_fp = str(header["fingerprint"])
-        except Exception as exc:
-            raise fail(f"incomplete bank metadata: {exc}") from exc
+            shapes, personas, persona_modules, user_meta, stored_fp, sample = _parse_header(header)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise fail(f"invalid bank metadata: {exc}") from exc
         expected_keys = {f"{p}/{m}" for p in personas for m in persona_modules.get(p, [])}
         if set(tensors) != expected_keys:
             extra = sorted(set(tensors) ^ expected_keys)[:3]
@@ -581,7 +705,11 @@ class MaskBank:
                 raise fail(
                     f"built for another model ({len(problems)} of {len(shapes)} modules differ, e.g. {problems[0]})"
                 )
-        bank = cls(user_meta)
+        try:
+            bank = cls(user_meta)
+        except (TypeError, ValueError) as exc:
+            raise fail(f"invalid bank metadata: {exc}") from exc
+        bank.weight_sample = sample
         bank._shapes = shapes
         for p in personas:
             bank._masks[p] = {m: tensors[f"{p}/{m}"].to(device) for m in persona_modules.get(p, [])}

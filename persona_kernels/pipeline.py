@@ -314,7 +314,8 @@ def build_bank(
         **dict(extra_metadata or {}),
     }
     shapes = {n: tuple(weights[n].shape) for n in module_names}
-    return MaskBank.from_bool_masks(masks, metadata=metadata, default_gamma=default_gamma, shapes=shapes)
+    bank = MaskBank.from_bool_masks(masks, metadata=metadata, default_gamma=default_gamma, shapes=shapes)
+    return bank.record_weights(model)  # lets patch_model tell another checkpoint of this architecture
 
 
 def calibrate(

@@ -278,3 +278,77 @@ def test_from_state_dict_file(tmp_path):
 
 class Exotic:
     pass
+
+
+# -- values read from a file are validated like the setters; file-system behaviour ------------------------
+@pytest.mark.parametrize("bad", [5.0, -0.1, float("nan"), "0.3", True])
+def test_default_gamma_from_a_file_is_validated(tmp_path, bad):
+    bank = MaskBank.from_bool_masks({"a": {"m": torch.rand(4, 40) < 0.5}})
+    header = bank._header()
+    header["metadata"]["default_gamma"] = bad
+    path = tmp_path / "crafted.safetensors"
+    _rewrite(path, {"a/m": bank.get("a", "m").clone()}, header)
+    with pytest.raises(MaskBankError, match="crafted.safetensors.*default_gamma"):
+        MaskBank.load(path)
+    with pytest.raises((ValueError, TypeError), match="default_gamma"):
+        MaskBank({"default_gamma": bad})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("personas", ["a", "a/b"], "persona name"),
+    ("personas", "a", "personas: expected list"),
+    ("modules", [["m", -4, 40]], "negative shape"),
+    ("modules", [["m", 4.5, 40]], "expected int"),
+    ("persona_modules", {"zzz": ["m"]}, "unknown persona"),
+    ("weight_sample", {"modules": ["m"], "values": [float("inf")]}, "finite"),
+])
+def test_header_fields_are_validated(tmp_path, field, value, match):
+    bank = MaskBank.from_bool_masks({"a": {"m": torch.rand(4, 40) < 0.5}})
+    header = {**bank._header(), field: value}
+    path = tmp_path / "crafted.safetensors"
+    _rewrite(path, {"a/m": bank.get("a", "m").clone()}, header)
+    with pytest.raises(MaskBankError, match=f"crafted.safetensors.*{match}"):
+        MaskBank.load(path)
+
+
+def test_add_replaces_an_existing_persona_whole():
+    bank = MaskBank()
+    m1, m2 = torch.rand(4, 40) < 0.5, torch.rand(3, 8) < 0.5
+    bank.add("p", {"one": m1, "two": m2})
+    bank.add("p", {"one": ~m1})  # replaced, not merged: "two" is gone
+    assert bank.module_names == ["one"] and torch.equal(bank.unpacked("p", "one"), ~m1)
+
+
+def test_load_a_folder_and_save_errors_name_the_target(tmp_path):
+    with pytest.raises(MaskBankError, match="is a folder"):
+        MaskBank.load(tmp_path)
+    bank, _ = make_bank()
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "bank.safetensors"  # its parent is a file
+    with pytest.raises(OSError, match=str(target).replace(".", r"\.")):
+        bank.save(target)
+
+
+def test_saved_bank_has_the_umask_permissions(tmp_path):
+    bank, _ = make_bank()
+    old = os.umask(0o022)
+    try:
+        path = bank.save(tmp_path / "bank.safetensors")
+    finally:
+        os.umask(old)
+    assert (os.stat(path).st_mode & 0o777) == 0o644
+
+
+def test_weight_sample_round_trip_and_other_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    model = nn.ModuleDict({f"l{i}": nn.Linear(40, 24) for i in range(20)})
+    bank = MaskBank.from_bool_masks({"a": {f"l{i}": torch.rand(24, 40) < 0.5 for i in range(20)}})
+    bank.record_weights(model)
+    assert len(bank.weight_sample["modules"]) == 16 and len(bank.weight_sample["values"]) == 16 * 24
+    loaded = MaskBank.load(bank.save(tmp_path / "bank.safetensors"))
+    assert loaded.weight_sample == bank.weight_sample
+    assert loaded.check_weights(model) is None
+    for dtype in (torch.float16, torch.bfloat16):  # the same checkpoint in another dtype passes
+        assert loaded.check_weights({n: m.weight.to(dtype) for n, m in model.items()}) is None
+    other = nn.ModuleDict({f"l{i}": nn.Linear(40, 24) for i in range(20)})  # same architecture, other weights
+    assert "sampled weight values differ" in loaded.check_weights(other)

@@ -29,6 +29,7 @@ from persona_kernels.patching import (
     unmerge_persona,
     unpatch_model,
 )
+from persona_kernels.patching import coverage as pk_coverage
 
 transformers = pytest.importorskip("transformers")
 
@@ -535,3 +536,78 @@ def test_sharded_model_masks_follow_each_module_device():
             assert m.mask("a").device == m.weight.device
     set_persona(model, "a")
     torch.testing.assert_close(logits(model, ids).double(), want, atol=1e-3, rtol=1e-3)
+
+
+# -- stale state and wrong inputs (issue 15) -------------------------------------------------------------
+def test_bank_from_another_checkpoint_is_refused(tmp_path):
+    model = tiny_model("llama")
+    masks = random_masks(model)
+    bank = make_bank(masks).record_weights(model)
+    other = tiny_model("llama")
+    with torch.no_grad():  # same architecture and shapes, other weights (another checkpoint)
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    with pytest.raises(RuntimeError, match="built for other weights.*sampled weight values differ.*check_fingerprint=False"):
+        patch_model(other, bank)
+    assert not is_patched(other)
+    patch_model(other, bank, check_fingerprint=False)
+    patch_model(model.to(torch.bfloat16), bank)  # the same checkpoint in another dtype passes
+    # a file saved without a weight sample (older banks) loads and patches, with a warning
+    path = tmp_path / "old.safetensors"
+    make_bank(masks).save(path)
+    unpatch_model(model)
+    with pytest.warns(UserWarning, match="no weight digest"):
+        patch_model(model, MaskBank.load(path))
+
+
+def test_partial_bank_is_refused_unless_allowed():
+    model = tiny_model("llama")
+    masks = random_masks(model)
+    layer0 = {p: {n: m for n, m in ms.items() if ".layers.0." in n} for p, ms in masks.items()}
+    with pytest.raises(RuntimeError, match=r"covers 7 of the 14 targeted modules.*layers\.1.*allow_partial=True"):
+        patch_model(model, make_bank(layer0))
+    assert not is_patched(model)
+    patch_model(model, make_bank(layer0), allow_partial=True)
+    cov = pk_coverage(model)
+    assert len(cov["patched"]) == 7 and len(cov["dense"]) == 7 and all(".layers.1." in n for n in cov["dense"])
+    unpatch_model(model)
+    mlp_only = {p: {n: m for n, m in ms.items() if ".mlp." in n} for p, ms in masks.items()}
+    patch_model(model, make_bank(mlp_only))  # a bank of one kind of module (scope=mlp) is complete for that kind
+    assert pk_coverage(model)["dense"] == []
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "data_write"])
+def test_unmerge_refuses_weights_changed_since_the_merge(change):
+    model = tiny_model("llama")
+    patch_model(model, make_bank(random_masks(model)))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_persona(model, "a")
+    if change == "load_state_dict":
+        model.load_state_dict(original)
+    else:  # a write that bypasses the version counter
+        model.model.layers[1].mlp.down_proj.weight.data[0, :5] += 1.0
+    with pytest.raises(RuntimeError, match="changed since persona 'a' was merged.*down_proj|changed since persona 'a' was merged"):
+        unmerge_persona(model)
+    with pytest.raises(RuntimeError, match="changed since persona 'a' was merged"):
+        unpatch_model(model)
+    unpatch_model(model, keep_merged=True)  # the explicit way out keeps the current weights
+    assert not is_patched(model)
+
+
+def test_add_persona_uses_the_bank_name_rule():
+    model = tiny_model("llama")
+    patch_model(model, make_bank(random_masks(model)))
+    name = "model.layers.0.mlp.down_proj"
+    mask = pack_mask(torch.rand(64, 172) < 0.5)
+    with pytest.raises(ValueError, match="without '/'"):
+        add_persona(model, "a/b", {name: mask})
+    with pytest.raises(ValueError, match="without '/'"):
+        MaskBank().add("a/b", {name: torch.rand(64, 172) < 0.5})
+
+
+def test_bank_default_gamma_is_checked_when_patching():
+    model = tiny_model("llama")
+    bank = make_bank(random_masks(model))
+    bank.metadata["default_gamma"] = 5.0  # bypassing the setter
+    with pytest.raises(ValueError, match="default_gamma"):
+        patch_model(model, bank)

@@ -90,7 +90,7 @@ def _check_bank_fits(root: nn.Module, bank, modules: dict, check_fingerprint: bo
         if problem:
             raise RuntimeError(message("patch_model", f"the mask bank was built for other weights: {problem} (a different "
                                        "checkpoint of this architecture?); pass check_fingerprint=False to patch anyway"))
-        if getattr(bank, "weight_sample", None) is None:
+        if getattr(bank, "weight_sample", None) is None and getattr(bank, "saved_with", None) is not None:
             warnings.warn(message("patch_model", "the mask bank records no weight digest (saved by an older version), so "
                                   "it cannot be checked against this checkpoint's weights; re-save it to add one"),
                           stacklevel=3)
