@@ -18,16 +18,17 @@ entry. ``shared_groups`` lists these groups.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
-import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from persona_kernels.targeting import TargetSpec, select_linears
+from persona_kernels.targeting import is_output_head as _is_output_head
 
 __all__ = [
     "StatsRecorder",
@@ -38,9 +39,6 @@ __all__ = [
     "shared_groups",
 ]
 
-TargetSpec = Union[
-    None, str, "re.Pattern[str]", Sequence[Union[str, "re.Pattern[str]"]], Callable[[str, nn.Module], bool]
-]
 _ON_NONFINITE = ("warn", "raise", "ignore")
 STATS_MASK_KEY = "stats_mask"
 
@@ -78,70 +76,13 @@ shared_groups = shared_groups_of
 
 
 # ----------------------------------------------------------------------------------------------- targets
-def _is_output_head(name: str, module: nn.Module, head: Optional[nn.Module]) -> bool:
-    return module is head or name == "lm_head" or name.endswith(".lm_head")
-
-
-def _matches(item: Union[str, "re.Pattern[str]"], name: str) -> bool:
-    if isinstance(item, re.Pattern):
-        return item.search(name) is not None
-    if name == item or name.endswith("." + item) or fnmatch.fnmatchcase(name, item):
-        return True
-    try:
-        return re.fullmatch(item, name) is not None
-    except re.error:
-        return False
-
-
 def resolve_target_modules(model: nn.Module, target_modules: TargetSpec = None) -> list[tuple[str, nn.Linear]]:
     """The ``(name, module)`` pairs of the ``nn.Linear`` modules selected by ``target_modules``, in model order.
 
-    ``target_modules``:
-      * ``None``: every ``nn.Linear`` except the output head (``lm_head`` / ``model.get_output_embeddings()``);
-      * a string or a list of strings / compiled regexes; a string selects a Linear whose full name equals
-        it, ends with ``"." + it`` (``"q_proj"``), matches it as a glob (``"*.mlp.*"``) or as a full regex
-        (``r"model\\.layers\\.[01]\\..*"``); a compiled regex selects names it ``search``-es. Every entry
-        must select at least one Linear;
-      * a callable ``(name, module) -> bool`` applied to every ``nn.Linear``.
+    The grammar and the default (the architecture's preset, else every Linear but the output head) are those of
+    :mod:`persona_kernels.targeting`, shared with :func:`persona_kernels.patch_model`.
     """
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("persona_kernels.collect_stats: argument 'model': it contains no nn.Linear module")
-    if target_modules is None:
-        head = None
-        get_head = getattr(model, "get_output_embeddings", None)
-        if callable(get_head):
-            try:
-                head = get_head()
-            except (NotImplementedError, AttributeError):
-                head = None
-        selected = [(n, m) for n, m in linears if not _is_output_head(n, m, head)]
-    elif callable(target_modules) and not isinstance(target_modules, re.Pattern):
-        selected = [(n, m) for n, m in linears if target_modules(n, m)]
-    else:
-        items = [target_modules] if isinstance(target_modules, (str, re.Pattern)) else target_modules
-        if not isinstance(items, Sequence) or not all(isinstance(i, (str, re.Pattern)) for i in items):
-            raise TypeError(
-                "persona_kernels.collect_stats: argument 'target_modules': expected None, a string, a list of "
-                f"names / glob or regex patterns, or a callable (name, module) -> bool; got {target_modules!r}"
-            )
-        chosen: set[str] = set()
-        for item in items:
-            hits = [n for n, _ in linears if _matches(item, n)]
-            if not hits:
-                shown = ", ".join(n for n, _ in linears[:6]) + (", ..." if len(linears) > 6 else "")
-                raise ValueError(
-                    f"persona_kernels.collect_stats: argument 'target_modules': {getattr(item, 'pattern', item)!r} "
-                    f"matches no nn.Linear of the model (names look like: {shown})"
-                )
-            chosen.update(hits)
-        selected = [(n, m) for n, m in linears if n in chosen]
-    if not selected:
-        raise ValueError(
-            f"persona_kernels.collect_stats: argument 'target_modules': {target_modules!r} selects no nn.Linear "
-            f"of the model ({len(linears)} Linear modules, e.g. {linears[0][0]!r})"
-        )
-    return selected
+    return select_linears(model, target_modules, fn="collect_stats")
 
 
 # ---------------------------------------------------------------------------------------------- recorder

@@ -1,8 +1,12 @@
-"""One dispatch for every kernel: ``backend`` names -> implementation modules.
+"""One dispatch for every kernel: per-device registration with ``torch.library`` plus a ``backend=`` override.
 
 Each backend lives in ``persona_kernels.kernels.<backend>`` and exposes one function per op with the
-same signature across backends (inputs already validated, 2-D and contiguous). ``"auto"`` picks the
-fastest backend available for the tensors' device.
+same signature across backends (inputs already validated, 2-D and contiguous). The custom ops
+(``torch.ops.persona_kernels.*``) register one kernel per device type with :func:`register_device_kernels`:
+the dispatcher routes CPU tensors to the C++ kernels (the torch reference when the extension is not built),
+CUDA tensors to Triton, then the CUDA extension, then the torch reference, and any other device to the torch
+reference (the op's default implementation). ``backend="auto"`` means exactly that; another name (tests,
+benchmarks) overrides it, and :func:`check_backend` is the one place that validates the name.
 """
 
 from __future__ import annotations
@@ -88,6 +92,26 @@ def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
 @functools.lru_cache(maxsize=256)
 def _cached_kernel(op: str, backend: str, device: torch.device, forced: str | None, interpreting: bool) -> Callable:
     return getattr(_backend_module(resolve_backend(backend, device, op)), op)
+
+
+def register_device_kernels(custom_op, name: str, run: Callable[..., torch.Tensor]) -> None:
+    """Register ``custom_op``'s kernel for each device type of the "auto" order with ``torch.library``.
+
+    ``run(kernel, *args)`` calls the backend function ``kernel`` on the op's (validated) arguments, whose last
+    one is the ``backend`` string; the kernel is the device's default unless ``backend`` names another one. The
+    op's own default implementation should be ``run(<torch reference>, *args)`` for every other device.
+    """
+    for device_type in _AUTO_ORDER:
+        def impl(*args, _device_type=device_type):
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device(_device_type))
+            return run(get_kernel(name, args[-1], device), *args)
+
+        custom_op.register_kernel(device_type, impl)
+
+
+def reference_kernel(name: str, backend: str, device: torch.device) -> Callable:
+    """The kernel for a device without a registered one: the torch reference, or the ``backend`` override."""
+    return getattr(_backend_module("torch"), name) if backend == "auto" else get_kernel(name, backend, device)
 
 
 def get_kernel(op: str, backend: str, device: torch.device | str) -> Callable:

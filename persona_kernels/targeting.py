@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from persona_kernels.utils.errors import message
 
-__all__ = ["PRESETS", "TargetSpec", "TargetError", "select_linears", "preset_for", "DECODER_PROJECTIONS"]
+__all__ = ["PRESETS", "TargetSpec", "TargetError", "select_linears", "preset_for", "is_output_head", "DECODER_PROJECTIONS"]
 
 TargetSpec = Union[None, str, "re.Pattern[str]", Iterable[Union[str, "re.Pattern[str]"]], Callable[[str, nn.Module], bool]]
 
@@ -49,6 +49,11 @@ def preset_for(model: nn.Module) -> Optional[tuple[str, ...]]:
     return PRESETS.get(getattr(config, "model_type", None))
 
 
+def is_output_head(name: str, module: nn.Module, head: Optional[nn.Module]) -> bool:
+    """Whether ``module`` is the LM head (``head``: ``model.get_output_embeddings()``, or None)."""
+    return module is head or name == "lm_head" or name.endswith(".lm_head")
+
+
 def _output_head(model: nn.Module) -> Optional[nn.Module]:
     get_head = getattr(model, "get_output_embeddings", None)
     if callable(get_head):
@@ -63,7 +68,10 @@ def _entry_matcher(item: Union[str, "re.Pattern[str]"]) -> Callable[[str], bool]
     if isinstance(item, re.Pattern):
         return lambda name: item.search(name) is not None
     if item.startswith("re:"):
-        rx = re.compile(item[3:])
+        try:
+            rx = re.compile(item[3:])
+        except re.error as exc:
+            raise ValueError(message("targeting", f"{item!r} is not a valid regex: {exc}", "target_modules")) from None
         return lambda name: rx.search(name) is not None
     legacy = None
     if any(c in item for c in "\\$^|()+{"):  # regex syntax that no name or glob uses: an older regex spec
@@ -96,7 +104,7 @@ def select_linears(model: nn.Module, target_modules: TargetSpec = None, *, fn: s
         if preset is not None:
             return [(n, m) for n, m in linears if any(fnmatch.fnmatchcase(n, g) for g in preset)]
         head = _output_head(model)
-        return [(n, m) for n, m in linears if not (m is head or n == "lm_head" or n.endswith(".lm_head"))]
+        return [(n, m) for n, m in linears if not is_output_head(n, m, head)]
     if callable(target_modules) and not isinstance(target_modules, re.Pattern):
         selected = [(n, m) for n, m in linears if target_modules(n, m)]
     else:

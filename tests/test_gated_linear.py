@@ -304,3 +304,35 @@ def test_unknown_and_unavailable_backends():
         pytest.skip("every backend is available for CPU tensors on this machine")
     with pytest.raises(RuntimeError, match="argument 'backend'"):
         pk.gated_linear(**args, backend=unavailable[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_zero_in_features_gives_the_bias(backend, bias):
+    # K = 0: x @ W.T is a sum over nothing; the result is the bias broadcast over the rows (or zeros)
+    x, w = torch.randn(2, 3, 0), torch.randn(5, 0)
+    b = torch.randn(5) if bias else None
+    packed = torch.zeros(5, 0, dtype=torch.int32)
+    got = pk.gated_linear(x, w, packed, b, 0.3, backend=backend)
+    want = (b if bias else torch.zeros(5)).expand(2, 3, 5)
+    assert torch.equal(got, want)
+    multi = pk.gated_linear_multi(x, w, packed[None], torch.zeros(2, 3, dtype=torch.int32), b, 0.3, backend=backend)
+    assert torch.equal(multi, want)
+
+
+@needs_cpu
+def test_cpu_tensors_are_dispatched_to_the_cpp_kernel(monkeypatch):
+    from persona_kernels.kernels import cpu as cpu_backend
+
+    calls = []
+    real = cpu_backend.gated_linear
+    monkeypatch.setattr(cpu_backend, "gated_linear", lambda *a: calls.append(1) or real(*a))
+    dispatch._cached_kernel.cache_clear()
+    try:
+        x, w, packed, b, _ = make_case((3,), 4, 40, torch.float32, 0.0)
+        torch.ops.persona_kernels.gated_linear(x, w, packed, b, 0.0, "auto")  # the op itself: torch.library routes CPU
+        assert calls == [1]
+        pk.gated_linear(x, w, packed, b, 0.0, backend="torch")  # the override bypasses it
+        assert calls == [1]
+    finally:
+        dispatch._cached_kernel.cache_clear()

@@ -120,3 +120,9 @@ def test_cpp_ops_check_their_arguments() -> None:
         ops.unpack_mask(torch.zeros(2, 2, dtype=torch.int32), 70)
     with pytest.raises(RuntimeError, match="argument 'in_features'"):
         ops.unpack_mask(torch.zeros(2, 0, dtype=torch.int32), -3)
+
+
+def test_packing_custom_ops_opcheck():
+    mask = torch.rand(5, 70) < 0.5
+    torch.library.opcheck(torch.ops.persona_kernels.pack_mask, (mask, "auto"))
+    torch.library.opcheck(torch.ops.persona_kernels.unpack_mask, (pk.pack_mask(mask), 70, "auto"))

@@ -20,7 +20,9 @@ def _shifts(device: torch.device) -> torch.Tensor:
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """bool [N, K] -> int32 [N, ceil(K/32)], bit b of word w = mask[:, 32*w + b]."""
     n, k = mask.shape
-    words = (k + 31) // 32
+    from persona_kernels.ops.packing import packed_words
+
+    words = packed_words(k)
     padded = torch.zeros(n, words * 32, dtype=torch.int64, device=mask.device)
     padded[:, :k] = mask.to(torch.int64)
     weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)

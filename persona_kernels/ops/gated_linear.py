@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from persona_kernels.dispatch import BACKENDS, get_kernel
+from persona_kernels.dispatch import check_backend, get_kernel, reference_kernel, register_device_kernels
 from persona_kernels.ops.packing import packed_words
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,8 +64,27 @@ def check_gated_linear_args(
         fail("gamma", f"expected a float in [0, 1], got {type(gamma).__name__}", TypeError)
     if not 0.0 <= float(gamma) <= 1.0:
         fail("gamma", f"expected a float in [0, 1], got {gamma}")
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        fail("backend", f"expected one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    check_backend("gated_linear", backend)
+
+
+def run_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], call) -> torch.Tensor:
+    """``call(x2)`` on the rows of ``x`` as a contiguous ``[M, K]`` matrix, reshaped to ``x``'s leading shape.
+    No rows or K = 0 never reach a kernel: the result is the bias broadcast over the rows (or zeros)."""
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    if x.numel() == 0 or k == 0:
+        out = x.new_zeros(*lead, n)
+        return out + bias if bias is not None else out
+    return call(x.reshape(-1, k).contiguous()).reshape(*lead, n)
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _run(kernel, x, weight, packed_mask, bias, gamma, backend):
+    w, m, b = weight.contiguous(), packed_mask.contiguous(), _contiguous(bias)
+    return run_rows(x, weight, bias, lambda x2: kernel(x2, w, m, b, float(gamma)))
 
 
 @torch.library.custom_op("persona_kernels::gated_linear", mutates_args=())
@@ -77,17 +96,11 @@ def _gated_linear_op(
     gamma: float,
     backend: str,
 ) -> torch.Tensor:
-    n, k = weight.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.shape[0] == 0:
-        return x.new_empty(*lead, n)
-    kernel = get_kernel("gated_linear", backend, x.device)
-    out = kernel(
-        x2.contiguous(), weight.contiguous(), packed_mask.contiguous(),
-        None if bias is None else bias.contiguous(), float(gamma),
-    )
-    return out.reshape(*lead, n)
+    """Devices without a registered kernel: the torch reference (or the ``backend`` override)."""
+    return _run(reference_kernel("gated_linear", backend, x.device), x, weight, packed_mask, bias, gamma, backend)
+
+
+register_device_kernels(_gated_linear_op, "gated_linear", _run)
 
 
 @_gated_linear_op.register_fake

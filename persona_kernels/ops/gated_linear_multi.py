@@ -8,12 +8,13 @@ custom op ``torch.ops.persona_kernels.gated_linear_multi`` (fake implementation 
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 
-from persona_kernels.dispatch import get_kernel
-from persona_kernels.ops.gated_linear import check_gated_linear_args
+from persona_kernels.dispatch import get_kernel, reference_kernel, register_device_kernels
+from persona_kernels.ops.gated_linear import _contiguous, check_gated_linear_args, run_rows
 from persona_kernels.ops.packing import packed_words
 
 __all__ = ["gated_linear_multi", "check_gated_linear_multi_args"]
@@ -82,7 +83,7 @@ def check_gated_linear_multi_args(
         _fail("persona_index", f"expected an integer torch.Tensor, got {type(persona_index).__name__}", TypeError)
     if persona_index.dtype not in (torch.int32, torch.int64):
         _fail("persona_index", f"expected dtype torch.int32 or torch.int64, got {persona_index.dtype}", TypeError)
-    rows = x.numel() // k if k else int(torch.tensor(x.shape[:-1]).prod())
+    rows = math.prod(x.shape[:-1])
     if tuple(persona_index.shape) not in (tuple(x.shape[:-1]), (rows,)):
         _fail("persona_index", f"expected shape x.shape[:-1] = {tuple(x.shape[:-1])} or [{rows}], got {tuple(persona_index.shape)}")
     if persona_index.device != x.device:
@@ -91,6 +92,12 @@ def check_gated_linear_multi_args(
         lo, hi = torch.stack([persona_index.min(), persona_index.max()]).tolist()
         if lo < -1 or hi >= packed_bank.shape[0]:
             _fail("persona_index", f"values must be in [-1, P) = [-1, {packed_bank.shape[0]}) (-1 = base model), got min {lo}, max {hi}")
+
+
+def _run(kernel, x, weight, packed_bank, persona_index, bias, gamma, backend):
+    w, bank, rows, b = weight.contiguous(), packed_bank.contiguous(), persona_index.reshape(-1).contiguous(), _contiguous(bias)
+    gammas = [float(g) for g in gamma]
+    return run_rows(x, weight, bias, lambda x2: kernel(x2, w, bank, rows, b, gammas))
 
 
 @torch.library.custom_op("persona_kernels::gated_linear_multi", mutates_args=())
@@ -103,17 +110,12 @@ def _gated_linear_multi_op(
     gamma: list[float],
     backend: str,
 ) -> torch.Tensor:
-    n, k = weight.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.shape[0] == 0:
-        return x.new_empty(*lead, n)
-    kernel = get_kernel("gated_linear_multi", backend, x.device)
-    out = kernel(
-        x2.contiguous(), weight.contiguous(), packed_bank.contiguous(), persona_index.reshape(-1).contiguous(),
-        None if bias is None else bias.contiguous(), [float(g) for g in gamma],
-    )
-    return out.reshape(*lead, n)
+    """Devices without a registered kernel: the torch reference (or the ``backend`` override)."""
+    return _run(reference_kernel("gated_linear_multi", backend, x.device), x, weight, packed_bank, persona_index,
+                bias, gamma, backend)
+
+
+register_device_kernels(_gated_linear_multi_op, "gated_linear_multi", _run)
 
 
 @_gated_linear_multi_op.register_fake

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from persona_kernels.dispatch import get_kernel
+from persona_kernels.dispatch import reference_kernel, register_device_kernels
 
 
 def packed_words(in_features: int) -> int:
@@ -25,7 +25,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"persona_kernels: argument 'mask': expected dtype torch.bool, got {mask.dtype}")
     if mask.dim() != 2:
         raise ValueError(f"persona_kernels: argument 'mask': expected shape [N, K], got {tuple(mask.shape)}")
-    return get_kernel("pack_mask", "auto", mask.device)(mask.contiguous())
+    return _pack_op(mask, "auto")
 
 
 def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -41,4 +41,37 @@ def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
             f"persona_kernels: argument 'in_features': {in_features} needs {packed_words(max(int(in_features), 0))} "
             f"words per row, but 'packed' has {packed.shape[1]}"
         )
-    return get_kernel("unpack_mask", "auto", packed.device)(packed.contiguous(), int(in_features))
+    return _unpack_op(packed, int(in_features), "auto")
+
+
+# -- custom ops, one kernel per device (torch.library); arguments validated above -------------------------------
+def _run_pack(kernel, mask, backend):
+    return kernel(mask.contiguous())
+
+
+def _run_unpack(kernel, packed, in_features, backend):
+    return kernel(packed.contiguous(), in_features)
+
+
+@torch.library.custom_op("persona_kernels::pack_mask", mutates_args=())
+def _pack_op(mask: torch.Tensor, backend: str) -> torch.Tensor:
+    return _run_pack(reference_kernel("pack_mask", backend, mask.device), mask, backend)
+
+
+@_pack_op.register_fake
+def _(mask, backend):
+    return mask.new_empty((mask.shape[0], packed_words(mask.shape[1])), dtype=torch.int32)
+
+
+@torch.library.custom_op("persona_kernels::unpack_mask", mutates_args=())
+def _unpack_op(packed: torch.Tensor, in_features: int, backend: str) -> torch.Tensor:
+    return _run_unpack(reference_kernel("unpack_mask", backend, packed.device), packed, in_features, backend)
+
+
+@_unpack_op.register_fake
+def _(packed, in_features, backend):
+    return packed.new_empty((packed.shape[0], in_features), dtype=torch.bool)
+
+
+register_device_kernels(_pack_op, "pack_mask", _run_pack)
+register_device_kernels(_unpack_op, "unpack_mask", _run_unpack)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from persona_kernels.dispatch import get_kernel
+from persona_kernels.ops.gated_linear import _run as run_gated
 from persona_kernels.ops.gated_linear import gated_linear
 from persona_kernels.ops.gated_linear_multi import gated_linear_multi
 from persona_kernels.utils.errors import message
@@ -31,16 +32,10 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def _gated(x, weight, mask, bias, gamma: float, backend: str) -> torch.Tensor:
-    """Gated linear; in inference calls the kernel directly (the module validated shapes when it was patched)."""
+    """Gated linear; in inference the kernel runs on the module's inputs as they are (validated at patch time)."""
     if _needs_grad(x, weight, bias) or x.dtype != weight.dtype or x.device != weight.device or x.dim() < 1:
         return gated_linear(x, weight, mask, bias, gamma, backend=backend)  # validating, differentiable op
-    n, k = weight.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.shape[0] == 0 or k == 0:
-        return gated_linear(x, weight, mask, bias, gamma, backend=backend)
-    out = get_kernel("gated_linear", backend, x.device)(x2.contiguous(), weight, mask, bias, gamma)
-    return out.reshape(*lead, n)
+    return run_gated(get_kernel("gated_linear", backend, x.device), x, weight, mask, bias, gamma, backend)
 
 
 def persona_forward(
