@@ -85,10 +85,65 @@ def test_compiled_model_switches_personas_without_recompiling(stories, backend):
         # thread-local blocks are seen by the compiled graph too, still without recompiling
         with persona(model, "p3", 0.4):
             torch.testing.assert_close(_logits(compiled, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+        if backend == "aot_eager":  # threads sharing the compiled model each get their own persona
+            _threads_agree(model, compiled, ids)
     finally:
         set_persona(model, None)
     assert len(compiles) == 1, f"{len(compiles)} compilations for {len(schedule)} switches"
     assert len(outputs) >= len(schedule) - 2  # the personas really differ (base appears twice)
+
+
+def _threads_agree(model, compiled, ids, threads=4, steps=25):
+    # Dynamo guards the intra-op thread count, which a new thread does not inherit: give each the main thread's
+    main_threads = torch.get_num_threads()
+    choices = [None, "p2", "p7"]
+    want = {}
+    for name in choices:
+        with persona(model, name, 0.4):
+            want[name] = _logits(model, ids)
+    bad, errors = [], []
+
+    def worker(t):
+        try:
+            torch.set_num_threads(main_threads)
+            for i in range(steps):
+                name = choices[(t + i) % len(choices)]
+                with persona(model, name, 0.4):
+                    if not torch.equal(_logits(compiled, ids), want[name]):
+                        bad.append((t, i))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    assert not errors, errors[0]
+    assert not bad, f"{len(bad)} compiled forwards computed another thread's persona"
+
+
+def test_persona_linear_op_opcheck_and_gradients(stories):
+    model, _, _ = stories
+    module = model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 3, module.in_features, requires_grad=True)
+    args = lambda: (x, module.weight, module.bias, module.persona_masks, module.persona_slots,  # noqa: E731
+                    module._state.key, "auto")
+    from persona_kernels.ops.gated_linear import gated_linear
+
+    for name, gamma in ((None, None), ("p4", 0.3)):
+        with persona(model, name, gamma):
+            torch.library.opcheck(torch.ops.persona_kernels.persona_linear, args())
+            y = torch.ops.persona_kernels.persona_linear(*args())[0]
+            gx, gw = torch.autograd.grad(y.square().sum(), (x, module.weight))
+            mask = module.mask(name) if name else torch.full_like(module.mask("p4"), -1)
+            want = gated_linear(x, module.weight, mask, module.bias, 0.0 if name is None else gamma, backend="torch")
+            if name is None:
+                want = torch.nn.functional.linear(x, module.weight, module.bias)
+            wx, ww = torch.autograd.grad(want.square().sum(), (x, module.weight))
+            torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gx, wx, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(gw, ww, atol=1e-4, rtol=1e-4)
 
 
 def test_threads_each_compute_their_own_persona(stories):
@@ -209,3 +264,23 @@ def test_block_in_another_thread_conflicting_with_a_merge_raises(stories):
         unmerge_persona(model)
         set_persona(model, None)
     assert errors and "is merged into the weights" in errors[0]  # never silently the merged persona
+
+
+def test_compiled_backward_follows_the_persona_of_its_forward(stories):
+    model, ids, _ = stories
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    weight = model.model.layers[1].mlp.down_proj.weight
+
+    def grad_of(m):
+        weight.grad = None
+        m(input_ids=ids).logits.float().square().mean().backward()
+        return weight.grad.clone()
+
+    try:
+        for name, gamma in (("p1", 0.0), ("p6", 0.4), (None, None)):
+            set_persona(model, name, gamma)
+            torch.testing.assert_close(grad_of(compiled), grad_of(model), atol=1e-6, rtol=1e-5)
+    finally:
+        set_persona(model, None)
+        weight.grad = None

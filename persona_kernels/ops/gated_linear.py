@@ -115,20 +115,23 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def gated_grads(grad, x, weight, g, need_x: bool, need_w: bool, need_b: bool):
+    """Gradients of ``y = x @ (weight * g).T + b`` for x, weight and bias (None where not needed); fp32 math."""
+    k = weight.shape[1]
+    grad2 = grad.reshape(-1, grad.shape[-1]).float()
+    grad_x = (grad2 @ (weight.float() * g)).to(x.dtype).reshape(x.shape) if need_x else None
+    grad_w = ((grad2.t() @ x.reshape(-1, k).float()) * g).to(weight.dtype) if need_w else None
+    grad_b = grad2.sum(0).to(weight.dtype) if need_b else None
+    return grad_x, grad_w, grad_b
+
+
 def _backward(ctx, grad):
     from persona_kernels.kernels.torch_ref import gate
 
     x, weight, packed_mask = ctx.saved_tensors
-    k = weight.shape[1]
-    g = gate(packed_mask, k, ctx.gamma)
-    grad2 = grad.reshape(-1, grad.shape[-1]).float()
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = (grad2 @ (weight.float() * g)).to(x.dtype).reshape(x.shape)
-    if ctx.needs_input_grad[1]:
-        grad_w = ((grad2.t() @ x.reshape(-1, k).float()) * g).to(weight.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_b = grad2.sum(0).to(weight.dtype)
+    need = ctx.needs_input_grad
+    g = gate(packed_mask, weight.shape[1], ctx.gamma)
+    grad_x, grad_w, grad_b = gated_grads(grad, x, weight, g, need[0], need[1], ctx.has_bias and need[3])
     return grad_x, grad_w, None, grad_b, None, None
 
 

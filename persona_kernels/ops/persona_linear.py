@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from persona_kernels.dispatch import get_kernel
 from persona_kernels.ops.gated_linear import _run as run_gated
-from persona_kernels.ops.gated_linear import gated_linear
+from persona_kernels.ops.gated_linear import gated_grads, gated_linear
 from persona_kernels.ops.gated_linear_multi import gated_linear_multi
 from persona_kernels.utils.errors import message
 
@@ -84,8 +84,78 @@ def _forward_batch(x, weight, bias, masks, local, sel, backend) -> torch.Tensor:
     return gated_linear_multi(x, weight, masks, index, bias, gammas, backend=backend, validate_index=False)
 
 
-# -- the custom op (compiled graphs) ------------------------------------------------------------------------
+# -- the custom ops (compiled graphs) -----------------------------------------------------------------------
+def _selected(state, local: Sequence[int]) -> torch.Tensor:
+    """What a forward applied, for its backward: float64 CPU ``[row of masks (-1: dense, -2: batch), gamma]``."""
+    sel = state.current()
+    if state.merged is not None:
+        return torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    if sel.is_batch:
+        return torch.tensor([-2.0, 0.0], dtype=torch.float64)
+    row = local[sel.slot] if sel.slot >= 0 else -1
+    return torch.tensor([float(row), sel.gamma if row >= 0 else 1.0], dtype=torch.float64)
+
+
 @torch.library.custom_op("persona_kernels::persona_linear", mutates_args=())
+def _persona_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    masks: torch.Tensor,
+    local_index: torch.Tensor,
+    model_key: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``persona_forward`` for the model registered under ``model_key`` (``local_index``: int64 [slots + 1], CPU),
+    and what it applied (see :func:`_selected`; read by the backward at run time, never traced)."""
+    from persona_kernels.patching.state import state_for_key
+
+    state, local = state_for_key(model_key), local_index.tolist()
+    out = persona_forward(x, weight, bias, masks, local, state, backend)
+    return (out.clone() if out is x else out), _selected(state, local)
+
+
+@_persona_linear_op.register_fake
+def _(x, weight, bias, masks, local_index, model_key, backend):
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), torch.empty(2, dtype=torch.float64, device="cpu")
+
+
+@torch.library.custom_op("persona_kernels::persona_linear_backward", mutates_args=())
+def _persona_linear_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, masks: torch.Tensor, selected: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for x, weight and bias of the forward that applied ``selected``."""
+    from persona_kernels.kernels.torch_ref import gate
+
+    row, gamma = int(selected[0]), float(selected[1])
+    if row == -2:
+        raise NotImplementedError(message("persona_batch", "backward through a persona_batch block is not supported"))
+    g = gate(masks[row], weight.shape[1], gamma) if row >= 0 else torch.ones_like(weight, dtype=torch.float32)
+    return gated_grads(grad, x, weight, g, True, True, True)
+
+
+@_persona_linear_backward_op.register_fake
+def _(grad, x, weight, masks, selected):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, masks, local_index, model_key, backend = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, masks, output[1])
+
+
+def _backward(ctx, grad, _grad_selected):
+    x, weight, masks, selected = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _persona_linear_backward_op(grad, x, weight, masks, selected)
+    need = ctx.needs_input_grad
+    return (grad_x if need[0] else None, grad_w if need[1] else None, grad_b if ctx.has_bias and need[2] else None,
+            None, None, None, None)
+
+
+_persona_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def persona_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -95,49 +165,5 @@ def persona_linear(
     model_key: int,
     backend: str,
 ) -> torch.Tensor:
-    """``persona_forward`` for the model registered under ``model_key``; ``local_index``: int64 [slots] (CPU)."""
-    from persona_kernels.patching.state import state_for_key
-
-    out = persona_forward(x, weight, bias, masks, local_index.tolist(), state_for_key(model_key), backend)
-    return out.clone() if out is x else out
-
-
-@persona_linear.register_fake
-def _(x, weight, bias, masks, local_index, model_key, backend):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _setup_context(ctx, inputs, output):
-    from persona_kernels.patching.state import state_for_key
-
-    x, weight, bias, masks, local_index, model_key, backend = inputs
-    state = state_for_key(model_key)
-    sel = state.current()
-    row, gamma = -1, 1.0
-    if state.merged is None and not sel.is_batch and sel.slot >= 0:
-        row, gamma = int(local_index[sel.slot]), sel.gamma
-    ctx.batch = sel.is_batch and state.merged is None
-    ctx.row, ctx.gamma, ctx.has_bias = row, gamma, bias is not None
-    ctx.save_for_backward(x, weight, masks)
-
-
-def _backward(ctx, grad):
-    from persona_kernels.kernels.torch_ref import gate
-
-    if ctx.batch:
-        raise NotImplementedError(message("persona_batch", "backward through a persona_batch block is not supported"))
-    x, weight, masks = ctx.saved_tensors
-    k = weight.shape[1]
-    g = gate(masks[ctx.row], k, ctx.gamma) if ctx.row >= 0 else torch.ones_like(weight, dtype=torch.float32)
-    grad2 = grad.reshape(-1, grad.shape[-1]).float()
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = (grad2 @ (weight.float() * g)).to(x.dtype).reshape(x.shape)
-    if ctx.needs_input_grad[1]:
-        grad_w = ((grad2.t() @ x.reshape(-1, k).float()) * g).to(weight.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = grad2.sum(0).to(weight.dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None
-
-
-persona_linear.register_autograd(_backward, setup_context=_setup_context)
+    """The patched Linear's output for the persona selected when it runs (see the module docstring)."""
+    return _persona_linear_op(x, weight, bias, masks, local_index, model_key, backend)[0]
