@@ -284,3 +284,35 @@ def test_compiled_backward_follows_the_persona_of_its_forward(stories):
     finally:
         set_persona(model, None)
         weight.grad = None
+
+
+def test_removing_a_persona_another_thread_selects_is_an_error_there():
+    from persona_kernels.patching import remove_persona
+
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and PATTERN.search(n)}
+    bank = MaskBank.from_bool_masks({p: {n: torch.rand(m.weight.shape, generator=gen) < 0.5 for n, m in targets.items()}
+                                     for p in ("a", "b")})
+    patch_model(model, bank)
+    ids = torch.randint(0, 40, (1, 5), generator=gen)
+    entered, removed, errors = threading.Event(), threading.Event(), []
+
+    def worker():
+        with persona(model, "b"):
+            entered.set()
+            removed.wait()
+            try:
+                _logits(model, ids)
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+    th = threading.Thread(target=worker)
+    th.start()
+    entered.wait()
+    remove_persona(model, "b")
+    removed.set()
+    th.join()
+    assert errors and "was removed" in errors[0]  # not silently the dense model

@@ -61,8 +61,13 @@ def persona_forward(
         return F.linear(x, weight, bias)
     if sel.is_batch:
         return _forward_batch(x, weight, bias, masks, local, sel, backend)
-    row = local[sel.slot] if sel.slot >= 0 else -1
+    if sel.slot < 0:
+        return F.linear(x, weight, bias)
+    row = local[sel.slot]
     if row < 0:
+        if state.slots.get(sel.name) != sel.slot:
+            raise RuntimeError(message("PersonaLinear", f"persona {sel.name!r} was removed from the model while this "
+                                       "thread still selects it"))
         return F.linear(x, weight, bias)
     return _gated(x, weight, masks[row], bias, sel.gamma, backend)
 
