@@ -275,9 +275,11 @@ def _run(args, argv: list[str]) -> int:
         for pair, ps in stats.items():
             calib_info[pair]["tokens"] = ps.tokens
     t = time.perf_counter()
-    if stats:
-        mask_info = C.ensure_patched(model, stats, cfg["methods"], cfg["sparsity"], backend=args.backend,
-                                     control=not args.no_control, progress=progress)
+    if stats and not args.sweep_only:  # the sweep builds its own masks per sparsity
+        mask_info = C.install_masks(model, stats, cfg["methods"], cfg["sparsity"], backend=args.backend,
+                                    control=not args.no_control, progress=progress)
+    elif args.sweep_only:
+        mask_info = {}
     else:
         mask_info = {}
         cfg["methods"], cfg["prompt_mask"] = [], []
@@ -298,7 +300,7 @@ def _run(args, argv: list[str]) -> int:
         sweep = S.run_sweep(model, tokenizer, stats, {p: calib_tasks[p] for p in stats}, cap, cfg["methods"],
                             cfg["sweep_sparsity"], cfg["sweep_gamma"], grids=[S.Grid(**g) for g in cfg["sweep_grids"]] if cfg["sweep_grids"] else None,
                             control_gammas=cfg["sweep_control_gamma"], batch_size=args.batch_size,
-                            max_length=args.max_length, progress=progress)
+                            max_length=args.max_length, backend=args.backend, progress=progress)
         timings["sweep_s"] = time.perf_counter() - t
         if args.confirm_limit:
             t = time.perf_counter()
@@ -307,7 +309,7 @@ def _run(args, argv: list[str]) -> int:
                                   calib_limit=args.calib_limit, offset=args.limit) for p in ops}
             fresh_cap = _capability_task(tasks, args, offset=args.capability_limit or args.limit)
             sweep["confirmation"] = S.confirm(model, tokenizer, stats, ops, fresh, fresh_cap, batch_size=args.batch_size,
-                                              max_length=args.max_length, progress=progress)
+                                              max_length=args.max_length, backend=args.backend, progress=progress)
             sweep["confirmation"]["items"] = {p: fresh[p].split.evaluation for p in fresh}
             sweep["confirmation"]["capability_indices"] = fresh_cap.split.evaluation
             timings["confirm_s"] = time.perf_counter() - t
