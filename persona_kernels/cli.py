@@ -78,7 +78,7 @@ def cmd_demo(args) -> int:
     )
     report = run_demo(cfg)
     print((Path(cfg.out_dir) / "report.md").read_text(encoding="utf-8"))
-    print(f"bank: {report['bank']['path']}  report: {Path(cfg.out_dir) / 'report.json'}")
+    print(f"report: {Path(cfg.out_dir) / 'report.md'} (data: {Path(cfg.out_dir) / 'report.json'})  bank: {report['bank']['path']}")
     return 0
 
 

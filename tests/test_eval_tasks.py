@@ -178,7 +178,7 @@ def test_capability_text_and_pairs_match_hand_computed(tiny):
     ids = [tok.bos_token_id] + enc(NEUTRAL_PREFIX) + enc(text)
     n = len(enc(text))
     assert abs(float(got[0]) - _hand_logprob(model, ids, n) / n) < 1e-5
-    from persona_kernels.evaluation.paired import ResponsePair
+    from persona_kernels.evaluation.tasks import ResponsePair
 
     pair = ResponsePair("Tell me a story.", "They ran and laughed.", "She sat alone.")
     m = score_items(model, tok, _task("pairs", [pair]))["margin"]

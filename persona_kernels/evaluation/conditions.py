@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Collection, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,14 @@ from persona_kernels.methods import ALIASES, MethodSpec, parse_method  # noqa: F
 from persona_kernels.personas import PersonaText
 
 PAIRS = ("power", "wealth", "hallucination", "energy")
+
+#: the one name each pair goes by in reports, progress bars and tables (the key ``energy`` stays in JSON/task names)
+PAIR_LABELS = {"power": "power", "wealth": "wealth", "hallucination": "hallucination", "energy": "E/I"}
+
+
+def pair_label(pair: str) -> str:
+    """Display name of a pair (``energy`` -> ``E/I``); unknown pairs keep their key."""
+    return PAIR_LABELS.get(pair, pair)
 
 #: system prompts (+, -) per pair; power and energy are the bundled persona prompts.
 _EXTRA_PROMPTS = {
@@ -215,21 +223,22 @@ class Condition:
 
 
 def pair_conditions(pair: str, methods: Sequence[str], *, gamma: float = 0.0, control: bool = True,
-                    prompt_mask: Sequence[str] = ()) -> list[Condition]:
+                    prompt_mask: Sequence[str] = (), name: Callable[..., str] = mask_name) -> list[Condition]:
     """Conditions evaluated on a pair's tasks: base, prompt +/-, each method's masks +/-, their controls, and
-    prompt + mask for the methods in ``prompt_mask``."""
+    prompt + mask for the methods in ``prompt_mask``. ``name(pair, method, sign, control)`` is the persona
+    name of a mask in the patched model (default :func:`mask_name`)."""
     sp, sn = system_prompts(pair)
     out = [Condition("base", "base", "0"), Condition("prompt+", "prompt", "+", system=sp),
            Condition("prompt-", "prompt", "-", system=sn)]
     for m in methods:
         for sign in "+-":
-            out.append(Condition(f"{m}{sign}", m, sign, mask_name(pair, m, sign), gamma))
+            out.append(Condition(f"{m}{sign}", m, sign, name(pair, m, sign, False), gamma))
         if control:
             for sign in "+-":
-                out.append(Condition(f"control/{m}{sign}", f"control/{m}", sign, mask_name(pair, m, sign, True), gamma))
+                out.append(Condition(f"control/{m}{sign}", f"control/{m}", sign, name(pair, m, sign, True), gamma))
         if m in prompt_mask:
             for sign, s in (("+", sp), ("-", sn)):
-                out.append(Condition(f"prompt+{m}{sign}", f"prompt+{m}", sign, mask_name(pair, m, sign), gamma, s))
+                out.append(Condition(f"prompt+{m}{sign}", f"prompt+{m}", sign, name(pair, m, sign, False), gamma, s))
     return out
 
 

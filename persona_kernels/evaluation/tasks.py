@@ -19,7 +19,7 @@ Task kinds and their per-item scores (all float64 tensors, one value per evaluat
 Scoring runs the decoder once per sequence and applies the output layer only at the positions that are
 scored; when every choice is a single token (answer letters, Yes/No) one sequence per item scores all
 choices at once. A sequence is always ``[BOS] + tokens(context) + tokens(continuation)`` (context and
-continuation tokenised separately), the same convention as :func:`~persona_kernels.evaluation.loglik.continuation_loglik`.
+continuation tokenised separately), the one log-prob engine of the package (the demo and the sweep use it too).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from persona_kernels.evaluation.ab import ABItem, format_context, swap_options
-from persona_kernels.evaluation.paired import ResponsePair
+from persona_kernels.utils.devices import model_device
 
 __all__ = [
-    "TaskDataError", "YesNoItem", "MCItem", "Task", "Split", "TASK_SPECS", "load_ab_file", "load_yesno_file",
+    "TaskDataError", "ResponsePair", "YesNoItem", "MCItem", "Task", "Split", "TASK_SPECS", "load_ab_file", "load_yesno_file",
     "load_pairs_file", "load_mmlu2_file", "load_mmlu4_file", "load_hellaswag_file", "load_task", "split_items",
     "score_items", "choice_logprobs", "sequence_logprobs",
 ]
@@ -50,6 +50,15 @@ class TaskDataError(ValueError):
     def __init__(self, path: Any, message: str, line: int | None = None) -> None:
         self.path, self.line = str(path), line
         super().__init__(f"{path}{':' + str(line) if line is not None else ''}: {message}")
+
+
+@dataclass(frozen=True)
+class ResponsePair:
+    """One prompt with a persona+ and a persona- response (scored as the paired response margin)."""
+
+    prompt: str
+    positive: str
+    negative: str
 
 
 @dataclass(frozen=True)
@@ -372,11 +381,6 @@ def _split_model(model: nn.Module):
     return None
 
 
-def _device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return emb.weight.device if emb is not None else next(model.parameters()).device
-
-
 @torch.no_grad()
 def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], positions: Sequence[list[int]],
                        *, batch_size: int, progress: bool = False, desc: str = "scoring") -> list[torch.Tensor]:
@@ -384,7 +388,7 @@ def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], p
     positions (the distribution of the token that follows each position)."""
     from tqdm.auto import tqdm
 
-    device = _device(model)
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     split = _split_model(model)
     out: list[torch.Tensor | None] = [None] * len(seqs)
