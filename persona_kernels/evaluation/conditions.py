@@ -175,8 +175,14 @@ def pair_statistics(model: nn.Module, tokenizer, texts: Mapping[str, tuple[Seque
         for sign, items in (("+", pos), ("-", neg)):
             for b in range(0, len(items), block):
                 groups[f"{pair}|{sign}|{b // block}"] = list(items[b : b + block])
-    stats, seen = persona_stats(model, tokenizer, groups, batch_size=batch_size, max_length=max_length, tokens=tokens,
-                                progress=progress)
+    from tqdm.auto import tqdm
+
+    stats, seen = {}, {}
+    for key in tqdm(list(groups), desc="calibration statistics", unit="block", disable=not progress):
+        st, sn = persona_stats(model, tokenizer, {key: groups[key]}, batch_size=batch_size, max_length=max_length,
+                               tokens=tokens, progress=False)
+        stats.update(st)
+        seen.update(sn)
     out = {}
     for pair in texts:
         plus = sorted((k for k in stats if k.startswith(f"{pair}|+|")), key=lambda k: int(k.rsplit("|", 1)[1]))

@@ -216,7 +216,9 @@ def score_jobs(model, tokenizer, jobs: Sequence[tuple[str, Task, C.Condition]], 
     scores: dict = {}
     done: dict[tuple, dict] = {}
     jobs = sorted(jobs, key=lambda j: (j[2].mask or "", j[2].system or ""))
-    for pair, task, c in tqdm(jobs, desc=desc, unit="task x condition", disable=not progress):
+    bar = tqdm(jobs, desc=desc, unit="task x condition", disable=not progress)
+    for pair, task, c in bar:
+        bar.set_postfix_str(f"{C.pair_label(pair)}: {task.name} under {c.name}", refresh=False)
         key = (id(task), c.mask, c.gamma if c.mask else None, c.system)
         if key not in done:
             if patching.is_patched(model):

@@ -137,8 +137,6 @@ def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping
     """
     from tqdm.auto import tqdm
 
-    from persona_kernels import patching
-
     if grids is None:
         grids = [Grid(tuple(methods), tuple(sparsities), tuple(gammas),
                       None if control_gammas is None else tuple(control_gammas))]
@@ -154,18 +152,20 @@ def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping
     _base(model)
     base_cap = score_items(model, tokenizer, cap, batch_size=batch_size, max_length=max_length)["capability"]
     prompt = {}
-    for pair, task in tasks.items():
+    for pair, task in tqdm(list(tasks.items()), desc="sweep prompt points", unit="pair", disable=not progress):
         prompt[pair] = _switch_point(model, tokenizer, task, cap, (None, None), 0.0, base_cap, batch_size,
                                      systems=C.system_prompts(pair), max_length=max_length)
         prompt[pair]["task"] = task.name
     points = []
     total = sum(len(tasks) * len(v) for v in plan.values())
-    bar = tqdm(total=total, desc="sweep", disable=not progress)
+    bar = tqdm(total=total, desc="sweep points (pair x method x rho x gamma)", unit="point", disable=not progress)
     for rho in sorted(plan):
         entries = plan[rho]
         ms = list(dict.fromkeys(m for m, _ in entries))
         need_ctrl = [m for m in ms if any(c for (mm, _), c in entries.items() if mm == m)]
+        bar.set_postfix_str(f"building masks rho={rho}")
         info = C.install_masks(model, stats, ms, rho, control=set(need_ctrl), backend=backend)  # one bank per rho
+        bar.set_postfix_str(f"rho={rho}")
         for (m, gamma), ctrl in sorted(entries.items(), key=lambda e: (e[0][1], ms.index(e[0][0]))):
             for pair, task in tasks.items():
                 names = (C.mask_name(pair, m, "+"), C.mask_name(pair, m, "-"))
@@ -242,7 +242,7 @@ def confirm(model, tokenizer, stats: Mapping[str, C.PairStats], points: Mapping[
     out: dict = {}
     _base(model)
     base_cap = score_items(model, tokenizer, cap, batch_size=batch_size, max_length=max_length)["capability"]
-    for pair in tqdm([p for p in points if p in tasks], desc="confirm", disable=not progress):
+    for pair in tqdm([p for p in points if p in tasks], desc="confirmation on fresh items", unit="pair", disable=not progress):
         op, task = points[pair], tasks[pair]
         pr = _switch_point(model, tokenizer, task, cap, (None, None), 0.0, base_cap, batch_size,
                            systems=C.system_prompts(pair), max_length=max_length)

@@ -25,6 +25,7 @@ continuation tokenised separately), the one log-prob engine of the package (the 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -383,6 +384,20 @@ def _split_model(model: nn.Module):
 
 #: forward tokens of the scorer (real, non-padding tokens run through the decoder), for benchmarks and tests
 FORWARD_TOKENS = {"tokens": 0}
+#: whether scoring reuses shared prefixes when a caller does not say (see :func:`prefix_caching`)
+_PREFIX_CACHE = {"enabled": True}
+
+
+@contextlib.contextmanager
+def prefix_caching(enabled: bool):
+    """Within the block, scorers called without ``prefix_cache=`` use ``enabled`` (benchmarks: the sweep and
+    confirmation code paths with and without the prefix cache)."""
+    old = _PREFIX_CACHE["enabled"]
+    _PREFIX_CACHE["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _PREFIX_CACHE["enabled"] = old
 
 
 def _rows(seqs: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +444,7 @@ def _cache_arg(module: nn.Module) -> str:
 @torch.no_grad()
 def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], positions: Sequence[list[int]],
                        *, batch_size: int, progress: bool = False, desc: str = "scoring",
-                       groups: Sequence[Sequence[int]] | None = None, prefix_cache: bool = True) -> list[torch.Tensor]:
+                       groups: Sequence[Sequence[int]] | None = None, prefix_cache: bool | None = None) -> list[torch.Tensor]:
     """For each sequence, the log-softmax rows ``[len(positions[i]), vocab]`` (float32, CPU) at the given
     positions (the distribution of the token that follows each position).
 
@@ -446,6 +461,8 @@ def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], p
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     split = _split_model(model)
     out: list[torch.Tensor | None] = [None] * len(seqs)
+    if prefix_cache is None:
+        prefix_cache = _PREFIX_CACHE["enabled"]
     if not prefix_cache:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
@@ -538,7 +555,7 @@ def _scatter(out: list, idx: Sequence[int], positions: Sequence[list[int]], lp: 
 
 def choice_logprobs(model: nn.Module, tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]], *,
                     batch_size: int = 16, max_length: int = 1024, progress: bool = False, desc: str = "choices",
-                    groups: Sequence[Sequence[int]] | None = None, prefix_cache: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    groups: Sequence[Sequence[int]] | None = None, prefix_cache: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per item: (summed log-prob, token count) of each choice as a continuation of its context, as float64
     and int64 tensors ``[n_choices]``. Items whose choices are all single tokens take one forward pass.
     Sequences longer than ``max_length`` lose tokens from the left (context first).
@@ -608,9 +625,10 @@ def _ab_context(tokenizer, question: str, chat: bool, system: str | None) -> str
 
 def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str | None = None, items: list | None = None,
                 batch_size: int = 16, max_length: int = 1024, progress: bool = False, both_orders: bool = True,
-                prefix_cache: bool = True) -> dict[str, torch.Tensor]:
+                prefix_cache: bool | None = None) -> dict[str, torch.Tensor]:
     """Per-item scores of ``task``'s evaluation items (or ``items``) under the model's current condition.
-    ``prefix_cache=False`` runs every sequence whole (the reference the cached scorer is tested against)."""
+    ``prefix_cache=False`` runs every sequence whole (the reference the cached scorer is tested against);
+    None: the default of :func:`prefix_caching` (on)."""
     items = task.items if items is None else items
     chat = task.chat
     if not items:
