@@ -156,18 +156,23 @@ def _nonempty(path: Path, items: list) -> list:
 # loaders
 
 
-def load_ab_file(path: str | Path) -> list[ABItem]:
-    """A/B persona items ``{question, answer_matching_behavior, answer_not_matching_behavior}``."""
-    path = Path(path)
+def _two_letter_items(path: Path, question: str, good: str, bad: str, what: str) -> list[ABItem]:
+    """A/B items from records ``{question, good letter, bad letter}`` (the good letter is the matching one)."""
     items = []
     for line, obj in _records(path):
-        q = _field(path, line, obj, "question")
-        m = _letter(path, line, _field(path, line, obj, "answer_matching_behavior"), "AB")
-        n = _letter(path, line, _field(path, line, obj, "answer_not_matching_behavior"), "AB")
+        q = _field(path, line, obj, question)
+        m = _letter(path, line, _field(path, line, obj, good), "AB")
+        n = _letter(path, line, _field(path, line, obj, bad), "AB")
         if m == n:
-            raise TaskDataError(path, f"matching and non-matching answers are both ({m})", line)
+            raise TaskDataError(path, f"{what} answers are both ({m})", line)
         items.append(ABItem(q.strip(), m, f"{path.name}:{line}"))
     return _nonempty(path, items)
+
+
+def load_ab_file(path: str | Path) -> list[ABItem]:
+    """A/B persona items ``{question, answer_matching_behavior, answer_not_matching_behavior}``."""
+    return _two_letter_items(Path(path), "question", "answer_matching_behavior", "answer_not_matching_behavior",
+                             "matching and non-matching")
 
 
 def load_yesno_file(path: str | Path) -> list[YesNoItem]:
@@ -205,16 +210,7 @@ def load_pairs_file(path: str | Path, keys: tuple[str, str, str] | None = None) 
 
 def load_mmlu2_file(path: str | Path) -> list[ABItem]:
     """Two-choice MMLU ``{prompt, correct: "(A)", incorrect: "(B)"}`` as A/B items (matching = correct)."""
-    path = Path(path)
-    items = []
-    for line, obj in _records(path):
-        q = _field(path, line, obj, "prompt")
-        c = _letter(path, line, _field(path, line, obj, "correct"), "AB")
-        w = _letter(path, line, _field(path, line, obj, "incorrect"), "AB")
-        if c == w:
-            raise TaskDataError(path, f"correct and incorrect answers are both ({c})", line)
-        items.append(ABItem(q.strip(), c, f"{path.name}:{line}"))
-    return _nonempty(path, items)
+    return _two_letter_items(Path(path), "prompt", "correct", "incorrect", "correct and incorrect")
 
 
 def load_mmlu4_file(path: str | Path) -> list[MCItem]:
