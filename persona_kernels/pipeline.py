@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from persona_kernels.methods import BASES as METHODS
+from persona_kernels.methods import BASES as METHODS  # noqa: F401  (the base method names, kept public)
 from persona_kernels.methods import MethodSpec, in_scope, pair_masks, persona_mask, resolve
 from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
 from persona_kernels.personas import PersonaText, render

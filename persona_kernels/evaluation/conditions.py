@@ -22,7 +22,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from persona_kernels.methods import ALIASES, MethodSpec, parse_method  # noqa: F401  (re-exported)
