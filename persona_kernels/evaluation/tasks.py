@@ -16,10 +16,13 @@ Task kinds and their per-item scores (all float64 tensors, one value per evaluat
 * ``text``   neutral text: ``capability`` (mean log-prob per token of the text after :data:`NEUTRAL_PREFIX`,
   itself after the system prompt if any).
 
-Scoring runs the decoder once per sequence and applies the output layer only at the positions that are
-scored; when every choice is a single token (answer letters, Yes/No) one sequence per item scores all
-choices at once. A sequence is always ``[BOS] + tokens(context) + tokens(continuation)`` (context and
-continuation tokenised separately), the one log-prob engine of the package (the demo and the sweep use it too).
+This is the one log-prob engine of the package (the runner, the sweep and the demo use it). A sequence is
+always ``[BOS] + tokens(context) + tokens(continuation)`` (context and continuation tokenised separately). The
+output layer runs only at the scored positions; when every choice is a single token (answer letters, Yes/No)
+one sequence per item scores all choices at once. Shared prefixes run once (KV cache expanded to each
+continuation, see :func:`_position_logprobs`): the chat header common to a batch, the prompt of an E/I pair's
+two responses, the question start of an A/B item's two option orders. The cache is built under the condition
+being scored; results equal the whole-sequence forward up to float rounding (``prefix_cache=False``).
 """
 
 from __future__ import annotations
