@@ -78,7 +78,7 @@ def cmd_demo(args) -> int:
     )
     report = run_demo(cfg)
     print((Path(cfg.out_dir) / "report.md").read_text(encoding="utf-8"))
-    print(f"bank: {report['bank']['path']}  report: {Path(cfg.out_dir) / 'report.json'}")
+    print(f"report: {Path(cfg.out_dir) / 'report.md'} (data: {Path(cfg.out_dir) / 'report.json'})  bank: {report['bank']['path']}")
     return 0
 
 
@@ -90,13 +90,16 @@ def cmd_calibrate(args) -> int:
         raise CLIError(f"--sparsity: expected a value in [0, 1), got {args.sparsity}")
     texts = personas.load_personas(args.personas) if args.personas else personas.default_personas()
     pairs = _parse_pairs(args.pairs) or (personas.default_pairs() if not args.personas else None)
-    if args.method != "wanda" and not pairs:
+    from persona_kernels.methods import parse_method
+
+    contrastive = parse_method(args.method).contrastive
+    if contrastive and not pairs:
         raise CLIError("--pairs POS:NEG is required for contrastive methods with --personas")
     if pairs:
         missing = sorted({p for pair in pairs for p in pair} - set(texts))
         if missing:
             raise CLIError(f"--pairs: unknown persona(s) {missing}; available: {sorted(texts)}")
-        if args.method != "wanda":
+        if contrastive:
             texts = {p: texts[p] for pair in pairs for p in pair}
     rank, started = _init_distributed(args)
     try:
@@ -267,8 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def method_args(p):
         op = OPERATING_POINT
-        p.add_argument("--method", default=op.method, choices=["wanda", "contrastive_wanda", "contrastive_sparse"],
-                       help=f"mask method (default {op.method}, the operating point of docs/results/smollm2)")
+        from persona_kernels import methods
+
+        p.add_argument("--method", default=op.method, type=methods.cli_type,
+                       help=f"{methods.HELP} (default {op.method}, the operating point of docs/results/smollm2; "
+                            "--tau/--phi/--statistic/--activation apply to a bare base name)")
         p.add_argument("--sparsity", type=float, default=op.sparsity,
                        help=f"fraction of each row pruned per persona (default {op.sparsity})")
         p.add_argument("--gamma", type=float, default=op.gamma, help=f"soft gate for pruned weights, in [0, 1] (default {op.gamma})")

@@ -36,6 +36,8 @@ except ImportError:  # pragma: no cover - Python 3.10
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Union
 
+from persona_kernels.evaluation.ab import ABItem
+
 __all__ = [
     "PersonaText",
     "ABQuestion",
@@ -113,15 +115,8 @@ class PersonaText:
         return {k: v for k, v in fields if v is not None}
 
 
-@dataclass(frozen=True)
-class ABQuestion:
-    """A two-choice question; ``answer_matching`` is the letter the ``persona`` would pick."""
-
-    pair: str
-    question: str
-    answer_matching: str
-    answer_not_matching: str
-    persona: str
+#: the package's one A/B item type (``answer_matching`` is the letter the ``persona`` would pick, as "(A)")
+ABQuestion = ABItem
 
 
 class Rendered(NamedTuple):
@@ -427,7 +422,7 @@ def load_ab_questions(path: PathLike | None = None, pair: str | None = None) -> 
         if {vals["answer_matching"], vals["answer_not_matching"]} != {"(A)", "(B)"}:
             raise PersonaFileError(name, "answer_matching / answer_not_matching must be '(A)' and '(B)'", lineno)
         if pair is None or vals["pair"] == pair:
-            out.append(ABQuestion(**vals))
+            out.append(ABItem(vals["question"], vals["answer_matching"][1], f"{name}:{lineno}", vals["pair"], vals["persona"]))
     if not out:
         raise PersonaFileError(name, "no A/B questions" + (f" for pair {pair!r}" if pair else ""))
     return out

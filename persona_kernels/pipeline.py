@@ -12,11 +12,10 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from persona_kernels.methods import BASES as METHODS  # noqa: F401  (the base method names, kept public)
+from persona_kernels.methods import MethodSpec, in_scope, pair_masks, persona_mask, resolve
 from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
-from persona_kernels.operating_point import default_method_kwargs
 from persona_kernels.personas import PersonaText, render
-
-METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse")
 TOKEN_MODES = ("auto", "all", "response")
 
 
@@ -261,7 +260,7 @@ def build_bank(
     model: nn.Module,
     stats_by_persona: Mapping[str, Mapping[str, object]],
     *,
-    method: str = OPERATING_POINT.method,
+    method: str | MethodSpec = OPERATING_POINT.method,
     sparsity: float = OPERATING_POINT.sparsity,
     pairs: Sequence[tuple[str, str]] | None = None,
     method_kwargs: Mapping | None = None,
@@ -270,50 +269,67 @@ def build_bank(
     extra_metadata: Mapping | None = None,
     progress: bool = False,
 ):
-    """Score every targeted Linear and pack the keep-masks into a :class:`~persona_kernels.bank.MaskBank`."""
+    """Score every targeted Linear and pack the keep-masks into a :class:`~persona_kernels.bank.MaskBank`.
+
+    ``method`` is a method spec (:mod:`persona_kernels.methods`, e.g. ``"contrastive_sparse:restrict=0.5,scope=mlp"``);
+    ``method_kwargs`` override its options. Modules outside the spec's ``scope`` get no mask (they stay dense).
+    The bank's metadata records ``method`` (the base), ``method_spec`` (canonical spec) and ``method_kwargs``.
+    """
     from tqdm.auto import tqdm
 
-    from persona_kernels import scoring
     from persona_kernels.bank import MaskBank
 
-    if method not in METHODS:
-        raise ValueError(f"persona_kernels.calibrate: argument 'method': expected one of {METHODS}, got {method!r}")
-    kwargs = dict(method_kwargs) if method_kwargs is not None else default_method_kwargs(method)
+    try:
+        spec = resolve(method, method_kwargs)
+    except ValueError as e:
+        raise ValueError(f"persona_kernels.calibrate: argument 'method': {e}") from None
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"persona_kernels.calibrate: argument 'sparsity': expected a float in [0, 1), got {sparsity}")
+    try:
+        spec.check_sparsity(float(sparsity))
+    except ValueError as e:
+        raise ValueError(f"persona_kernels.calibrate: argument 'sparsity': {e}") from None
     personas = list(stats_by_persona)
-    if method == "wanda":
+    if not spec.contrastive:
         jobs = [(p,) for p in personas]
     else:
         if not pairs:
-            raise ValueError(f"persona_kernels.calibrate: argument 'pairs': method {method!r} needs (positive, negative) persona pairs")
+            raise ValueError(f"persona_kernels.calibrate: argument 'pairs': method {spec.label!r} needs (positive, negative) persona pairs")
         for pos, neg in pairs:
             for p in (pos, neg):
                 if p not in stats_by_persona:
                     raise ValueError(f"persona_kernels.calibrate: argument 'pairs': persona {p!r} has no texts (have {personas})")
         jobs = [tuple(p) for p in pairs]
     module_names = list(next(iter(stats_by_persona.values())))
-    weights = _linear_weights(model, module_names)
+    scoped = [n for n in module_names if in_scope(spec, n)]
+    if not scoped:
+        raise ValueError(f"persona_kernels.calibrate: argument 'method': scope {spec.scope!r} of {spec.label!r} selects "
+                         f"none of the {len(module_names)} calibrated modules (e.g. {module_names[:2]})")
+    weights = _linear_weights(model, scoped)
     masks: dict[str, dict[str, torch.Tensor]] = {}
-    for job in tqdm(jobs, desc=f"scoring ({method})", disable=not progress):
-        for name in module_names:
+    unit = "pair" if spec.contrastive else "persona"
+    for job in tqdm(jobs, desc=f"masks {spec.label} rho={sparsity}", unit=unit, disable=not progress, leave=False):
+        for name in scoped:
             w = weights[name]
-            if method == "wanda":
-                (p,) = job
-                masks.setdefault(p, {})[name] = scoring.wanda(w, stats_by_persona[p][name], sparsity, **kwargs)
+            if len(job) == 1:
+                masks.setdefault(job[0], {})[name] = persona_mask(w, stats_by_persona[job[0]][name], spec, sparsity, packed=True)
             else:
                 pos, neg = job
-                fn = scoring.contrastive_wanda if method == "contrastive_wanda" else scoring.contrastive_sparse
-                m_pos, m_neg = fn(w, stats_by_persona[pos][name], stats_by_persona[neg][name], sparsity, **kwargs)
+                m_pos, m_neg = pair_masks(w, stats_by_persona[pos][name], stats_by_persona[neg][name], spec, sparsity,
+                                          packed=True)
                 masks.setdefault(pos, {})[name] = m_pos
                 masks.setdefault(neg, {})[name] = m_neg
+    options = {k: v for k, v in spec.options.items() if not (k == "scope" and v == "all")}
     metadata = {
-        "method": method,
+        "method": spec.base,
+        "method_spec": spec.canonical,
         "sparsity": float(sparsity),
-        "method_kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))},
-        "pairs": [list(j) for j in jobs] if method != "wanda" else [],
+        "method_kwargs": options,
+        "pairs": [list(j) for j in jobs] if spec.contrastive else [],
         "tokens_seen": dict(tokens_seen or {}),
         **dict(extra_metadata or {}),
     }
-    shapes = {n: tuple(weights[n].shape) for n in module_names}
+    shapes = {n: tuple(weights[n].shape) for n in scoped}
     bank = MaskBank.from_bool_masks(masks, metadata=metadata, default_gamma=default_gamma, shapes=shapes)
     return bank.record_weights(model)  # lets patch_model tell another checkpoint of this architecture
 
@@ -322,7 +338,7 @@ def calibrate(
     model: nn.Module,
     tokenizer,
     texts_by_persona: Mapping[str, Sequence[PersonaText | str]],
-    method: str = OPERATING_POINT.method,
+    method: str | MethodSpec = OPERATING_POINT.method,
     sparsity: float = OPERATING_POINT.sparsity,
     pairs: Sequence[tuple[str, str]] | None = None,
     batch_size: int = 8,
@@ -341,9 +357,11 @@ def calibrate(
 
     Args:
         texts_by_persona: persona name -> texts (``str`` or :class:`~persona_kernels.personas.PersonaText`).
-        method: ``"wanda"`` (each persona alone), ``"contrastive_wanda"`` or ``"contrastive_sparse"`` (pairs).
-            Method, sparsity and (when ``method_kwargs`` is None) its keyword arguments default to
-            :data:`persona_kernels.operating_point.DEFAULT`.
+        method: a method spec (:mod:`persona_kernels.methods`): ``"wanda"`` (each persona alone),
+            ``"contrastive_wanda"`` or ``"contrastive_sparse"`` (pairs), an alias, or options such as
+            ``"contrastive_sparse:restrict=0.5,scope=mlp"``. Method, sparsity and (for a bare base name with
+            ``method_kwargs=None``) its options default to :data:`persona_kernels.operating_point.DEFAULT`.
+        method_kwargs: options applied over the spec's (e.g. ``{"tau": 0.5}``).
         sparsity: fraction of each output row's connections a persona prunes.
         pairs: ``[(positive, negative), ...]`` for the contrastive methods.
         tokens: which tokens enter the statistics: ``"all"``, ``"response"`` (prompt runs as context only),
@@ -355,8 +373,11 @@ def calibrate(
     """
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"persona_kernels.calibrate: argument 'sparsity': expected a float in [0, 1), got {sparsity}")
-    if method not in METHODS:
-        raise ValueError(f"persona_kernels.calibrate: argument 'method': expected one of {METHODS}, got {method!r}")
+    try:
+        spec = resolve(method, method_kwargs)  # fail before the forward passes
+        spec.check_sparsity(float(sparsity))
+    except ValueError as e:
+        raise ValueError(f"persona_kernels.calibrate: argument 'method': {e}") from None
     all_items = [_as_item(t) for ts in texts_by_persona.values() for t in ts]
     mode = resolve_token_mode(all_items, tokens)
     stats, seen = persona_stats(
@@ -365,7 +386,7 @@ def calibrate(
         distributed=distributed,
     )
     return build_bank(
-        model, stats, method=method, sparsity=sparsity, pairs=pairs, method_kwargs=method_kwargs,
+        model, stats, method=spec, sparsity=sparsity, pairs=pairs,
         default_gamma=default_gamma, tokens_seen=seen,
         extra_metadata={"tokens": mode if isinstance(mode, str) else "callable", "chat_template": bool(chat_template),
                         "max_length": int(max_length)},

@@ -178,7 +178,7 @@ def test_capability_text_and_pairs_match_hand_computed(tiny):
     ids = [tok.bos_token_id] + enc(NEUTRAL_PREFIX) + enc(text)
     n = len(enc(text))
     assert abs(float(got[0]) - _hand_logprob(model, ids, n) / n) < 1e-5
-    from persona_kernels.evaluation.paired import ResponsePair
+    from persona_kernels.evaluation.tasks import ResponsePair
 
     pair = ResponsePair("Tell me a story.", "They ran and laughed.", "She sat alone.")
     m = score_items(model, tok, _task("pairs", [pair]))["margin"]
@@ -277,3 +277,62 @@ def test_bootstrap_interval_covers_the_true_mean():
         covered += e.low <= 0.7 <= e.high
         assert e.low <= e.mean <= e.high
     assert 88 <= covered <= 100  # nominal 95%
+
+
+# ------------------------------------------------------------------------------------------------------
+# prefix KV cache
+
+#: cached vs uncached scores (fp32): the cached prefix and the whole-sequence forward differ only in the
+#: order of float32 sums (matmul shapes, attention over a longer padded key range); measured differences
+#: on stories260K are ~1e-6, well inside this bound
+PREFIX_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("system,persona", [(None, "extravert"), ("You are a careful, truthful assistant.", None)])
+def test_prefix_cache_gives_the_uncached_scores_with_fewer_tokens(tiny, shared, system, persona):
+    from persona_kernels import patching
+    from persona_kernels.evaluation import tasks as T
+    from persona_kernels.pipeline import calibrate
+    from persona_kernels.personas import default_personas
+
+    model, tok = tiny
+    texts = {k: v[:4] for k, v in default_personas().items() if k in ("extravert", "introvert")}
+    bank = calibrate(model, tok, texts, method="contrastive_wanda", sparsity=0.2, pairs=[("extravert", "introvert")],
+                     chat_template=False, progress=False)
+    patching.patch_model(model, bank)
+    try:
+        names = ("power", "energy", "power_statements", "mmlu4", "hellaswag")
+        tasks = {n: load_task(n, shared=shared, seed=0, limit=7, calib_limit=1) for n in names}
+        tasks["text"] = _task("text", T.capability_texts(tasks["hellaswag"].items[:5]))
+        ratio = {}
+        patching.set_persona(model, persona, gamma=0.0 if persona else None)  # the cache is computed under the mask
+        for n, task in tasks.items():
+            lengths = ((1024, 3), (48, 4)) if n in ("power", "energy") else ((1024, 3),)
+            for max_length, batch in lengths:  # 48: left-truncated sequences share little or nothing
+                T.FORWARD_TOKENS["tokens"] = 0
+                ref = score_items(model, tok, task, system_prompt=system, batch_size=batch, max_length=max_length,
+                                  prefix_cache=False)
+                whole = T.FORWARD_TOKENS["tokens"]
+                T.FORWARD_TOKENS["tokens"] = 0
+                got = score_items(model, tok, task, system_prompt=system, batch_size=batch, max_length=max_length)
+                cached = T.FORWARD_TOKENS["tokens"]
+                assert set(got) == set(ref)
+                for key in ref:
+                    assert torch.isfinite(got[key]).all()
+                    torch.testing.assert_close(got[key], ref[key], atol=PREFIX_ATOL, rtol=0, msg=f"{n} {key}")
+                assert cached <= whole
+                if max_length == 1024:
+                    ratio[n] = whole / cached
+        # both option orders / both responses share a prefix (the SmolLM2 ratios, with its chat header, are in
+        # benchmarks/results/eval_prefix_cpu.md; stories260K has no chat template, so its prompts are short)
+        assert ratio["power"] > 1.3 and ratio["energy"] > 1.05, ratio
+    finally:
+        patching.unpatch_model(model)
+
+
+def test_prefix_cache_groups_must_partition(tiny):
+    from persona_kernels.evaluation.tasks import _position_logprobs
+
+    model, tok = tiny
+    with pytest.raises(ValueError, match="partition"):
+        _position_logprobs(model, tok, [[1, 2, 3], [1, 2, 4]], [[1], [1]], batch_size=2, groups=[[0]])

@@ -52,15 +52,22 @@ def test_end_to_end_tiny_run(shared, tmp_path, one_thread):
     assert {"switch", "control_switch", "net_of_control"} <= set(sw["wanda"])
     assert "mmlu4" in rep["summary"]["general"] and "wanda+" in rep["summary"]["general"]["hellaswag"]
     assert rep["summary"]["pairs"]["power"]["capability"]["base"]["relative_loss"] == 0.0
-    # the sweep: every (method, rho, gamma, pair) point; contrastive_sparse_restricted only where rho <= 0.25
+    # the sweep: every (method, rho, gamma, pair) point
     pts = rep["sweep"]["points"]
     assert len(pts) == 2 * 2 * 4 * 4
     assert set(rep["operating_points"]) <= {"power", "wealth", "hallucination", "energy"}
     for pair, op in rep["operating_points"].items():
         assert op["capability_loss"] <= rep["bound"]
         assert op == operating_points(rep["sweep"], rep["bound"])[pair]
-    # masks: contrastive masks differ between + and -, Wanda-restricted variant prunes only low-Wanda weights
-    assert rep["masks"]["energy"]["contrastive_sparse"]["difference_rate"] > 0
+    # masks: Contrastive-Sparse (plain and Wanda-restricted) prunes disjoint sets of rho K per row in each of the
+    # + and - masks, so they differ on 0 < rate <= 2 rho of the weights; the restriction itself (only low-Wanda
+    # weights pruned) is checked exactly in test_restricted_method_prunes_only_low_wanda_weights
+    for m in ("contrastive_sparse", "contrastive_sparse_restricted"):
+        for pair in ("power", "energy"):
+            rate = rep["masks"][pair][m]["difference_rate"]
+            assert 0 < rate <= 2 * 0.05 + 1e-9, (pair, m, rate)
+    # the sweep's restricted points exist only where rho <= 0.25 (here: both sweep sparsities)
+    assert {p["sparsity"] for p in pts if p["method"] == "contrastive_sparse_restricted"} == {0.02, 0.1}
 
 
 def test_sweep_grids_controls_and_confirmation(shared, tmp_path, one_thread):
@@ -197,40 +204,56 @@ def test_option_text_and_calibration_texts(shared):
         assert p.prompt == n.prompt == it.question and p.response.startswith(f"({it.matching})")
 
 
-def test_method_masks_restricted_prunes_only_low_wanda_weights():
+def _one_linear_model(k: int = 172, n: int = 9):
+    model = torch.nn.Sequential()
+    model.add_module("lin", torch.nn.Linear(k, n, bias=False))
+    return model
+
+
+def _fake_stats(k: int, names=("lin",)):
     from types import SimpleNamespace
 
+    return {nm: SimpleNamespace(abs_mean=torch.rand(k, dtype=torch.float64) + 0.1, abs_var=torch.rand(k, dtype=torch.float64))
+            for nm in names}
+
+
+def _bank_masks(model, sp, sn, method, rho):
+    """(+, -) bool masks of every module, built the way the evaluation builds them: build_bank -> MaskBank."""
+    from persona_kernels.pipeline import build_bank
+
+    bank = build_bank(model, {"p": sp, "n": sn}, method=method, sparsity=rho, pairs=[("p", "n")])
+    return ({m: bank.unpacked("p", m) for m in bank.module_names}, {m: bank.unpacked("n", m) for m in bank.module_names}, bank)
+
+
+def test_restricted_method_prunes_only_low_wanda_weights():
     from persona_kernels import scoring
-    from persona_kernels.ops.packing import unpack_mask
 
     torch.manual_seed(1)
-    model = torch.nn.Sequential()
-    model.add_module("lin", torch.nn.Linear(172, 9, bias=False))
-    a_pos, a_neg = torch.rand(172, dtype=torch.float64) + 0.1, torch.rand(172, dtype=torch.float64) + 0.1
-    sp = {"lin": SimpleNamespace(abs_mean=a_pos, abs_var=torch.rand(172, dtype=torch.float64))}
-    sn = {"lin": SimpleNamespace(abs_mean=a_neg, abs_var=torch.rand(172, dtype=torch.float64))}
+    model = _one_linear_model()
+    sp, sn = _fake_stats(172), _fake_stats(172)
     rho = 0.1
-    pos, neg = C.method_masks(model, sp, sn, C.parse_method("contrastive_sparse_restricted"), rho)
-    keep_p, keep_n = unpack_mask(pos["lin"], 172), unpack_mask(neg["lin"], 172)
+    pos, neg, bank = _bank_masks(model, sp, sn, "contrastive_sparse_restricted", rho)
+    keep_p, keep_n = pos["lin"], neg["lin"]
     w = model.lin.weight.detach()
-    prunable = ~scoring.wanda(w, 0.5 * (a_pos + a_neg), 0.5)
+    prunable = ~scoring.wanda(w, 0.5 * (sp["lin"].abs_mean + sn["lin"].abs_mean), 0.5)
+    assert int((~prunable).sum()) > 0 and int(prunable.sum()) > 0
     for keep in (keep_p, keep_n):
         assert not (~keep & ~prunable).any()  # never prunes a weight Wanda keeps at sparsity 0.5
         assert ((~keep).sum(dim=1) == int(rho / 0.5 * 86)).all()  # rho K per row (86 prunable of 172)
     assert not (~keep_p & ~keep_n).any()  # disjoint pruned sets
+    # the unrestricted ranking prunes some weights that Wanda keeps: the restriction is what changed them
+    free_p, _, _ = _bank_masks(model, sp, sn, "contrastive_sparse", rho)
+    assert (~free_p["lin"] & ~prunable).any()
+    assert bank.metadata["method_spec"] == "contrastive_sparse:restrict=0.5,variant=difference"
     with pytest.raises(ValueError, match="sparsity <= 0.25"):
-        C.method_masks(model, sp, sn, C.parse_method("contrastive_sparse_restricted"), 0.3)
+        _bank_masks(model, sp, sn, "contrastive_sparse_restricted", 0.3)
     # Wanda and Contrastive-Wanda keep exactly (1 - rho) K per row
     for m in ("wanda", "contrastive_wanda_sharp"):
-        p, n = C.method_masks(model, sp, sn, C.parse_method(m), rho)
-        assert (unpack_mask(p["lin"], 172).sum(dim=1) == 172 - int(rho * 172)).all()
+        p, n, _ = _bank_masks(model, sp, sn, m, rho)
+        assert (p["lin"].sum(dim=1) == 172 - int(rho * 172)).all()
 
 
 def test_method_scope_masks_only_that_family():
-    from types import SimpleNamespace
-
-    from persona_kernels.ops.packing import unpack_mask
-
     torch.manual_seed(2)
     model = torch.nn.Module()
     model.add_module("layers", torch.nn.ModuleList([torch.nn.Module()]))
@@ -240,19 +263,12 @@ def test_method_scope_masks_only_that_family():
     layer.self_attn.add_module("q_proj", torch.nn.Linear(37, 5, bias=False))
     layer.mlp.add_module("up_proj", torch.nn.Linear(37, 7, bias=False))
     names = ("layers.0.self_attn.q_proj", "layers.0.mlp.up_proj")
-
-    def st():
-        return SimpleNamespace(abs_mean=torch.rand(37, dtype=torch.float64) + 0.1, abs_var=torch.rand(37, dtype=torch.float64))
-
-    sp, sn = {n: st() for n in names}, {n: st() for n in names}
+    sp, sn = _fake_stats(37, names), _fake_stats(37, names)
     for scope, masked in (("mlp", names[1]), ("attn", names[0])):
-        pos, neg = C.method_masks(model, sp, sn, C.parse_method(f"contrastive_sparse_relative:scope={scope}"), 0.2)
-        for n in names:
-            keep_p, keep_n = unpack_mask(pos[n], 37), unpack_mask(neg[n], 37)
-            if n == masked:
-                assert ((~keep_p).sum(dim=1) == 7).all() and not (~keep_p & ~keep_n).any()
-            else:
-                assert keep_p.all() and keep_n.all()
+        pos, neg, bank = _bank_masks(model, sp, sn, f"contrastive_sparse_relative:scope={scope}", 0.2)
+        assert bank.module_names == [masked]  # the other family gets no mask: it stays dense
+        assert ((~pos[masked]).sum(dim=1) == 7).all() and not (~pos[masked] & ~neg[masked]).any()
+        assert bank.metadata["method_spec"] == f"contrastive_sparse:scope={scope},variant=relative"
     with pytest.raises(ValueError, match="scope must be one of"):
         C.parse_method("wanda:scope=lm_head")
 

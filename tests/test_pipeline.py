@@ -109,6 +109,37 @@ def test_errors_name_the_argument(stories):
         calibrate(model, tok, _texts(2), tokens="prompt", pairs=[("extravert", "introvert")])
 
 
+def test_method_specs_build_what_the_evaluation_measures(stories):
+    """Every variant the evaluation measures (scope, restrict, relative, phi, statistic, tau) is a calibrate()
+    spec; the bank records it, and equal specs (alias, options, method_kwargs) build equal masks."""
+    from persona_kernels.analysis import module_info
+
+    model, tok = stories
+    kw = dict(sparsity=0.1, pairs=[("extravert", "introvert")], chat_template=False, progress=False)
+    bank = calibrate(model, tok, _texts(4), method="contrastive_sparse:restrict=0.5,scope=mlp", **kw)
+    assert bank.metadata["method"] == "contrastive_sparse"
+    assert bank.metadata["method_spec"] == "contrastive_sparse:restrict=0.5,scope=mlp"
+    assert bank.module_names and all(module_info(n)[1] == "mlp" for n in bank.module_names)
+    alias = calibrate(model, tok, _texts(4), method="contrastive_sparse_restricted",
+                      method_kwargs={"scope": "mlp", "restrict": 0.5}, **kw)
+    for p in bank.personas:
+        for n in bank.module_names:
+            assert torch.equal(bank.get(p, n), alias.get(p, n))
+    a = calibrate(model, tok, _texts(4), method="contrastive_wanda:phi=relu,statistic=sequence,tau=0.5", **kw)
+    b = calibrate(model, tok, _texts(4), method="contrastive_wanda", method_kwargs={"phi": "relu", "statistic": "sequence",
+                                                                                   "tau": 0.5}, **kw)
+    c = calibrate(model, tok, _texts(4), method="contrastive_wanda", **kw)  # operating point: softplus, tau 1
+    assert a.metadata["method_spec"] == b.metadata["method_spec"] == "contrastive_wanda:phi=relu,statistic=sequence,tau=0.5"
+    assert all(torch.equal(a.get(p, n), b.get(p, n)) for p in a.personas for n in a.module_names)
+    assert any(not torch.equal(a.get(p, n), c.get(p, n)) for p in a.personas for n in a.module_names)
+    rel = calibrate(model, tok, _texts(4), method="contrastive_sparse_relative", **kw)
+    assert rel.metadata["method_spec"] == "contrastive_sparse:variant=relative"
+    with pytest.raises(ValueError, match="restrict"):
+        calibrate(model, tok, _texts(4), method="contrastive_sparse:restrict=2", **kw)
+    with pytest.raises(ValueError, match="sparsity <= 0.25"):
+        calibrate(model, tok, _texts(4), method="contrastive_sparse_restricted", **{**kw, "sparsity": 0.3})
+
+
 @pytest.mark.slow
 def test_real_smollm2_end_to_end():
     """The real default model: calibrate a pair, patch, switch, generate, unpatch bit-exactly."""

@@ -1,4 +1,5 @@
-"""A/B questions scored by answer log-likelihood, in both option orders so letter bias cancels.
+"""The one A/B item type and its formatting; scored (in both option orders, so letter bias cancels) by
+:func:`persona_kernels.evaluation.tasks.score_items`.
 
 For an item whose matching answer is (A), the swapped item exchanges the two options' texts so the
 matching answer becomes (B). A model with a constant preference for one letter gets log-odds
@@ -9,26 +10,36 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Sequence
-
-import torch
-
-from persona_kernels.evaluation.loglik import continuation_loglik
 
 _OPTION = re.compile(r"^(\s*)\(([AB])\)[ \t]?(.*)$")
 
 
 @dataclass(frozen=True)
 class ABItem:
-    """One A/B question; ``matching`` is the letter of the persona-matching answer."""
+    """One A/B question; ``matching`` is the letter of the persona-matching answer.
+
+    The evaluation files and the bundled demo questions (:func:`persona_kernels.personas.load_ab_questions`,
+    which also fill ``pair`` and ``persona``: the persona whose answer ``matching`` is) share this type.
+    """
 
     question: str
     matching: str  # "A" or "B"
     source: str = ""
+    pair: str = ""
+    persona: str = ""
 
     @property
     def not_matching(self) -> str:
         return "B" if self.matching == "A" else "A"
+
+    @property
+    def answer_matching(self) -> str:
+        """The matching answer as written in the files: ``"(A)"`` or ``"(B)"``."""
+        return f"({self.matching})"
+
+    @property
+    def answer_not_matching(self) -> str:
+        return f"({self.not_matching})"
 
 
 def letter_of(answer: str, *, where: str = "answer") -> str:
@@ -77,57 +88,3 @@ def format_context(question: str, tokenizer=None, *, chat_template: bool = True,
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), ""
     head = f"{system_prompt}\n\n" if system_prompt else ""
     return f"{head}{question}\n\nAnswer:", " "
-
-
-@dataclass
-class ABScores:
-    """Per-item log-odds of the matching vs the non-matching answer."""
-
-    logodds: torch.Tensor  # [n] averaged over the orders scored
-    logodds_original: torch.Tensor  # [n] original order only
-    both_orders: torch.Tensor  # bool [n]: whether a swapped order could be built
-
-    @property
-    def accuracy(self) -> float:
-        """Rate of preferring the matching answer in the original order (the paper's metric)."""
-        return float((self.logodds_original > 0).double().mean()) if self.logodds.numel() else float("nan")
-
-    @property
-    def debiased_accuracy(self) -> float:
-        """Rate of preferring the matching answer after averaging both orders."""
-        return float((self.logodds > 0).double().mean()) if self.logodds.numel() else float("nan")
-
-
-def score_ab(
-    model,
-    tokenizer,
-    items: Sequence[ABItem],
-    *,
-    system_prompt: str | None = None,
-    chat_template: bool = True,
-    both_orders: bool = True,
-    batch_size: int = 16,
-    progress: bool = False,
-) -> ABScores:
-    """Score A/B items; with ``both_orders`` each item also runs with its options swapped."""
-    variants: list[list[ABItem]] = []
-    for it in items:
-        sw = swap_options(it) if both_orders else None
-        variants.append([it] + ([sw] if sw is not None else []))
-    contexts, conts, owner = [], [], []
-    for i, vs in enumerate(variants):
-        for v in vs:
-            ctx, pre = format_context(v.question, tokenizer, chat_template=chat_template, system_prompt=system_prompt)
-            for letter in (v.matching, v.not_matching):
-                contexts.append(ctx)
-                conts.append(f"{pre}({letter})")
-                owner.append(i)
-    ll = continuation_loglik(model, tokenizer, contexts, conts, batch_size=batch_size, progress=progress, desc="A/B")
-    lo = (ll.total[0::2] - ll.total[1::2]).tolist()  # matching minus not matching, per variant
-    per_item: list[list[float]] = [[] for _ in items]
-    for value, i in zip(lo, owner[0::2]):
-        per_item[i].append(value)
-    logodds = torch.tensor([sum(v) / len(v) for v in per_item], dtype=torch.float64)
-    original = torch.tensor([v[0] for v in per_item], dtype=torch.float64)
-    both = torch.tensor([len(v) == 2 for v in per_item])
-    return ABScores(logodds, original, both)

@@ -4,20 +4,11 @@ control masks — all served by ONE patched model whose masks are switched in O(
 Persona pairs are named ``power``, ``wealth``, ``hallucination`` (AI persona A/B) and ``energy`` (MBTI E/I);
 for each pair ``+`` is the persona that the task's matching answer / positive response belongs to.
 
-Mask methods are given as specs ``base[:key=value,...]`` with ``base`` in ``wanda``, ``contrastive_wanda``,
-``contrastive_sparse``, or as one of the aliases in :data:`METHODS`:
-
-* ``wanda``: Wanda, each persona on its own statistics (``|W_ij| * E|x_j|``, keep the top k per row).
-* ``contrastive_wanda``: as defined, ``phi = softplus``, ``tau = 1``.
-* ``contrastive_wanda_sharp``: ``tau = 0.1`` (the sharper factor of issue 9).
-* ``contrastive_sparse``: as defined (rank by the difference of row-normalised scores).
-* ``contrastive_sparse_relative``: rank by the relative difference ``D / (S~+ + S~-)``.
-* ``contrastive_sparse_restricted``: the difference ranking, restricted to the weights a Wanda mask at
-  sparsity ``restrict`` (default 0.5, statistics of both personas averaged) would prune anyway; the
-  inner sparsity is ``sparsity / restrict`` so each persona still prunes ``sparsity`` of every row.
-
-Every method also takes ``scope=mlp`` or ``scope=attn``: only the MLP (or attention) Linears get masks, the
-others keep every weight (e.g. ``contrastive_sparse_relative:scope=mlp``, an MLP-only budget).
+Mask methods are method specs of :mod:`persona_kernels.methods` (``wanda``, ``contrastive_wanda``,
+``contrastive_sparse``, the aliases ``contrastive_wanda_sharp``, ``contrastive_sparse_relative``,
+``contrastive_sparse_restricted``, options such as ``contrastive_sparse:restrict=0.5,scope=mlp``): the same
+grammar ``persona_kernels.calibrate`` and ``persona-kernels calibrate --method`` take, and every mask is built by
+:func:`persona_kernels.pipeline.build_bank` and served through ``patch_model``, as a user's bank would be.
 
 Label-shuffled controls: calibration texts are cut into blocks of ``block`` texts per persona, statistics
 are computed per block once, and the control personas get a random half of the + blocks and of the -
@@ -29,14 +20,22 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
-import torch
 from torch import nn
 
+from persona_kernels.methods import ALIASES, MethodSpec, parse_method  # noqa: F401  (re-exported)
 from persona_kernels.personas import PersonaText
 
 PAIRS = ("power", "wealth", "hallucination", "energy")
+
+#: the one name each pair goes by in reports, progress bars and tables (the key ``energy`` stays in JSON/task names)
+PAIR_LABELS = {"power": "power", "wealth": "wealth", "hallucination": "hallucination", "energy": "E/I"}
+
+
+def pair_label(pair: str) -> str:
+    """Display name of a pair (``energy`` -> ``E/I``); unknown pairs keep their key."""
+    return PAIR_LABELS.get(pair, pair)
 
 #: system prompts (+, -) per pair; power and energy are the bundled persona prompts.
 _EXTRA_PROMPTS = {
@@ -71,115 +70,10 @@ def system_prompts(pair: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------------
-# method specs
+# method specs: one grammar, in persona_kernels.methods (shared with calibrate() and the CLI)
 
-METHODS: dict[str, tuple[str, dict]] = {
-    "wanda": ("wanda", {}),
-    "contrastive_wanda": ("contrastive_wanda", {"phi": "softplus", "tau": 1.0}),
-    "contrastive_wanda_sharp": ("contrastive_wanda", {"phi": "softplus", "tau": 0.1}),
-    "contrastive_sparse": ("contrastive_sparse", {"variant": "difference"}),
-    "contrastive_sparse_relative": ("contrastive_sparse", {"variant": "relative"}),
-    "contrastive_sparse_restricted": ("contrastive_sparse", {"variant": "difference", "restrict": 0.5}),
-}
-_BASES = ("wanda", "contrastive_wanda", "contrastive_sparse")
-_ALLOWED_KW = {
-    "wanda": {"activation", "scope"},
-    "contrastive_wanda": {"phi", "tau", "statistic", "eps", "scope"},
-    "contrastive_sparse": {"activation", "variant", "restrict", "eps", "scope"},
-}
-_SCOPES = ("all", "mlp", "attn")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A mask method: a label, the scoring function's name and its keyword arguments."""
-
-    label: str
-    base: str
-    kwargs: tuple[tuple[str, object], ...] = ()
-
-    @property
-    def options(self) -> dict:
-        return dict(self.kwargs)
-
-    @property
-    def contrastive(self) -> bool:
-        return self.base != "wanda"
-
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_method(spec: str) -> MethodSpec:
-    """``"contrastive_wanda_sharp"`` or ``"contrastive_wanda:tau=0.2,phi=relu"`` -> :class:`MethodSpec`."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"persona_kernels.evaluation: argument 'methods': expected a method name, got {spec!r}")
-    spec = spec.strip()
-    name, _, rest = spec.partition(":")
-    if name in METHODS:
-        base, kw = METHODS[name][0], dict(METHODS[name][1])
-    elif name in _BASES:
-        base, kw = name, {}
-    else:
-        raise ValueError(f"persona_kernels.evaluation: unknown method {name!r}; expected one of {sorted(METHODS)} "
-                         "(optionally with ':key=value,...')")
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        if not re.fullmatch(r"[a-z_]+=[^=,]+", part):
-            raise ValueError(f"persona_kernels.evaluation: method {spec!r}: expected 'key=value', got {part!r}")
-        k, v = part.split("=")
-        if k not in _ALLOWED_KW[base]:
-            raise ValueError(f"persona_kernels.evaluation: method {spec!r}: option {k!r} not in {sorted(_ALLOWED_KW[base])}")
-        kw[k] = _value(v)
-    if "restrict" in kw and not 0.0 < float(kw["restrict"]) < 1.0:
-        raise ValueError(f"persona_kernels.evaluation: method {spec!r}: restrict must be in (0, 1)")
-    if kw.get("scope", "all") not in _SCOPES:
-        raise ValueError(f"persona_kernels.evaluation: method {spec!r}: scope must be one of {_SCOPES}")
-    return MethodSpec(spec, base, tuple(sorted(kw.items())))
-
-
-def method_masks(model: nn.Module, stats_pos: Mapping, stats_neg: Mapping, method: MethodSpec, sparsity: float
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Packed keep-masks ``({module: int32}, {module: int32})`` of the (+, -) personas for one method."""
-    from persona_kernels import scoring
-    from persona_kernels.analysis import module_info
-    from persona_kernels.ops.packing import pack_mask
-
-    modules = dict(model.named_modules())
-    kw = method.options
-    restrict = kw.pop("restrict", None)
-    scope = kw.pop("scope", "all")
-    if method.base == "contrastive_sparse":
-        limit = 0.5 * (restrict if restrict else 1.0)
-        if sparsity > limit + 1e-12:
-            raise ValueError(f"persona_kernels.evaluation: method {method.label!r} supports sparsity <= {limit}, got {sparsity}")
-    pos, neg = {}, {}
-    for name in stats_pos:
-        w = modules[name].weight.detach()
-        sp, sn = stats_pos[name], stats_neg[name]
-        if scope != "all" and module_info(name)[1] != scope:  # outside the budget's scope: keep every weight
-            pos[name] = pack_mask(torch.ones(w.shape, dtype=torch.bool, device=w.device))
-            neg[name] = pos[name].clone()
-            continue
-        if method.base == "wanda":
-            pos[name] = scoring.wanda(w, sp, sparsity, packed=True, **kw)
-            neg[name] = scoring.wanda(w, sn, sparsity, packed=True, **kw)
-        elif method.base == "contrastive_wanda":
-            pos[name], neg[name] = scoring.contrastive_wanda(w, sp, sn, sparsity, packed=True, **kw)
-        else:
-            if restrict:
-                act = 0.5 * (sp.abs_mean + sn.abs_mean)
-                prunable = ~scoring.wanda(w, act.to(w.device), float(restrict))
-                pos[name], neg[name] = scoring.contrastive_sparse(
-                    w, sp, sn, min(0.5, sparsity / float(restrict)), restrict_to=prunable, packed=True, **kw)
-            else:
-                pos[name], neg[name] = scoring.contrastive_sparse(w, sp, sn, sparsity, packed=True, **kw)
-    return pos, neg
+#: every name ``--methods`` accepts without options: the base methods and the aliases
+METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse", *ALIASES)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -246,18 +140,6 @@ class PairStats:
     blocks: dict = field(default_factory=dict)
 
 
-def _merge(blocks: Sequence[Mapping]) -> dict:
-    from persona_kernels.stats import ActivationStats
-
-    out, shared = {}, {}
-    for name in blocks[0]:
-        key = tuple(id(b[name]) for b in blocks)
-        if key not in shared:  # modules reading the same input share one statistics object
-            shared[key] = ActivationStats.merge_all([b[name] for b in blocks])
-        out[name] = shared[key]
-    return out
-
-
 def _fit(tokenizer, pos: PersonaText, neg: PersonaText, max_length: int, tokens, encode_texts):
     for _ in range(8):
         if len(encode_texts(tokenizer, [pos, neg], max_length=max_length, tokens=tokens)) == 2:
@@ -273,11 +155,10 @@ def pair_statistics(model: nn.Module, tokenizer, texts: Mapping[str, tuple[Seque
                     seed: int = 0, batch_size: int = 8, max_length: int = 512, tokens: str = "auto",
                     progress: bool = True) -> dict[str, PairStats]:
     """Statistics per pair from ``{pair: (+ texts, - texts)}``, one forward pass over every text."""
-    from persona_kernels.pipeline import persona_stats
+    from persona_kernels.pipeline import encode_texts, merge_stats, persona_stats
 
     if block < 1:
         raise ValueError(f"persona_kernels.evaluation: argument 'block': expected >= 1, got {block}")
-    from persona_kernels.pipeline import encode_texts
 
     groups: dict[str, list] = {}
     dropped: dict[str, int] = {}
@@ -293,8 +174,14 @@ def pair_statistics(model: nn.Module, tokenizer, texts: Mapping[str, tuple[Seque
         for sign, items in (("+", pos), ("-", neg)):
             for b in range(0, len(items), block):
                 groups[f"{pair}|{sign}|{b // block}"] = list(items[b : b + block])
-    stats, seen = persona_stats(model, tokenizer, groups, batch_size=batch_size, max_length=max_length, tokens=tokens,
-                                progress=progress)
+    from tqdm.auto import tqdm
+
+    stats, seen = {}, {}
+    for key in tqdm(list(groups), desc="calibration statistics", unit="block", disable=not progress):
+        st, sn = persona_stats(model, tokenizer, {key: groups[key]}, batch_size=batch_size, max_length=max_length,
+                               tokens=tokens, progress=False)
+        stats.update(st)
+        seen.update(sn)
     out = {}
     for pair in texts:
         plus = sorted((k for k in stats if k.startswith(f"{pair}|+|")), key=lambda k: int(k.rsplit("|", 1)[1]))
@@ -309,8 +196,8 @@ def pair_statistics(model: nn.Module, tokenizer, texts: Mapping[str, tuple[Seque
         if not ctrl_a or not ctrl_b:  # a single block per side: the control swaps nothing useful
             ctrl_a, ctrl_b = plus + minus, plus + minus
         out[pair] = PairStats(
-            _merge([stats[k] for k in plus]), _merge([stats[k] for k in minus]),
-            _merge([stats[k] for k in ctrl_a]), _merge([stats[k] for k in ctrl_b]),
+            merge_stats([stats[k] for k in plus]), merge_stats([stats[k] for k in minus]),
+            merge_stats([stats[k] for k in ctrl_a]), merge_stats([stats[k] for k in ctrl_b]),
             tokens={"dropped_too_long": dropped[pair], "+": sum(seen[k] for k in plus), "-": sum(seen[k] for k in minus),
                     "control+": sum(seen[k] for k in ctrl_a), "control-": sum(seen[k] for k in ctrl_b)},
             blocks={"+": plus, "-": minus, "control+": ctrl_a, "control-": ctrl_b},
@@ -341,79 +228,76 @@ class Condition:
 
 
 def pair_conditions(pair: str, methods: Sequence[str], *, gamma: float = 0.0, control: bool = True,
-                    prompt_mask: Sequence[str] = ()) -> list[Condition]:
+                    prompt_mask: Sequence[str] = (), name: Callable[..., str] = mask_name) -> list[Condition]:
     """Conditions evaluated on a pair's tasks: base, prompt +/-, each method's masks +/-, their controls, and
-    prompt + mask for the methods in ``prompt_mask``."""
+    prompt + mask for the methods in ``prompt_mask``. ``name(pair, method, sign, control)`` is the persona
+    name of a mask in the patched model (default :func:`mask_name`)."""
     sp, sn = system_prompts(pair)
     out = [Condition("base", "base", "0"), Condition("prompt+", "prompt", "+", system=sp),
            Condition("prompt-", "prompt", "-", system=sn)]
     for m in methods:
         for sign in "+-":
-            out.append(Condition(f"{m}{sign}", m, sign, mask_name(pair, m, sign), gamma))
+            out.append(Condition(f"{m}{sign}", m, sign, name(pair, m, sign, False), gamma))
         if control:
             for sign in "+-":
-                out.append(Condition(f"control/{m}{sign}", f"control/{m}", sign, mask_name(pair, m, sign, True), gamma))
+                out.append(Condition(f"control/{m}{sign}", f"control/{m}", sign, name(pair, m, sign, True), gamma))
         if m in prompt_mask:
             for sign, s in (("+", sp), ("-", sn)):
-                out.append(Condition(f"prompt+{m}{sign}", f"prompt+{m}", sign, mask_name(pair, m, sign), gamma, s))
+                out.append(Condition(f"prompt+{m}{sign}", f"prompt+{m}", sign, name(pair, m, sign, False), gamma, s))
     return out
 
 
 def install_masks(model: nn.Module, stats: Mapping[str, PairStats], methods: Sequence[str], sparsity: float, *,
-                  control: bool = True, progress: bool = False) -> dict[str, dict]:
-    """Build every pair's masks for every method at ``sparsity`` and add (or replace) them in the patched model.
+                  control: bool | Collection[str] = True, backend: str = "auto", progress: bool = False) -> dict[str, dict]:
+    """Build every pair's masks for every method at ``sparsity`` with :func:`persona_kernels.pipeline.build_bank`
+    (one bank per method, persona names from :func:`mask_name`) and serve them all from ``model``, patched with
+    :func:`persona_kernels.patching.patch_model` (re-patched when it already is: the previous masks are dropped).
 
-    Returns ``{pair: {method: {"difference_rate": float}}}`` (fraction of weights where the + and - masks differ).
+    ``control``: build the label-shuffled control masks too (True, False, or the methods that need them).
+    Returns ``{pair: {method: {"difference_rate": float, "control_difference_rate": float}}}``: the fraction
+    of all targeted weights where the + and - masks differ.
     """
     from tqdm.auto import tqdm
 
     from persona_kernels import patching
+    from persona_kernels.bank import MaskBank
+    from persona_kernels.pipeline import build_bank
 
     info: dict[str, dict] = {}
-    jobs = [(pair, m) for pair in stats for m in methods]
-    for pair, m in tqdm(jobs, desc=f"masks rho={sparsity}", disable=not progress, leave=False):
+    merged = MaskBank({"source": "persona_kernels.evaluation", "sparsity": float(sparsity), "method_spec": {}})
+    total = None
+    for m in tqdm(list(methods), desc=f"masks rho={sparsity}", unit="method", disable=not progress, leave=False):
         spec = parse_method(m)
-        ps = stats[pair]
-        pos, neg = method_masks(model, ps.pos, ps.neg, spec, sparsity)
-        patching.add_persona(model, mask_name(pair, m, "+"), pos, overwrite=True)
-        patching.add_persona(model, mask_name(pair, m, "-"), neg, overwrite=True)
-        diff = sum(_popcount_xor(pos[k], neg[k]) for k in pos)
-        total = sum(_numel(model, k) for k in pos)
-        info.setdefault(pair, {})[m] = {"difference_rate": diff / max(total, 1)}
-        if control:
-            cpos, cneg = method_masks(model, ps.control_pos, ps.control_neg, spec, sparsity)
-            patching.add_persona(model, mask_name(pair, m, "+", True), cpos, overwrite=True)
-            patching.add_persona(model, mask_name(pair, m, "-", True), cneg, overwrite=True)
-            cd = sum(_popcount_xor(cpos[k], cneg[k]) for k in cpos)
-            info[pair][m]["control_difference_rate"] = cd / max(total, 1)
+        with_control = control if isinstance(control, bool) else m in control
+        by_persona, pairs = {}, []
+        for pair, ps in stats.items():
+            sides = [(False, ps.pos, ps.neg)] + ([(True, ps.control_pos, ps.control_neg)] if with_control else [])
+            for ctrl, sp, sn in sides:
+                plus, minus = mask_name(pair, m, "+", ctrl), mask_name(pair, m, "-", ctrl)
+                by_persona[plus], by_persona[minus] = sp, sn
+                pairs.append((plus, minus))
+        bank = build_bank(model, by_persona, method=spec, sparsity=sparsity, pairs=pairs)
+        merged.metadata["method_spec"][m] = bank.metadata["method_spec"]
+        if total is None:
+            sizes = dict(model.named_modules())
+            total = sum(int(sizes[k].weight.numel()) for k in next(iter(by_persona.values())))
+        for pair in stats:
+            rates = {"difference_rate": _difference(bank, mask_name(pair, m, "+"), mask_name(pair, m, "-")) / max(total, 1)}
+            if with_control:
+                rates["control_difference_rate"] = _difference(
+                    bank, mask_name(pair, m, "+", True), mask_name(pair, m, "-", True)) / max(total, 1)
+            info.setdefault(pair, {})[m] = rates
+        for p in bank.personas:
+            merged.add(p, bank.masks(p), shapes=bank.shapes)
+    if patching.is_patched(model):
+        patching.set_persona(model, None)
+        patching.unpatch_model(model)
+    patching.patch_model(model, merged, backend=backend)
     return info
 
 
-def _numel(model: nn.Module, name: str) -> int:
-    w = dict(model.named_modules())[name].weight
-    return int(w.numel())
+def _difference(bank, a: str, b: str) -> int:
+    """Number of weights whose keep bit differs between personas ``a`` and ``b`` (a missing mask keeps all)."""
+    from persona_kernels.analysis import compare
 
-
-def _popcount_xor(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Number of differing bits of two packed int32 masks (padding bits are zero in both)."""
-    x = torch.bitwise_xor(a, b).view(torch.uint8).to(torch.int64)
-    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-    return int(table[x].sum())
-
-
-def ensure_patched(model: nn.Module, stats: Mapping[str, PairStats], methods: Sequence[str], sparsity: float, *,
-                   backend: str = "auto", control: bool = True, progress: bool = False) -> dict:
-    """Patch ``model`` (once, dense until a mask is active) and install every mask; returns :func:`install_masks`' info."""
-    from persona_kernels import patching
-    from persona_kernels.bank import MaskBank
-
-    if not patching.is_patched(model):
-        modules = dict(model.named_modules())
-        names = list(next(iter(stats.values())).pos)
-        full = {}
-        for k in names:
-            n, kin = modules[k].weight.shape
-            full[k] = torch.ones((n, kin), dtype=torch.bool)
-        bank = MaskBank.from_bool_masks({"dense": full}, metadata={"source": "persona_kernels.evaluation"})
-        patching.patch_model(model, bank, backend=backend)
-    return install_masks(model, stats, methods, sparsity, control=control, progress=progress)
+    return compare(bank, a, b).overall.differ

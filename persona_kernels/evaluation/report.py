@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from persona_kernels.utils.atomic import atomic_write
 from persona_kernels.evaluation.metrics import Estimate, bootstrap_mean, paired_difference
+from persona_kernels.evaluation.conditions import pair_label
 from persona_kernels.evaluation.sweep import SWITCH_KEY, capability_loss, common_operating_point, operating_points
 
 PAPER_TASKS = ("power", "wealth", "hallucination")
@@ -315,19 +317,37 @@ def render_markdown(rep: dict) -> str:
         lines += ["", "`*`: the switch's 95% interval excludes 0.", ""]
 
     if pairs:
-        lines += _pair_sections(pairs)
+        lines += pair_sections(pairs, label=pair_label)
     return _tail(rep, lines)
 
 
-def _pair_sections(pairs: dict) -> list[str]:
+#: what a task's per-item score is, in words and units (+ = toward the + persona)
+SCORE_UNITS = {
+    "ab": "A/B log-odds (nats; matching minus non-matching answer letter, both option orders averaged; + = the + persona's answer)",
+    "yesno": "Yes/No log-odds (nats; + = the + persona's answer)",
+    "pairs": "response margin (nats per token; mean log-prob/token of the + persona's response minus the - persona's)",
+}
+
+SIGNS_NOTE = ("Signs and units: a switch is score(+ condition) − score(− condition) on the same items, so a positive switch "
+              "moves the model toward the + persona; `net` = switch − its label-shuffled control's switch (positive = the "
+              "persona labels matter). Capability: mean log-prob per token of neutral text (nats, higher is better); "
+              "`change vs base` = condition − base, so **negative is a capability cost**; `relative loss` = "
+              "(base − condition) / |base|, so **positive is a cost**. Intervals: 95% paired bootstrap.")
+
+
+def pair_sections(pairs: dict, label=None) -> list[str]:
+    """Markdown: per pair task, the switch table (switch, control, net, original order) and the capability table.
+    ``label(pair)`` gives the pair's display name."""
+    label = label or (lambda p: p)
     lines = ["## Switch effects (bias-free)", "",
               "Switch = score(+ condition) − score(− condition) on the same held-out items, paired bootstrap 95% CI. "
               "Score: A/B log-odds matching vs non-matching letter averaged over both option orders (a constant letter "
               "preference cancels); Yes/No log-odds; E/I mean log-prob/token of the extraverted minus the introverted "
-              "response. `control`: the same method on label-shuffled calibration blocks; `net` = switch − control.", ""]
+              "response. `control`: the same method on label-shuffled calibration blocks; `net` = switch − control.", "",
+              SIGNS_NOTE, ""]
     for pair, entry in pairs.items():
         for tname, t in entry["tasks"].items():
-            lines += [f"### {tname} ({t['kind']}, pair {pair})", "", "| condition pair | switch | control switch | net of control | switch, original order only |",
+            lines += [f"### {tname} ({t['kind']}, pair {label(pair)})", "", "| condition pair | switch | control switch | net of control | switch, original order only |",
                       "|---|---|---|---|---|"]
             for g, sw in t["switch"].items():
                 lines.append(f"| {g} | {_fmt(sw['switch'])} | {_fmt(sw.get('control_switch'))} | {_fmt(sw.get('net_of_control'))} | "
@@ -339,15 +359,67 @@ def _pair_sections(pairs: dict) -> list[str]:
                           f"vs bias-free {_fmt(base.get('mean_logodds'))}."]
             lines.append("")
     lines += ["## Capability proxy", "",
-              "Mean log-prob per token of neutral text (HellaSwag contexts + gold endings), change vs base (paired CI), "
-              "relative loss = (base − condition) / |base|.", "",
+              "Mean log-prob per token of neutral text, change vs base (condition − base, paired CI; negative = cost), "
+              "relative loss = (base − condition) / |base| (positive = cost).", "",
               "| pair | condition | mean log-prob/token | perplexity | change vs base | relative loss |", "|---|---|---|---|---|---|"]
     for pair, entry in pairs.items():
         for cname, c in entry["capability"].items():
-            lines.append(f"| {pair} | {cname} | {c['mean_logprob_per_token']:.3f} | {c['perplexity']:.1f} | "
+            lines.append(f"| {label(pair)} | {cname} | {c['mean_logprob_per_token']:.3f} | {c['perplexity']:.1f} | "
                          f"{_fmt(c['change_vs_base'])} | {100 * c['relative_loss']:+.2f}% |")
     lines.append("")
     return lines
+
+
+def switch_findings(pairs: dict, label=None, task_names: dict | None = None) -> list[str]:
+    """Plain sentences computed from a summary's tables: for every pair task and condition pair (prompt, masks),
+    the switch with its interval, whether a mask's switch exceeds its label-shuffled control (net interval
+    above 0), and the masks' capability cost (change vs base with interval, relative loss). The last sentence
+    lists the switches that exceed their controls (or says that none does)."""
+    label = label or (lambda p: p)
+    lines, exceed = [], []
+    for pair, entry in pairs.items():
+        for tname, t in entry["tasks"].items():
+            what = (task_names or {}).get(tname, tname)
+            head = f"**{label(pair)}**, {what}: "
+            parts = []
+            for g, sw in t["switch"].items():
+                s = Estimate(**sw["switch"])
+                direction = "toward the + persona" if s.mean > 0 else "toward the − persona"
+                moved = f"moves the score {direction} (interval excludes 0)" if s.excludes_zero else "no measurable switch (interval includes 0)"
+                text = f"{g} switch {s}: {moved}"
+                net = sw.get("net_of_control")
+                if net is not None:
+                    n = Estimate(**net)
+                    if n.low > 0:
+                        verdict = "exceeds its label-shuffled control"
+                        exceed.append(f"{label(pair)} {what} ({g}, net {n})")
+                    elif n.high < 0:
+                        verdict = "is below its label-shuffled control"
+                    else:
+                        verdict = "does not exceed its label-shuffled control"
+                    text += f"; control {_fmt(sw.get('control_switch'))}, net {n}: {verdict}"
+                cost = _cost(entry.get("capability", {}), g)
+                if cost:
+                    text += f"; capability {cost}"
+                parts.append(text)
+            lines.append(head + ". ".join(parts) + ".")
+    lines.append("Switches that exceed their label-shuffled controls: " + ("; ".join(exceed) if exceed else "none") + ".")
+    return lines
+
+
+def _cost(capability: dict, group: str) -> str:
+    """``"mask+ -0.001 [-0.006, +0.004] (+0.02%), mask- ..."``: the capability change of a group's two conditions."""
+    out, hurt = [], False
+    for sign in "+-":
+        c = capability.get(f"{group}{sign}")
+        if c is None:
+            continue
+        ch = Estimate(**c["change_vs_base"])
+        hurt |= ch.high < 0
+        out.append(f"{group}{sign} {ch} nats/token ({100 * c['relative_loss']:+.2f}% loss)")
+    if not out:
+        return ""
+    return "change vs base " + ", ".join(out) + (": a measurable cost" if hurt else ": no measurable cost")
 
 
 def _tail(rep: dict, lines: list[str]) -> str:
@@ -553,12 +625,6 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(rep: dict, out: str | Path, *, figures: bool = True) -> list[str]:
     """Write report.json, report.md and (optionally) the figures under ``out``; returns the file names."""
     out = Path(out)
@@ -567,8 +633,8 @@ def write_report(rep: dict, out: str | Path, *, figures: bool = True) -> list[st
     if figures:
         rep["figures"] = write_figures(rep, out)
         names += rep["figures"]
-    _atomic(out / "report.json", json.dumps(rep, indent=1))
-    _atomic(out / "report.md", render_markdown(rep))
+    atomic_write(out / "report.json", json.dumps(rep, indent=1))
+    atomic_write(out / "report.md", render_markdown(rep))
     return ["report.json", "report.md"] + names
 
 

@@ -176,12 +176,7 @@ def _capability_task(tasks: dict[str, Task], args, offset: int = 0) -> Task:
 
 def evaluate(model, tokenizer, cfg: dict, tasks: dict[str, Task], cap: Task, args, *, progress: bool) -> dict:
     """Per-item scores ``{pair or "general": {task: {condition: {key: list}}}}`` plus the conditions used."""
-    from tqdm.auto import tqdm
-
-    from persona_kernels import patching
-
     pairs = sorted({t.pair for t in tasks.values() if t.pair}, key=C.PAIRS.index)
-    scores: dict = {}
     conds_used: dict = {}
     jobs = []
     for pair in pairs:
@@ -203,16 +198,37 @@ def evaluate(model, tokenizer, cfg: dict, tasks: dict[str, Task], cap: Task, arg
         for c in gconds:
             for t in general:
                 jobs.append(("general", t, c))
-    # group by condition so each mask is switched on once
-    jobs.sort(key=lambda j: (j[2].mask or "", j[2].system or ""))
-    for pair, task, c in tqdm(jobs, desc="evaluation", disable=not progress):
-        if patching.is_patched(model):
-            patching.set_persona(model, c.mask, gamma=c.gamma if c.mask else None)
-        out = score_items(model, tokenizer, task, system_prompt=c.system, batch_size=args.batch_size, max_length=args.max_length)
-        scores.setdefault(pair, {}).setdefault(task.name, {})[c.name] = {k: v.tolist() for k, v in out.items()}
+    scores = score_jobs(model, tokenizer, jobs, batch_size=args.batch_size, max_length=args.max_length, progress=progress)
+    return {"scores": scores, "conditions": conds_used, "capability_pair": cap_pair}
+
+
+def score_jobs(model, tokenizer, jobs: Sequence[tuple[str, Task, C.Condition]], *, batch_size: int = 16,
+               max_length: int = 1024, progress: bool = True, desc: str = "evaluation") -> dict:
+    """Score every ``(pair, task, condition)`` job: ``{pair: {task: {condition: {key: list}}}}``.
+
+    Jobs are grouped by condition, so each mask is switched on once; a (task, mask, gamma, system prompt)
+    scored for one pair is reused for another (e.g. the base model's capability texts).
+    """
+    from tqdm.auto import tqdm
+
+    from persona_kernels import patching
+
+    scores: dict = {}
+    done: dict[tuple, dict] = {}
+    jobs = sorted(jobs, key=lambda j: (j[2].mask or "", j[2].system or ""))
+    bar = tqdm(jobs, desc=desc, unit="task x condition", disable=not progress)
+    for pair, task, c in bar:
+        bar.set_postfix_str(f"{C.pair_label(pair)}: {task.name} under {c.name}", refresh=False)
+        key = (id(task), c.mask, c.gamma if c.mask else None, c.system)
+        if key not in done:
+            if patching.is_patched(model):
+                patching.set_persona(model, c.mask, gamma=c.gamma if c.mask else None)
+            out = score_items(model, tokenizer, task, system_prompt=c.system, batch_size=batch_size, max_length=max_length)
+            done[key] = {k: v.tolist() for k, v in out.items()}
+        scores.setdefault(pair, {}).setdefault(task.name, {})[c.name] = done[key]
     if patching.is_patched(model):
         patching.set_persona(model, None)
-    return {"scores": scores, "conditions": conds_used, "capability_pair": cap_pair}
+    return scores
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,9 +291,11 @@ def _run(args, argv: list[str]) -> int:
         for pair, ps in stats.items():
             calib_info[pair]["tokens"] = ps.tokens
     t = time.perf_counter()
-    if stats:
-        mask_info = C.ensure_patched(model, stats, cfg["methods"], cfg["sparsity"], backend=args.backend,
-                                     control=not args.no_control, progress=progress)
+    if stats and not args.sweep_only:  # the sweep builds its own masks per sparsity
+        mask_info = C.install_masks(model, stats, cfg["methods"], cfg["sparsity"], backend=args.backend,
+                                    control=not args.no_control, progress=progress)
+    elif args.sweep_only:
+        mask_info = {}
     else:
         mask_info = {}
         cfg["methods"], cfg["prompt_mask"] = [], []
@@ -298,7 +316,7 @@ def _run(args, argv: list[str]) -> int:
         sweep = S.run_sweep(model, tokenizer, stats, {p: calib_tasks[p] for p in stats}, cap, cfg["methods"],
                             cfg["sweep_sparsity"], cfg["sweep_gamma"], grids=[S.Grid(**g) for g in cfg["sweep_grids"]] if cfg["sweep_grids"] else None,
                             control_gammas=cfg["sweep_control_gamma"], batch_size=args.batch_size,
-                            max_length=args.max_length, progress=progress)
+                            max_length=args.max_length, backend=args.backend, progress=progress)
         timings["sweep_s"] = time.perf_counter() - t
         if args.confirm_limit:
             t = time.perf_counter()
@@ -307,7 +325,7 @@ def _run(args, argv: list[str]) -> int:
                                   calib_limit=args.calib_limit, offset=args.limit) for p in ops}
             fresh_cap = _capability_task(tasks, args, offset=args.capability_limit or args.limit)
             sweep["confirmation"] = S.confirm(model, tokenizer, stats, ops, fresh, fresh_cap, batch_size=args.batch_size,
-                                              max_length=args.max_length, progress=progress)
+                                              max_length=args.max_length, backend=args.backend, progress=progress)
             sweep["confirmation"]["items"] = {p: fresh[p].split.evaluation for p in fresh}
             sweep["confirmation"]["capability_indices"] = fresh_cap.split.evaluation
             timings["confirm_s"] = time.perf_counter() - t

@@ -127,7 +127,7 @@ def _add_control(model, tokenizer, task: Task, pair: str, method: str, gamma: fl
 def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping[str, Task], cap: Task,
               methods: Sequence[str] = (), sparsities: Sequence[float] = (), gammas: Sequence[float] = (), *,
               grids: Sequence[Grid] | None = None, control_gammas: Sequence[float] | None = None,
-              batch_size: int = 16, max_length: int = 1024, progress: bool = True) -> dict:
+              batch_size: int = 16, max_length: int = 1024, backend: str = "auto", progress: bool = True) -> dict:
     """The sweep's points ``{"points": [...], "prompt": {pair: point}, "base_capability": float, ...}``.
 
     ``tasks[pair]`` is the task scored for each pair (its primary persona task). The points are the union of
@@ -136,8 +136,6 @@ def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping
     control was run, ``control`` and ``net`` (switch minus control switch, per item).
     """
     from tqdm.auto import tqdm
-
-    from persona_kernels import patching
 
     if grids is None:
         grids = [Grid(tuple(methods), tuple(sparsities), tuple(gammas),
@@ -151,25 +149,23 @@ def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping
                     key = (m, float(gamma))
                     by_rho = plan.setdefault(float(rho), {})
                     by_rho[key] = by_rho.get(key, False) or g.wants_control(gamma)
-    patching.set_persona(model, None)
+    _base(model)
     base_cap = score_items(model, tokenizer, cap, batch_size=batch_size, max_length=max_length)["capability"]
     prompt = {}
-    for pair, task in tasks.items():
+    for pair, task in tqdm(list(tasks.items()), desc="sweep prompt points", unit="pair", disable=not progress):
         prompt[pair] = _switch_point(model, tokenizer, task, cap, (None, None), 0.0, base_cap, batch_size,
                                      systems=C.system_prompts(pair), max_length=max_length)
         prompt[pair]["task"] = task.name
     points = []
     total = sum(len(tasks) * len(v) for v in plan.values())
-    bar = tqdm(total=total, desc="sweep", disable=not progress)
+    bar = tqdm(total=total, desc="sweep points (pair x method x rho x gamma)", unit="point", disable=not progress)
     for rho in sorted(plan):
         entries = plan[rho]
         ms = list(dict.fromkeys(m for m, _ in entries))
         need_ctrl = [m for m in ms if any(c for (mm, _), c in entries.items() if mm == m)]
-        info: dict = {}
-        for group, ctrl in (([m for m in ms if m not in need_ctrl], False), (need_ctrl, True)):
-            if group:
-                for pair, by_m in C.install_masks(model, stats, group, rho, control=ctrl).items():
-                    info.setdefault(pair, {}).update(by_m)
+        bar.set_postfix_str(f"building masks rho={rho}")
+        info = C.install_masks(model, stats, ms, rho, control=set(need_ctrl), backend=backend)  # one bank per rho
+        bar.set_postfix_str(f"rho={rho}")
         for (m, gamma), ctrl in sorted(entries.items(), key=lambda e: (e[0][1], ms.index(e[0][0]))):
             for pair, task in tasks.items():
                 names = (C.mask_name(pair, m, "+"), C.mask_name(pair, m, "-"))
@@ -182,12 +178,20 @@ def run_sweep(model, tokenizer, stats: Mapping[str, C.PairStats], tasks: Mapping
                 points.append(p)
                 bar.update(1)
     bar.close()
-    patching.set_persona(model, None)
+    _base(model)
     all_methods = list(dict.fromkeys(m for g in grids for m in g.methods))
     return {"points": points, "prompt": prompt, "base_capability": float(base_cap.mean()),
             "sparsity": sorted({float(r) for g in grids for r in g.sparsities}),
             "gamma": sorted({float(x) for g in grids for x in g.gammas}), "methods": all_methods,
             "grids": [g.__dict__ for g in grids]}
+
+
+def _base(model) -> None:
+    """Switch a patched model to the base model (an unpatched one is the base model)."""
+    from persona_kernels import patching
+
+    if patching.is_patched(model):
+        patching.set_persona(model, None)
 
 
 def _valid(methods: Sequence[str], rho: float) -> list[str]:
@@ -224,7 +228,8 @@ def operating_points(sweep: dict, bound: float, *, require_control: bool | None 
 
 
 def confirm(model, tokenizer, stats: Mapping[str, C.PairStats], points: Mapping[str, dict], tasks: Mapping[str, Task],
-            cap: Task, *, batch_size: int = 16, max_length: int = 1024, progress: bool = True) -> dict:
+            cap: Task, *, batch_size: int = 16, max_length: int = 1024, backend: str = "auto",
+            progress: bool = True) -> dict:
     """Re-measure each pair's chosen point on fresh items: prompt, the point's masks and their control.
 
     ``tasks[pair]`` holds items disjoint from the ones the point was chosen on. Returns
@@ -235,20 +240,20 @@ def confirm(model, tokenizer, stats: Mapping[str, C.PairStats], points: Mapping[
     from persona_kernels import patching
 
     out: dict = {}
-    patching.set_persona(model, None)
+    _base(model)
     base_cap = score_items(model, tokenizer, cap, batch_size=batch_size, max_length=max_length)["capability"]
-    for pair in tqdm([p for p in points if p in tasks], desc="confirm", disable=not progress):
+    for pair in tqdm([p for p in points if p in tasks], desc="confirmation on fresh items", unit="pair", disable=not progress):
         op, task = points[pair], tasks[pair]
         pr = _switch_point(model, tokenizer, task, cap, (None, None), 0.0, base_cap, batch_size,
                            systems=C.system_prompts(pair), max_length=max_length)
-        C.install_masks(model, {pair: stats[pair]}, [op["method"]], op["sparsity"], control=True)
+        C.install_masks(model, {pair: stats[pair]}, [op["method"]], op["sparsity"], control=True, backend=backend)
         names = (C.mask_name(pair, op["method"], "+"), C.mask_name(pair, op["method"], "-"))
         mk = _switch_point(model, tokenizer, task, cap, names, op["gamma"], base_cap, batch_size, max_length=max_length)
         _add_control(model, tokenizer, task, pair, op["method"], op["gamma"], mk, batch_size, max_length)
         mk.update(method=op["method"], sparsity=op["sparsity"], gamma=op["gamma"])
         out[pair] = {"task": task.name, "n": len(task.items), "prompt": pr, "mask": mk,
                      "mask_vs_prompt": paired_difference(mk["items"], pr["items"]).to_dict()}
-    patching.set_persona(model, None)
+    _base(model)
     return {"pairs": out, "base_capability": float(base_cap.mean())}
 
 

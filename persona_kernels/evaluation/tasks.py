@@ -16,15 +16,19 @@ Task kinds and their per-item scores (all float64 tensors, one value per evaluat
 * ``text``   neutral text: ``capability`` (mean log-prob per token of the text after :data:`NEUTRAL_PREFIX`,
   itself after the system prompt if any).
 
-Scoring runs the decoder once per sequence and applies the output layer only at the positions that are
-scored; when every choice is a single token (answer letters, Yes/No) one sequence per item scores all
-choices at once. A sequence is always ``[BOS] + tokens(context) + tokens(continuation)`` (context and
-continuation tokenised separately), the same convention as :func:`~persona_kernels.evaluation.loglik.continuation_loglik`.
+This is the one log-prob engine of the package (the runner, the sweep and the demo use it). A sequence is
+always ``[BOS] + tokens(context) + tokens(continuation)`` (context and continuation tokenised separately). The
+output layer runs only at the scored positions; when every choice is a single token (answer letters, Yes/No)
+one sequence per item scores all choices at once. Shared prefixes run once (KV cache expanded to each
+continuation, see :func:`_position_logprobs`): the chat header common to a batch, the prompt of an E/I pair's
+two responses, the question start of an A/B item's two option orders. The cache is built under the condition
+being scored; results equal the whole-sequence forward up to float rounding (``prefix_cache=False``).
 """
 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -35,10 +39,10 @@ import torch
 from torch import nn
 
 from persona_kernels.evaluation.ab import ABItem, format_context, swap_options
-from persona_kernels.evaluation.paired import ResponsePair
+from persona_kernels.utils.devices import model_device
 
 __all__ = [
-    "TaskDataError", "YesNoItem", "MCItem", "Task", "Split", "TASK_SPECS", "load_ab_file", "load_yesno_file",
+    "TaskDataError", "ResponsePair", "YesNoItem", "MCItem", "Task", "Split", "TASK_SPECS", "load_ab_file", "load_yesno_file",
     "load_pairs_file", "load_mmlu2_file", "load_mmlu4_file", "load_hellaswag_file", "load_task", "split_items",
     "score_items", "choice_logprobs", "sequence_logprobs",
 ]
@@ -50,6 +54,15 @@ class TaskDataError(ValueError):
     def __init__(self, path: Any, message: str, line: int | None = None) -> None:
         self.path, self.line = str(path), line
         super().__init__(f"{path}{':' + str(line) if line is not None else ''}: {message}")
+
+
+@dataclass(frozen=True)
+class ResponsePair:
+    """One prompt with a persona+ and a persona- response (scored as the paired response margin)."""
+
+    prompt: str
+    positive: str
+    negative: str
 
 
 @dataclass(frozen=True)
@@ -146,18 +159,23 @@ def _nonempty(path: Path, items: list) -> list:
 # loaders
 
 
-def load_ab_file(path: str | Path) -> list[ABItem]:
-    """A/B persona items ``{question, answer_matching_behavior, answer_not_matching_behavior}``."""
-    path = Path(path)
+def _two_letter_items(path: Path, question: str, good: str, bad: str, what: str) -> list[ABItem]:
+    """A/B items from records ``{question, good letter, bad letter}`` (the good letter is the matching one)."""
     items = []
     for line, obj in _records(path):
-        q = _field(path, line, obj, "question")
-        m = _letter(path, line, _field(path, line, obj, "answer_matching_behavior"), "AB")
-        n = _letter(path, line, _field(path, line, obj, "answer_not_matching_behavior"), "AB")
+        q = _field(path, line, obj, question)
+        m = _letter(path, line, _field(path, line, obj, good), "AB")
+        n = _letter(path, line, _field(path, line, obj, bad), "AB")
         if m == n:
-            raise TaskDataError(path, f"matching and non-matching answers are both ({m})", line)
+            raise TaskDataError(path, f"{what} answers are both ({m})", line)
         items.append(ABItem(q.strip(), m, f"{path.name}:{line}"))
     return _nonempty(path, items)
+
+
+def load_ab_file(path: str | Path) -> list[ABItem]:
+    """A/B persona items ``{question, answer_matching_behavior, answer_not_matching_behavior}``."""
+    return _two_letter_items(Path(path), "question", "answer_matching_behavior", "answer_not_matching_behavior",
+                             "matching and non-matching")
 
 
 def load_yesno_file(path: str | Path) -> list[YesNoItem]:
@@ -195,16 +213,7 @@ def load_pairs_file(path: str | Path, keys: tuple[str, str, str] | None = None) 
 
 def load_mmlu2_file(path: str | Path) -> list[ABItem]:
     """Two-choice MMLU ``{prompt, correct: "(A)", incorrect: "(B)"}`` as A/B items (matching = correct)."""
-    path = Path(path)
-    items = []
-    for line, obj in _records(path):
-        q = _field(path, line, obj, "prompt")
-        c = _letter(path, line, _field(path, line, obj, "correct"), "AB")
-        w = _letter(path, line, _field(path, line, obj, "incorrect"), "AB")
-        if c == w:
-            raise TaskDataError(path, f"correct and incorrect answers are both ({c})", line)
-        items.append(ABItem(q.strip(), c, f"{path.name}:{line}"))
-    return _nonempty(path, items)
+    return _two_letter_items(Path(path), "prompt", "correct", "incorrect", "correct and incorrect")
 
 
 def load_mmlu4_file(path: str | Path) -> list[MCItem]:
@@ -372,53 +381,186 @@ def _split_model(model: nn.Module):
     return None
 
 
-def _device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return emb.weight.device if emb is not None else next(model.parameters()).device
+#: forward tokens of the scorer (real, non-padding tokens run through the decoder), for benchmarks and tests
+FORWARD_TOKENS = {"tokens": 0}
+#: whether scoring reuses shared prefixes when a caller does not say (see :func:`prefix_caching`)
+_PREFIX_CACHE = {"enabled": True}
+
+
+@contextlib.contextmanager
+def prefix_caching(enabled: bool):
+    """Within the block, scorers called without ``prefix_cache=`` use ``enabled`` (benchmarks: the sweep and
+    confirmation code paths with and without the prefix cache)."""
+    old = _PREFIX_CACHE["enabled"]
+    _PREFIX_CACHE["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _PREFIX_CACHE["enabled"] = old
+
+
+def _rows(seqs: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask)`` of token lists."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+        att[r, : len(x)] = 1
+    FORWARD_TOKENS["tokens"] += sum(len(x) for x in seqs)
+    return ids.to(device), att.to(device)
+
+
+def _gather_logprobs(model, split, hidden_or_logits, rows, cols) -> torch.Tensor:
+    logits = split[1](hidden_or_logits[rows, cols]) if split is not None else hidden_or_logits[rows, cols]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _forward(model, split, ids, att, *, pos=None, cache=None, use_cache=False):
+    """(hidden states, or logits when the model cannot be split; the cache) of one forward chunk."""
+    kw = {"input_ids": ids, "attention_mask": att}
+    if pos is not None:
+        kw["position_ids"] = pos
+    module = split[0] if split is not None else model
+    if use_cache or cache is not None:
+        kw.update({_cache_arg(module): cache, "use_cache": True})
+    out = module(**kw)
+    new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return (out[0] if split is not None else out.logits), new_cache
+
+
+def _cache_arg(module: nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic modules
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @torch.no_grad()
 def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], positions: Sequence[list[int]],
-                       *, batch_size: int, progress: bool = False, desc: str = "scoring") -> list[torch.Tensor]:
+                       *, batch_size: int, progress: bool = False, desc: str = "scoring",
+                       groups: Sequence[Sequence[int]] | None = None, prefix_cache: bool | None = None) -> list[torch.Tensor]:
     """For each sequence, the log-softmax rows ``[len(positions[i]), vocab]`` (float32, CPU) at the given
-    positions (the distribution of the token that follows each position)."""
+    positions (the distribution of the token that follows each position).
+
+    ``prefix_cache`` (default): shared prefixes run once and their KV cache is expanded to the sequences that
+    share them, at two levels: the prefix common to a whole batch (chat header, system prompt) and, within a
+    ``group`` of sequences (one item: its choices, both option orders), the group's common prefix. Only the
+    tokens up to the first scored position are shared, so every scored position is computed in the last
+    chunk. Same numbers as ``prefix_cache=False`` (one forward per whole sequence) up to float rounding; the
+    cache is computed under the model's current persona/condition and never reused across calls.
+    """
     from tqdm.auto import tqdm
 
-    device = _device(model)
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     split = _split_model(model)
     out: list[torch.Tensor | None] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = order[b : b + batch_size]
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        att = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-            att[r, : len(seqs[i])] = 1
-        ids, att = ids.to(device), att.to(device)
-        rows = torch.tensor([r for r, i in enumerate(idx) for _ in positions[i]], dtype=torch.long, device=device)
-        cols = torch.tensor([p for i in idx for p in positions[i]], dtype=torch.long, device=device)
-        if split is not None:
-            hidden = split[0](input_ids=ids, attention_mask=att)[0]
-            logits = split[1](hidden[rows, cols])
+    if prefix_cache is None:
+        prefix_cache = _PREFIX_CACHE["enabled"]
+    if not prefix_cache:
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            idx = order[b : b + batch_size]
+            ids, att = _rows([seqs[i] for i in idx], pad, device)
+            rows = torch.tensor([r for r, i in enumerate(idx) for _ in positions[i]], dtype=torch.long, device=device)
+            cols = torch.tensor([p for i in idx for p in positions[i]], dtype=torch.long, device=device)
+            lp = _gather_logprobs(model, split, _forward(model, split, ids, att)[0], rows, cols)
+            _scatter(out, idx, positions, lp)
+        return out  # type: ignore[return-value]
+
+    groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(len(seqs))]
+    if sorted(i for g in groups for i in g) != list(range(len(seqs))):
+        raise ValueError("persona_kernels.evaluation: 'groups' must partition the sequences")
+    # per group: the shared length P (common prefix, never past the first scored position)
+    shared = [min(_common(seqs[i] for i in g), min(min(positions[i]) for i in g)) for g in groups]
+    order = sorted(range(len(groups)), key=lambda k: max(len(seqs[i]) for i in groups[k]))
+    batches, cur, n = [], [], 0
+    for k in order:
+        cur.append(k)
+        n += len(groups[k])
+        if n >= batch_size:
+            batches.append(cur)
+            cur, n = [], 0
+    if cur:
+        batches.append(cur)
+    for ks in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        members = [i for k in ks for i in groups[k]]
+        owner = torch.tensor([j for j, k in enumerate(ks) for _ in groups[k]], dtype=torch.long, device=device)
+        p_grp = [shared[k] for k in ks]
+        # level 1: the batch's common prefix, strictly shorter than every group's P so that every level-2 row
+        # keeps a real token (a fully masked attention row would give NaN)
+        g_len = min(_common(seqs[i] for i in members), min(p_grp) - 1) if min(p_grp) > 1 else 0
+        if min(p_grp) == 0:  # a group with nothing to share: one plain forward for the batch
+            p_grp = [0] * len(ks)
+        cache, past_att = None, torch.zeros((1, 0), dtype=torch.long, device=device)
+        if g_len > 0:
+            ids, att = _rows([seqs[members[0]][:g_len]], pad, device)
+            _, cache = _forward(model, split, ids, att, use_cache=True)
+            past_att = att
+        # level 2: each group's own shared part, after the batch prefix
+        select = torch.zeros(len(members), dtype=torch.long, device=device)  # cache row of each sequence
+        if max(p_grp) > g_len:
+            select = owner
+            parts = [seqs[groups[k][0]][g_len:p] for k, p in zip(ks, p_grp)]
+            ids, att = _rows(parts, pad, device)
+            if cache is not None:
+                cache.batch_select_indices(torch.zeros(len(ks), dtype=torch.long, device=device))
+            past_att = past_att.expand(len(ks), -1)
+            pos = g_len + torch.arange(ids.shape[1], device=device).expand(len(ks), -1)
+            _, cache = _forward(model, split, ids, torch.cat([past_att, att], 1), pos=pos, cache=cache, use_cache=True)
+            past_att = torch.cat([past_att, att], 1)
+            base = list(p_grp)
         else:
-            logits = model(input_ids=ids, attention_mask=att).logits[rows, cols]
-        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        start = 0
-        for i in idx:
-            n = len(positions[i])
-            out[i] = lp[start : start + n]
-            start += n
+            base = [g_len] * len(ks)
+        # level 3: every sequence's rest, attending to its group's cached prefix
+        if cache is not None:
+            cache.batch_select_indices(select)
+        rests = [seqs[i][base[j]:] for j, k in enumerate(ks) for i in groups[k]]
+        ids, att = _rows(rests, pad, device)
+        offs = torch.tensor([base[j] for j, k in enumerate(ks) for _ in groups[k]], dtype=torch.long, device=device)
+        pos = offs[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
+        hidden, _ = _forward(model, split, ids, torch.cat([past_att[select], att], 1), pos=pos, cache=cache)
+        rows = torch.tensor([r for r, i in enumerate(members) for _ in positions[i]], dtype=torch.long, device=device)
+        cols = torch.tensor([p - int(offs[r]) for r, i in enumerate(members) for p in positions[i]], dtype=torch.long,
+                            device=device)
+        _scatter(out, members, positions, _gather_logprobs(model, split, hidden, rows, cols))
     return out  # type: ignore[return-value]
 
 
+def _common(items) -> int:
+    """Length of the longest common prefix of token lists."""
+    items = list(items)
+    first, n = items[0], min(len(x) for x in items)
+    for other in items[1:]:
+        k = 0
+        while k < n and other[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _scatter(out: list, idx: Sequence[int], positions: Sequence[list[int]], lp: torch.Tensor) -> None:
+    start = 0
+    for i in idx:
+        k = len(positions[i])
+        out[i] = lp[start : start + k]
+        start += k
+
+
 def choice_logprobs(model: nn.Module, tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]], *,
-                    batch_size: int = 16, max_length: int = 1024, progress: bool = False, desc: str = "choices") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    batch_size: int = 16, max_length: int = 1024, progress: bool = False, desc: str = "choices",
+                    groups: Sequence[Sequence[int]] | None = None, prefix_cache: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per item: (summed log-prob, token count) of each choice as a continuation of its context, as float64
     and int64 tensors ``[n_choices]``. Items whose choices are all single tokens take one forward pass.
-    Sequences longer than ``max_length`` lose tokens from the left (context first)."""
+    Sequences longer than ``max_length`` lose tokens from the left (context first).
+
+    ``groups``: lists of item indices whose contexts share a long prefix (e.g. both option orders of one A/B
+    question); with ``prefix_cache`` their shared tokens run once (see :func:`_position_logprobs`)."""
     if max_length < 2:
         raise ValueError(f"persona_kernels.evaluation: argument 'max_length': expected >= 2, got {max_length}")
     if len(contexts) != len(choices):
@@ -445,7 +587,10 @@ def choice_logprobs(model: nn.Module, tokenizer, contexts: Sequence[str], choice
                 seqs.append(seq)
                 pos.append(list(range(len(seq) - len(c) - 1, len(seq) - 1)))
             plan.append(("multi", entries))
-    lps = _position_logprobs(model, tokenizer, seqs, pos, batch_size=batch_size, progress=progress, desc=desc)
+    seq_of_item = [[p[1]] if p[0] == "single" else [e[0] for e in p[1]] for p in plan]
+    item_groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(len(plan))]
+    lps = _position_logprobs(model, tokenizer, seqs, pos, batch_size=batch_size, progress=progress, desc=desc,
+                             groups=[[s for i in g for s in seq_of_item[i]] for g in item_groups], prefix_cache=prefix_cache)
     totals, counts = [], []
     for p in plan:
         if p[0] == "single":
@@ -478,8 +623,11 @@ def _ab_context(tokenizer, question: str, chat: bool, system: str | None) -> str
 
 
 def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str | None = None, items: list | None = None,
-                batch_size: int = 16, max_length: int = 1024, progress: bool = False, both_orders: bool = True) -> dict[str, torch.Tensor]:
-    """Per-item scores of ``task``'s evaluation items (or ``items``) under the model's current condition."""
+                batch_size: int = 16, max_length: int = 1024, progress: bool = False, both_orders: bool = True,
+                prefix_cache: bool | None = None) -> dict[str, torch.Tensor]:
+    """Per-item scores of ``task``'s evaluation items (or ``items``) under the model's current condition.
+    ``prefix_cache=False`` runs every sequence whole (the reference the cached scorer is tested against);
+    None: the default of :func:`prefix_caching` (on)."""
     items = task.items if items is None else items
     chat = task.chat
     if not items:
@@ -491,7 +639,12 @@ def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str |
             for v in vs:
                 ctxs.append(_ab_context(tokenizer, v.question, chat, system_prompt))
                 chs.append((v.matching, v.not_matching))
-        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name)
+        groups, k = [], 0
+        for vs in variants:  # both option orders of an item share the question's start
+            groups.append(list(range(k, k + len(vs))))
+            k += len(vs)
+        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length,
+                                    progress=progress, desc=task.name, groups=groups, prefix_cache=prefix_cache)
         lo = [float(t[0] - t[1]) for t in totals]
         per, k = [], 0
         for vs in variants:
@@ -507,7 +660,7 @@ def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str |
             other = "No" if it.matching == "Yes" else "Yes"
             ctxs.append(ctx)
             chs.append((pre + it.matching, pre + other))
-        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name)
+        totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name, prefix_cache=prefix_cache)
         return {"logodds": torch.tensor([float(t[0] - t[1]) for t in totals], dtype=torch.float64)}
     if task.kind == "pairs":
         ctxs, chs = [], []
@@ -515,13 +668,13 @@ def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str |
             ctx, pre = format_context(p.prompt, tokenizer, chat_template=chat, system_prompt=system_prompt)
             ctxs.append(ctx)
             chs.append((pre + p.positive, pre + p.negative))
-        totals, counts = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name)
+        totals, counts = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name, prefix_cache=prefix_cache)
         return {"margin": torch.tensor([float(t[0] / c[0] - t[1] / c[1]) for t, c in zip(totals, counts)], dtype=torch.float64)}
     if task.kind == "mc":
         head = f"{system_prompt}\n\n" if system_prompt else ""
         ctxs = [head + it.context for it in items]
         totals, counts = choice_logprobs(model, tokenizer, ctxs, [it.choices for it in items], batch_size=batch_size,
-                                         max_length=max_length, progress=progress, desc=task.name)
+                                         max_length=max_length, progress=progress, desc=task.name, prefix_cache=prefix_cache)
         correct = []
         for it, t, c in zip(items, totals, counts):
             s = t / c if it.normalise else t
@@ -530,7 +683,7 @@ def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str |
     if task.kind == "text":
         ctx = (f"{system_prompt}\n\n" if system_prompt else "") + NEUTRAL_PREFIX
         totals, counts = choice_logprobs(model, tokenizer, [ctx] * len(items), [(t,) for t in items],
-                                         batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name)
+                                         batch_size=batch_size, max_length=max_length, progress=progress, desc=task.name, prefix_cache=prefix_cache)
         return {"capability": torch.tensor([float(t[0] / c[0]) for t, c in zip(totals, counts)], dtype=torch.float64)}
     raise ValueError(f"persona_kernels.evaluation: task {task.name!r} has unknown kind {task.kind!r}")
 

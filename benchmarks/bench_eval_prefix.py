@@ -1,0 +1,176 @@
+"""Evaluation scoring with and without the shared-prefix KV cache (issue 17).
+
+Two measurements, both with ``torch.set_num_threads(1)``:
+
+1. **Forward tokens per item** (real, non-padding tokens through the decoder; a property of the tokenizer and
+   the scorer, not of the weights): the four persona tasks of the SmolLM2 frontier (power, wealth,
+   hallucination: A/B in both option orders; E/I: paired responses) with SmolLM2-135M-Instruct's tokenizer and
+   chat template, without and with the pair's persona system prompt. Counted with a one-layer random Llama of
+   SmolLM2's vocabulary, which runs the same scorer code on the same token sequences quickly.
+2. **One sweep point on SmolLM2-135M-Instruct** (the real model): what ``persona-kernels eval --sweep`` does per
+   (pair, method, rho, gamma) point — the pair's task under the + and - masks and under the label-shuffled
+   control masks, and the capability texts under the + and - masks — at the operating point
+   (contrastive_wanda, rho 0.02, gamma 0), with and without the prefix cache, interleaved repeats, process CPU
+   time. The per-item scores of both modes are compared (max abs difference).
+
+Usage: python benchmarks/bench_eval_prefix.py [--limit 8] [--count-limit 48] [--repeats 2] [--pairs power,energy]
+Writes benchmarks/results/eval_prefix_cpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from persona_kernels.bench.timing import ratio, time_interleaved
+from persona_kernels.evaluation import conditions as C
+from persona_kernels.evaluation import sweep as S
+from persona_kernels.evaluation import tasks as T
+from persona_kernels.utils.atomic import atomic_write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAIRS = ("power", "wealth", "hallucination", "energy")
+
+
+def _counting_model(tokenizer):
+    """A one-layer random Llama with SmolLM2's vocabulary (token counts do not depend on the weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def count_tokens(tokenizer, limit: int, shared) -> dict:
+    """Forward tokens per item, uncached vs cached, per task and system prompt (base condition)."""
+    model = _counting_model(tokenizer)
+    out = {}
+    for pair in PAIRS:
+        task = T.load_task(pair, shared=shared, seed=0, limit=limit)
+        for label, system in (("no system prompt", None), ("persona system prompt", C.system_prompts(pair)[0])):
+            counts = {}
+            for mode in (False, True):
+                T.FORWARD_TOKENS["tokens"] = 0
+                T.score_items(model, tokenizer, task, system_prompt=system, batch_size=16, prefix_cache=mode)
+                counts["cached" if mode else "uncached"] = T.FORWARD_TOKENS["tokens"] / len(task.items)
+            counts["ratio"] = counts["uncached"] / counts["cached"]
+            out.setdefault(C.pair_label(pair), {"kind": task.kind, "items": len(task.items)})[label] = counts
+    return out
+
+
+def sweep_point(limit: int, repeats: int, pairs, shared) -> dict:
+    """Process CPU time of one sweep point on SmolLM2, cached vs uncached, and the score agreement."""
+    from persona_kernels.models import load_model
+
+    model, tok = load_model(None, dtype=torch.float32, padding_side="right")
+    model.eval()
+    tasks = {p: T.load_task(p, shared=shared, seed=0, limit=limit, calib_limit=8) for p in pairs}
+    hs = T.load_task("hellaswag", shared=shared, seed=0, limit=limit)
+    cap = T.Task("capability", "text", hs.path, None, False, hs.split, T.capability_texts(hs.items))
+    texts = {p: C.calibration_texts(t) for p, t in tasks.items()}
+    stats = C.pair_statistics(model, tok, texts, block=4, seed=0, batch_size=4, tokens="response", progress=False)
+    method, rho, gamma = "contrastive_wanda", 0.02, 0.0
+    C.install_masks(model, stats, [method], rho, control=True, backend="auto")
+    with T.prefix_caching(False):
+        base_cap = T.score_items(model, tok, cap)["capability"]
+    results: dict = {}
+
+    def point(pair: str, cached: bool) -> dict:
+        with T.prefix_caching(cached):
+            names = (C.mask_name(pair, method, "+"), C.mask_name(pair, method, "-"))
+            p = S._switch_point(model, tok, tasks[pair], cap, names, gamma, base_cap, 16)
+            S._add_control(model, tok, tasks[pair], pair, method, gamma, p, 16, 1024)
+        results[(pair, cached)] = p
+        return p
+
+    fns = {f"{C.pair_label(p)} {'cached' if c else 'uncached'}": (lambda p=p, c=c: point(p, c))
+           for p in pairs for c in (False, True)}
+    tokens = {}
+    for name, fn in fns.items():  # one counted run each (also the warm-up)
+        T.FORWARD_TOKENS["tokens"] = 0
+        fn()
+        tokens[name] = T.FORWARD_TOKENS["tokens"]
+    timings = time_interleaved(fns, repeats=repeats, warmup=0, clock="process")
+    out = {}
+    for pair in pairs:
+        lab = C.pair_label(pair)
+        u, c = timings[f"{lab} uncached"], timings[f"{lab} cached"]
+        pu, pc = results[(pair, False)], results[(pair, True)]
+        diff = max([abs(a - b) for a, b in zip(pu["items"], pc["items"])]
+                   + [abs(a - b) for a, b in zip(pu["control"]["items"], pc["control"]["items"])]
+                   + [abs(a - b) for a, b in zip(pu["capability"], pc["capability"])])
+        out[lab] = {"task": tasks[pair].name, "kind": tasks[pair].kind, "items": len(tasks[pair].items),
+                    "capability_texts": len(cap.items), "uncached": u.to_dict(), "cached": c.to_dict(),
+                    "speedup": ratio(u, c).to_dict(), "forward_tokens": {"uncached": tokens[f"{lab} uncached"],
+                                                                       "cached": tokens[f"{lab} cached"]},
+                    "max_abs_score_difference": diff}
+    return out
+
+
+def render(res: dict) -> str:
+    lines = ["# Evaluation scoring: shared-prefix KV cache", "",
+             f"`{res['command']}` — {res['machine']}, torch {res['torch']}, **1 thread**. Token counts: real "
+             "(non-padding) tokens through the decoder per evaluation item. Times: **process CPU time**, "
+             f"median of {res['repeats']} interleaved repeats.", "",
+             f"## Forward tokens per item ({res['count_limit']} items per task, base condition)", "",
+             "| pair | task | system prompt | uncached | cached | fewer tokens |", "|---|---|---|---|---|---|"]
+    for lab, e in res["tokens_per_item"].items():
+        for sys_label in ("no system prompt", "persona system prompt"):
+            c = e[sys_label]
+            lines.append(f"| {lab} | {e['kind']} | {sys_label} | {c['uncached']:.1f} | {c['cached']:.1f} | {c['ratio']:.2f}x |")
+    lines += ["", f"## One sweep point on SmolLM2-135M-Instruct ({res['limit']} items, operating point "
+              "contrastive_wanda rho=0.02 gamma=0; + / - masks and their controls on the task, + / - masks on the "
+              "capability texts)", "",
+              "| pair | uncached (s) | cached (s) | speedup | forward tokens uncached / cached | max abs score difference |",
+              "|---|---|---|---|---|---|"]
+    for lab, e in res["sweep_point"].items():
+        ft = e["forward_tokens"]
+        lines.append(f"| {lab} | {e['uncached']['median_s']:.1f} | {e['cached']['median_s']:.1f} | "
+                     f"{e['speedup']['value']:.2f}x (noise {100 * e['speedup']['noise']:.0f}%) | {ft['uncached']} / {ft['cached']} "
+                     f"({ft['uncached'] / ft['cached']:.2f}x) | {e['max_abs_score_difference']:.1e} |")
+    lines += ["", "The cached scorer runs a batch's common prefix once, then each item's shared prefix (both responses "
+              "of an E/I pair, both option orders of an A/B question) once, and expands the KV cache to every "
+              "continuation; everything is computed under the condition being scored (masks change every layer). "
+              "Its scores equal the uncached scorer's up to float32 rounding (tests/test_eval_tasks.py, tolerance "
+              "1e-4)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--limit", type=int, default=8, help="items per task in the sweep-point timing (default 8)")
+    ap.add_argument("--count-limit", type=int, default=48, help="items per task in the token counts (default 48)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--pairs", default="power,energy", help="pairs timed on SmolLM2 (default power,energy)")
+    ap.add_argument("--shared", default=None)
+    ap.add_argument("--out", default=str(RESULTS / "eval_prefix_cpu"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from persona_kernels.models import load_model
+    from persona_kernels.paths import shared_dir
+
+    shared = args.shared or shared_dir(required=True)
+    t0 = time.perf_counter()
+    _, tok = load_model(None, dtype=torch.float32, padding_side="right")
+    res = {"command": "python benchmarks/bench_eval_prefix.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+           "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
+           "threads": 1, "clock": "process CPU time", "repeats": args.repeats, "limit": args.limit,
+           "count_limit": args.count_limit}
+    res["tokens_per_item"] = count_tokens(tok, args.count_limit, shared)
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    res["sweep_point"] = sweep_point(args.limit, args.repeats, pairs, shared)
+    res["wall_s"] = time.perf_counter() - t0
+    atomic_write(Path(args.out + ".json"), json.dumps(res, indent=1))
+    atomic_write(Path(args.out + ".md"), render(res))
+    print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
