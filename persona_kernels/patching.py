@@ -35,6 +35,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -339,7 +340,8 @@ def patch_model(
 
     Args:
         model: a Hugging Face causal LM (or any module); a ``torch.compile``-d model is unwrapped.
-        bank: a :class:`persona_kernels.bank.MaskBank` whose module names are ``model.named_modules()`` names.
+        bank: a :class:`persona_kernels.bank.MaskBank` whose module names are ``model.named_modules()`` names, or
+            the path of an adapter folder / bank file (:meth:`MaskBank.from_pretrained`).
         target_modules: which Linear modules may be patched. None: the q/k/v/o and gate/up/down projections of
             Llama-like decoder layers (:data:`DEFAULT_TARGET_PATTERN`). A str: a regex searched in each module
             name. A list of str: each entry is an exact name, a name suffix (``"q_proj"``), or a regex that must
@@ -357,6 +359,10 @@ def patch_model(
     root = _root(model)
     if not isinstance(root, nn.Module):
         raise TypeError(_err("patch_model", f"argument 'model': expected an nn.Module, got {type(model).__name__}"))
+    if isinstance(bank, (str, os.PathLike)):  # an adapter folder or a bank file
+        from persona_kernels.bank import MaskBank
+
+        bank = MaskBank.from_pretrained(bank)
     if is_patched(root):
         raise RuntimeError(
             _err("patch_model", "the model is already patched; add personas with persona_kernels.patching.add_persona "
