@@ -52,6 +52,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit code 2), pointing to ``--help``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -292,6 +299,8 @@ def _patched(args):
     from persona_kernels import patching
 
     bank = _load_bank(args.bank)
+    if args.persona is not None and args.persona not in bank.personas:  # before the (slow) model load
+        raise CLIError(f"--persona: unknown persona {_short(args.persona)}; the bank has {_short(bank.personas)}")
     model, tok = _load(args)
     try:
         patching.patch_model(model, bank)
@@ -404,9 +413,9 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="persona-kernels", description="Persona subnetworks: calibrate, switch and evaluate persona masks.",
         epilog=EXAMPLES, formatter_class=HelpFormatter, parents=[debug],
     )
