@@ -136,7 +136,14 @@ def _load_gguf_cached(gguf: Path, name: str, cache_dir: Optional[PathLike]) -> P
     """The folder of the safetensors copy of ``gguf``, created on first use."""
     cached = cache_root(cache_dir) / name
     if not (cached / _CACHE_COMPLETE).is_file():
+        import sys
+        import time
+
+        start = time.perf_counter()
+        print(f"persona_kernels: converting {gguf.name} to safetensors in {cached} (once; about 1 min)...",
+              file=sys.stderr, flush=True)
         _convert_gguf(gguf, cached)
+        print(f"persona_kernels: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return cached
 
 
