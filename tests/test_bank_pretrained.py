@@ -69,22 +69,20 @@ def test_patch_model_accepts_a_folder_and_a_file(shared, tmp_path):
     shapes = {n: tuple(dict(model.named_modules())[n].weight.shape) for n in names}
     bank = MaskBank.from_bool_masks({"p": {n: torch.rand(s) > 0.5 for n, s in shapes.items()}})
     ids = torch.randint(3, 500, (1, 9))
+
+    def persona_logits(source):
+        patching.patch_model(model, source)
+        try:
+            patching.set_persona(model, "p")
+            with torch.no_grad():
+                return model(input_ids=ids).logits
+        finally:
+            patching.unpatch_model(model)
+
+    expected = persona_logits(bank)
     for source in (bank.save_pretrained(tmp_path / "adapter"), bank.save(tmp_path / "b.safetensors")):
-        patching.patch_model(model, str(source))
-        try:
-            patching.set_persona(model, "p")
-            with torch.no_grad():
-                got = model(input_ids=ids).logits
-        finally:
-            patching.unpatch_model(model)
-        patching.patch_model(model, bank)
-        try:
-            patching.set_persona(model, "p")
-            with torch.no_grad():
-                expected = model(input_ids=ids).logits
-        finally:
-            patching.unpatch_model(model)
-        assert torch.equal(got, expected)
+        assert torch.equal(persona_logits(str(source)), expected)
+        assert torch.equal(persona_logits(source), expected)  # a Path too
 
 
 def test_overwrite_is_atomic_and_a_failed_write_leaves_the_old_folder(tmp_path, monkeypatch):
