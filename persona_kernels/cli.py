@@ -17,7 +17,7 @@ from pathlib import Path
 from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
 
 EXAMPLES = """examples (one per subcommand):
-  persona-kernels demo --quick                           # the main job, fewer texts (about 1 min on SmolLM2, CPU)
+  persona-kernels demo --quick                           # the main job with fewer texts (24 per persona)
   persona-kernels calibrate --out personas/              # default persona pairs -> adapter folder (save_pretrained)
   persona-kernels calibrate --personas my_personas/ --pairs formal:casual --sparsity 0.1 \\
       --model /path/to/hf-model --out formal.safetensors # your own persona texts -> one bank file
