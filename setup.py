@@ -10,8 +10,21 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+_NO_TORCH = """
+persona_kernels: torch is not installed in the build environment.
+The C++ extension is compiled against the torch you run, so install torch first and build without isolation:
+    pip install torch==2.13.0        # CPU machine (on a stock index add: --index-url https://download.pytorch.org/whl/cpu)
+    pip install torch==2.14.1        # or your CUDA torch; then CUDA_HOME=/usr/local/cuda for the CUDA kernels
+    pip install setuptools wheel ninja pybind11
+    pip install --no-build-isolation .
+"""
+
+
 def _extension():
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(_NO_TORCH) from None
     from torch.utils import cpp_extension
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))

@@ -44,6 +44,7 @@ _EXPORTS = {
     "remove_persona": "persona_kernels.patching",
     "load_model": "persona_kernels.models",
     "calibrate": "persona_kernels.pipeline",
+    "export_persona": "persona_kernels.export",
 }
 _SUBMODULES = ("scoring", "analysis", "evaluation", "dispatch", "models", "personas")
 

@@ -715,3 +715,99 @@ class MaskBank:
             bank._masks[p] = {m: tensors[f"{p}/{m}"].to(device) for m in persona_modules.get(p, [])}
         bank.saved_with = {"package_version": header.get("package_version"), "format_version": version}
         return bank
+
+    # ------------------------------------------------------------------ adapter folders (Hugging Face style)
+
+    ADAPTER_CONFIG_FILE = "persona_config.json"
+    ADAPTER_BANK_FILE = "persona_bank.safetensors"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, base_model: Any = None) -> Path:
+        """Write the bank as an adapter folder, atomically: ``persona_config.json`` + ``persona_bank.safetensors``.
+
+        The config names the base model (``base_model``: a name / path, or a loaded model whose
+        ``config._name_or_path`` and ``_commit_hash`` are used; default ``metadata["base_model"]``) and its
+        revision where known, the fingerprint, the method (and its spec when the metadata holds one), rho,
+        default gamma, the targeted module types, the personas, pairs and the package version. The safetensors
+        file is the same as :meth:`save` writes, so the folder loads with :meth:`from_pretrained` and the file
+        alone with :meth:`load`. Returns the folder.
+        """
+        from persona_kernels.utils.atomic import atomic_directory
+
+        name, revision = self.metadata.get("base_model"), self.metadata.get("base_model_revision")
+        if base_model is not None:
+            if isinstance(base_model, (str, os.PathLike)):
+                name = str(base_model)
+            else:
+                config = getattr(base_model, "config", None)
+                name = getattr(config, "_name_or_path", None) or getattr(base_model, "name_or_path", None) or name
+                revision = getattr(config, "_commit_hash", None) or revision
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in self._shapes})
+        config = {
+            "adapter_type": "persona_kernels.mask_bank",
+            "bank_file": self.ADAPTER_BANK_FILE,
+            "base_model_name_or_path": name,
+            "base_model_revision": revision,
+            "fingerprint": self.fingerprint,
+            "method": self.metadata.get("method"),
+            "method_spec": self.metadata.get("method_spec", self.metadata.get("spec")),
+            "method_kwargs": self.metadata.get("method_kwargs", {}),
+            "rho": self.metadata.get("sparsity"),
+            "gamma": self.default_gamma,
+            "target_modules": leaves,
+            "num_modules": len(self._shapes),
+            "personas": self.personas,
+            "pairs": self.metadata.get("pairs", []),
+            "persona_kernels_version": _package_version(),
+            "format_version": FORMAT_VERSION,
+        }
+        try:
+            text = json.dumps(config, indent=2, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise ValueError(_err("metadata", f"must be JSON-serialisable: {exc}")) from exc
+        target = Path(save_directory)
+        with atomic_directory(target) as tmp:
+            self.save(tmp / self.ADAPTER_BANK_FILE)
+            (tmp / self.ADAPTER_CONFIG_FILE).write_text(text, encoding="utf-8")
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        expected_fingerprint: str | None = None,
+        model: Any = None,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> "MaskBank":
+        """Load an adapter folder written by :meth:`save_pretrained`, or a single bank file (:meth:`load`).
+
+        The folder's ``persona_config.json`` must agree with the bank file it names (fingerprint, personas);
+        ``expected_fingerprint`` / ``model`` / ``device`` as in :meth:`load`. The config's base model and
+        revision are kept in ``metadata["base_model"]`` / ``["base_model_revision"]``.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            if not path.exists():
+                raise FileNotFoundError(f"persona_kernels.MaskBank: {str(path)!r} does not exist (expected a bank "
+                                        f"file or an adapter folder with {cls.ADAPTER_CONFIG_FILE})")
+            return cls.load(path, expected_fingerprint, model, device=device)
+        config_path = path / cls.ADAPTER_CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"persona_kernels.MaskBank: folder {str(path)!r} has no {cls.ADAPTER_CONFIG_FILE} "
+                                    "(not an adapter folder written by MaskBank.save_pretrained)")
+        where = f"adapter folder {str(path)!r}"
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            bank_file = str(config.get("bank_file", cls.ADAPTER_BANK_FILE))
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+            raise MaskBankError(f"persona_kernels.MaskBank: {where}: unreadable {cls.ADAPTER_CONFIG_FILE}: {exc}") from exc
+        if Path(bank_file).name != bank_file:
+            raise MaskBankError(f"persona_kernels.MaskBank: {where}: bank_file {bank_file!r} must be a file name")
+        bank = cls.load(path / bank_file, expected_fingerprint, model, device=device)
+        if config.get("fingerprint") != bank.fingerprint or list(config.get("personas", [])) != bank.personas:
+            raise MaskBankError(f"persona_kernels.MaskBank: {where}: {cls.ADAPTER_CONFIG_FILE} does not match "
+                                f"{bank_file} (fingerprint or persona list differ)")
+        for key, meta_key in (("base_model_name_or_path", "base_model"), ("base_model_revision", "base_model_revision")):
+            if config.get(key) and not bank.metadata.get(meta_key):
+                bank.metadata[meta_key] = config[key]
+        return bank

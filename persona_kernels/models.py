@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -18,7 +20,7 @@ from typing import Optional, Union
 import torch
 
 __all__ = ["DEFAULT_MODEL", "CACHE_ENV_VAR", "cache_root", "default_model_gguf", "resolve_model_path", "load_model",
-           "load_tokenizer"]
+           "load_tokenizer", "check_model_source"]
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 CACHE_ENV_VAR = "PERSONA_KERNELS_CACHE"
@@ -134,7 +136,14 @@ def _load_gguf_cached(gguf: Path, name: str, cache_dir: Optional[PathLike]) -> P
     """The folder of the safetensors copy of ``gguf``, created on first use."""
     cached = cache_root(cache_dir) / name
     if not (cached / _CACHE_COMPLETE).is_file():
+        import sys
+        import time
+
+        start = time.perf_counter()
+        print(f"persona_kernels: converting {gguf.name} to safetensors in {cached} (once; about 1 min)...",
+              file=sys.stderr, flush=True)
         _convert_gguf(gguf, cached)
+        print(f"persona_kernels: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return cached
 
 
@@ -155,13 +164,86 @@ def resolve_model_path(name_or_path: Optional[PathLike] = None, *, cache_dir: Op
     return str(name_or_path)
 
 
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds."""
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:  # pragma: no cover
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_source(name_or_path: PathLike, *, cache_dir: Optional[PathLike] = None) -> dict:
+    """Fail fast, with one clear message, on a model that cannot load; returns extra ``from_pretrained``
+    keyword arguments (``local_files_only=True`` for a cached hub model when the hub is unreachable).
+
+    - an existing folder must hold a ``config.json``; an existing file must be a ``.gguf``;
+    - a string that looks like a path (absolute, ``./``, ``~``, several ``/``) must exist;
+    - a hub name (``org/name``) is used from the local Hugging Face cache when it is there and the hub cannot
+      be reached (a 3 s TCP probe instead of transformers' ~30 s of retries); not cached and unreachable (or
+      ``HF_HUB_OFFLINE`` set): ``ConnectionError`` saying so.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    where = "persona_kernels.load_model: argument 'name_or_path'"
+    if path.exists():
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{where}: {text} is a folder but not a Hugging Face model (no config.json)")
+            return {}
+        if path.suffix != ".gguf":
+            raise FileNotFoundError(f"{where}: {text} is a file; expected a model folder, a .gguf file or a hub name")
+        return {}
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise FileNotFoundError(f"{where}: {text} does not exist")
+    if not _HUB_NAME.match(text):
+        raise FileNotFoundError(f"{where}: {text!r} is neither an existing folder nor a hub name like 'org/model'")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(text, "config.json", cache_dir=cache_dir), str)
+    except Exception:  # an invalid repo id for the hub client
+        cached = False
+    if _offline_env():
+        if not cached:
+            raise ConnectionError(f"{where}: {text!r} is not a local folder and not in the Hugging Face cache, and "
+                                  "HF_HUB_OFFLINE is set; download it first or pass a local model folder")
+        return {"local_files_only": True}
+    if _hub_reachable():
+        return {}
+    if cached:
+        return {"local_files_only": True}
+    raise ConnectionError(f"{where}: {text!r} is not a local folder and not in the Hugging Face cache, and the hub "
+                          "cannot be reached (no network?); pass a local model folder or download it first")
+
+
 def load_tokenizer(name_or_path: Optional[PathLike] = None, *, padding_side: str = "left", cache_dir: Optional[PathLike] = None):
     """The tokenizer of :func:`load_model` alone (pad token set, ``padding_side`` applied)."""
     from transformers import AutoTokenizer
 
     _check_padding_side(padding_side)
     source = resolve_model_path(name_or_path, cache_dir=cache_dir)
-    return _prepare_tokenizer(AutoTokenizer.from_pretrained(source), padding_side)
+    extra = check_model_source(source, cache_dir=cache_dir)
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(source, **extra), padding_side)
 
 
 def load_model(
@@ -194,6 +276,7 @@ def load_model(
     source = resolve_model_path(name_or_path, cache_dir=cache_dir)
     is_gguf = name_or_path is None or str(name_or_path) == DEFAULT_MODEL or Path(str(name_or_path)).suffix == ".gguf"
     hub_kwargs = {} if is_gguf or cache_dir is None else {"cache_dir": str(cache_dir)}
+    hub_kwargs.update(check_model_source(source, cache_dir=None if is_gguf else cache_dir))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     model.to(device)

@@ -371,6 +371,11 @@ def calibrate(
 
     The model is left unchanged (statistics are recorded in a fused forward that is undone afterwards).
     """
+    from persona_kernels.validation import validate_calibration
+
+    validate_calibration(model, tokenizer, texts_by_persona, method=method, sparsity=sparsity, pairs=pairs,
+                         batch_size=batch_size, max_length=max_length, tokens=tokens, method_kwargs=method_kwargs,
+                         default_gamma=default_gamma)  # all that can be checked before the first forward
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"persona_kernels.calibrate: argument 'sparsity': expected a float in [0, 1), got {sparsity}")
     try:

@@ -105,3 +105,35 @@ def test_cache_write_is_atomic_and_replaces_broken_leftovers(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == ["config.json"]
     models._write_cache_atomically(Saver(), Saver(), final)  # a complete copy already there: kept
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_check_model_source_fails_fast_and_uses_the_cache_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from persona_kernels import models
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.check_model_source(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.check_model_source(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    assert models.check_model_source(tmp_path) == {}
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        models.check_model_source(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a hub name"):
+        models.check_model_source("not a name")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    cached = {"org/cached": str(tmp_path / "config.json")}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name, cache_dir=None: cached.get(repo))
+    for reachable in (False, True):
+        monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0, r=reachable: r)
+        assert models.check_model_source("org/cached") == ({} if reachable else {"local_files_only": True})
+    assert models.check_model_source("org/other") == {}  # reachable: transformers downloads it
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ConnectionError, match="cannot be reached"):
+        models.check_model_source("org/other")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.check_model_source("org/cached") == {"local_files_only": True}
+    with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE"):
+        models.check_model_source("org/other")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import warnings
 from typing import Iterator, Mapping, Optional
@@ -109,7 +110,8 @@ def patch_model(
 
     Args:
         model: a Hugging Face causal LM (or any module); a ``torch.compile``-d model is unwrapped.
-        bank: a :class:`persona_kernels.bank.MaskBank` whose module names are ``model.named_modules()`` names.
+        bank: a :class:`persona_kernels.bank.MaskBank` whose module names are ``model.named_modules()`` names, or
+            the path of an adapter folder / bank file (:meth:`MaskBank.from_pretrained`).
         target_modules: which Linear modules may be patched, in the grammar of :mod:`persona_kernels.targeting`
             (None: the architecture's preset, the same default as calibration). Only targets the bank has masks
             for are patched.
@@ -134,6 +136,10 @@ def patch_model(
     from persona_kernels.dispatch import check_backend
 
     check_backend("patch_model", backend)
+    if isinstance(bank, (str, os.PathLike)):  # an adapter folder or a bank file
+        from persona_kernels.bank import MaskBank
+
+        bank = MaskBank.from_pretrained(bank)
     for attr in ("personas", "module_names", "shapes", "get"):
         if not hasattr(bank, attr):
             raise TypeError(message("patch_model", f"expected a MaskBank (missing {attr!r}), got {type(bank).__name__}", "bank"))
