@@ -8,7 +8,6 @@ error naming the argument, and for texts the persona and the item index.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,7 +19,6 @@ from persona_kernels.utils.errors import check_gamma, fail
 __all__ = ["validate_calibration", "validate_texts", "validate_pairs", "validate_method", "model_context_length"]
 
 _FN = "calibrate"
-_METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse")
 _TOKEN_MODES = ("auto", "all", "response")
 
 
@@ -113,41 +111,47 @@ def _scoring_fn(method: str) -> Callable:
             "contrastive_sparse": scoring.contrastive_sparse}[method]
 
 
-def validate_method(method: Any, sparsity: Any, method_kwargs: Mapping | None) -> None:
-    """Check the method name, rho and the method's options by running the scoring function on a 2x4 weight.
+def validate_method(method: Any, sparsity: Any, method_kwargs: Mapping | None) -> str:
+    """Check the method spec (:mod:`persona_kernels.methods` grammar), rho and the method's options by running
+    the scoring function on a 2x4 weight; returns the spec's scoring base (``wanda``, ``contrastive_*``).
 
-    The same checks as the real scoring run (Contrastive-Sparse rho <= 0.5, tau > 0, phi, statistic,
+    The same checks as the real scoring run (Contrastive-Sparse rho <= 0.5 x restrict, tau > 0, phi, statistic,
     activation, unknown option names), so nothing is reported differently after the forwards.
     """
-    if method not in _METHODS:
-        fail(_FN, "method", f"expected one of {_METHODS}, got {method!r}")
+    from persona_kernels import methods
+
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         fail(_FN, "sparsity", f"expected a float in [0, 1), got {type(sparsity).__name__}", TypeError)
     if not 0.0 <= float(sparsity) < 1.0:  # also NaN
         fail(_FN, "sparsity", f"expected a float in [0, 1), got {sparsity}")
     if method_kwargs is not None and not isinstance(method_kwargs, Mapping):
-        fail(_FN, "method_kwargs", f"expected a dict of {method} options, got {type(method_kwargs).__name__}",
+        fail(_FN, "method_kwargs", f"expected a dict of method options, got {type(method_kwargs).__name__}",
              TypeError)
-    kwargs = dict(method_kwargs or {})
-    fn = _scoring_fn(method)
-    params = inspect.signature(fn).parameters
-    fixed = ("weight", "stats", "stats_pos", "stats_neg", "sparsity", "packed")
-    allowed = [p for p in params if p not in fixed]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        fail(_FN, "method_kwargs", f"{method} has no option {unknown[0]!r}; its options are {allowed}")
-    probe = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}  # e.g. restrict_to: model-sized
+    tensors = {k: v for k, v in dict(method_kwargs or {}).items() if isinstance(v, torch.Tensor)}
+    plain = None if method_kwargs is None else {k: v for k, v in method_kwargs.items() if k not in tensors}
+    for arg, overrides in (("method", {}), ("method_kwargs", plain)):  # blame the spec first, then the options
+        try:
+            spec = methods.resolve(method, overrides)
+        except (TypeError, ValueError) as exc:
+            fail(_FN, arg, str(exc).replace("persona_kernels.methods: ", ""))
+    try:
+        spec.check_sparsity(float(sparsity))
+    except ValueError as exc:
+        fail(_FN, "sparsity", str(exc).replace("persona_kernels.methods: ", ""))
+    fn = _scoring_fn(spec.base)
     weight = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.25, 1.5, -1.0, 2.0]])
     stats_a, stats_b = torch.tensor([1.0, 0.5, 2.0, 0.1]), torch.tensor([0.2, 1.0, 0.3, 2.0])
+    probe_sparsity = min(float(sparsity), spec.max_sparsity())
     try:
-        if method == "wanda":
-            fn(weight, stats_a, sparsity, **probe)
+        if spec.base == "wanda":
+            fn(weight, stats_a, probe_sparsity, **spec.scoring_kwargs)
         else:
-            fn(weight, stats_a, stats_b, sparsity, **probe)
+            fn(weight, stats_a, stats_b, probe_sparsity, **spec.scoring_kwargs)
     except (TypeError, ValueError) as exc:
         detail = str(exc).split(": ", 1)[-1] if str(exc).startswith("persona_kernels.scoring") else str(exc)
         arg = "sparsity" if "'sparsity'" in str(exc) else "method_kwargs"
         raise type(exc)(f"persona_kernels.{_FN}: argument '{arg}': method {method!r}: {detail}") from None
+    return spec.base
 
 
 def model_context_length(model: Any) -> int | None:
@@ -207,7 +211,7 @@ def validate_calibration(
     if not callable(tokens) and tokens not in _TOKEN_MODES:
         fail(_FN, "tokens", f"expected 'auto', 'all', 'response' or a callable, got {tokens!r}")
     check_gamma(_FN, default_gamma, arg="default_gamma")
-    validate_method(method, sparsity, method_kwargs)
+    base = validate_method(method, sparsity, method_kwargs)
     texts = validate_texts(texts_by_persona)
-    validate_pairs(pairs, list(texts), method)
+    validate_pairs(pairs, list(texts), base)
     _check_lengths(tokenizer, model, texts, max_length)
