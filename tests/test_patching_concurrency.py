@@ -240,14 +240,14 @@ def test_set_persona_inside_a_block_changes_only_the_block(stories):
     set_persona(model, None)
 
 
-def test_block_in_another_thread_conflicting_with_a_merge_raises(stories):
-    model, ids, _ = stories
-    started, release, errors = threading.Event(), threading.Event(), []
+def _forward_in_a_block_after(model, ids, name, change) -> list[str]:
+    """Open ``persona(model, name)`` in another thread, run ``change()`` here, then forward there: its errors."""
+    entered, changed, errors = threading.Event(), threading.Event(), []
 
     def worker():
-        with persona(model, "p4"):
-            started.set()
-            release.wait()
+        with persona(model, name):
+            entered.set()
+            changed.wait()
             try:
                 _logits(model, ids)
             except RuntimeError as exc:
@@ -255,11 +255,19 @@ def test_block_in_another_thread_conflicting_with_a_merge_raises(stories):
 
     th = threading.Thread(target=worker)
     th.start()
-    started.wait()
-    merge_persona(model, "p1")
+    entered.wait()
     try:
-        release.set()
+        change()
+    finally:
+        changed.set()
         th.join()
+    return errors
+
+
+def test_block_in_another_thread_conflicting_with_a_merge_raises(stories):
+    model, ids, _ = stories
+    try:
+        errors = _forward_in_a_block_after(model, ids, "p4", lambda: merge_persona(model, "p1"))
     finally:
         unmerge_persona(model)
         set_persona(model, None)
@@ -298,21 +306,5 @@ def test_removing_a_persona_another_thread_selects_is_an_error_there():
                                      for p in ("a", "b")})
     patch_model(model, bank)
     ids = torch.randint(0, 40, (1, 5), generator=gen)
-    entered, removed, errors = threading.Event(), threading.Event(), []
-
-    def worker():
-        with persona(model, "b"):
-            entered.set()
-            removed.wait()
-            try:
-                _logits(model, ids)
-            except RuntimeError as exc:
-                errors.append(str(exc))
-
-    th = threading.Thread(target=worker)
-    th.start()
-    entered.wait()
-    remove_persona(model, "b")
-    removed.set()
-    th.join()
+    errors = _forward_in_a_block_after(model, ids, "b", lambda: remove_persona(model, "b"))
     assert errors and "was removed" in errors[0]  # not silently the dense model

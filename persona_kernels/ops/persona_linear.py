@@ -161,14 +161,7 @@ def _backward(ctx, grad, _grad_selected):
 _persona_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def persona_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    masks: torch.Tensor,
-    local_index: torch.Tensor,
-    model_key: int,
-    backend: str,
-) -> torch.Tensor:
-    """The patched Linear's output for the persona selected when it runs (see the module docstring)."""
-    return _persona_linear_op(x, weight, bias, masks, local_index, model_key, backend)[0]
+def persona_linear(*args) -> torch.Tensor:
+    """The patched Linear's output for the persona selected when it runs: ``persona_linear(x, weight, bias, masks,
+    local_index, model_key, backend)``, the arguments of ``torch.ops.persona_kernels.persona_linear``."""
+    return _persona_linear_op(*args)[0]

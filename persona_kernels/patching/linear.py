@@ -6,11 +6,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from persona_kernels.ops.packing import packed_words
 from persona_kernels.ops.persona_linear import persona_forward, persona_linear
 from persona_kernels.patching.offload import execution_device
-from persona_kernels.patching.state import BatchSelection, PatchState
+from persona_kernels.patching.state import _OVERRIDES, BatchSelection, PatchState
 from persona_kernels.utils.errors import fail
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,7 +114,10 @@ class PersonaLinear(nn.Linear):
         if torch.compiler.is_compiling():
             return persona_linear(x, self.weight, self.bias, self.persona_masks, self.persona_slots,
                                   self._state.key, self.backend)
-        return persona_forward(x, self.weight, self.bias, self.persona_masks, self._local, self._state, self.backend)
+        state = self._state
+        if state.merged is None and _OVERRIDES.get().get(state.key, state.default).slot == -1:
+            return F.linear(x, self.weight, self.bias)  # the base model: the fast path, bit-identical
+        return persona_forward(x, self.weight, self.bias, self.persona_masks, self._local, state, self.backend)
 
     def extra_repr(self) -> str:
         return (

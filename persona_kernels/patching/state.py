@@ -49,6 +49,7 @@ class BatchSelection:
     gammas: Mapping[int, float]  # slot -> gamma
     outer: Selection  # what get_persona reports inside the block
     is_batch: ClassVar[bool] = True
+    slot: ClassVar[int] = -2  # never -1, so "slot == -1" alone means the base model
 
 
 BASE = Selection(None, 0.0, -1)
