@@ -14,14 +14,14 @@ L2-norm statistics. A 2-D ``x`` is a bag of tokens without sequences.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from persona_kernels.dispatch import BACKENDS, get_kernel
 
-if TYPE_CHECKING:
-    from persona_kernels.stats import ActivationStats
+# This module does not import persona_kernels.stats (stats imports it): the running state is any object
+# with ActivationStats' ``num_channels``, ``device`` and ``merge_batch`` (duck-typed, one import direction).
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,9 +42,7 @@ def _fail(fn: str, arg: str, msg: str, exc: type[Exception] = ValueError):
 
 
 def _check_stats(fn: str, stats) -> None:
-    from persona_kernels.stats import ActivationStats
-
-    if not isinstance(stats, ActivationStats):
+    if not callable(getattr(stats, "merge_batch", None)) or not isinstance(getattr(stats, "num_channels", None), int):
         _fail(fn, "stats", f"expected an ActivationStats, got {type(stats).__name__}", TypeError)
 
 
@@ -80,16 +78,6 @@ def _layout(x: torch.Tensor, token_mask: Optional[torch.Tensor]):
     x2 = x.reshape(-1, k)
     row_mask = None if token_mask is None else token_mask.reshape(-1)
     return x2, row_mask, seq_len
-
-
-def _seq_info(token_mask: Optional[torch.Tensor], rows: int, seq_len: int):
-    """(bool [S] sequences holding at least one valid token or None = all, number of valid rows)."""
-    if token_mask is None:
-        return None, rows
-    valid_rows = token_mask.sum(dtype=torch.int64)
-    if seq_len == 0:
-        return None, valid_rows
-    return token_mask.reshape(-1, seq_len).any(dim=1), valid_rows
 
 
 # ------------------------------------------------------------------------------------------- custom ops
@@ -206,7 +194,7 @@ def welford_partials(
 
 
 def welford_update(
-    stats: "ActivationStats",
+    stats: Any,
     x: torch.Tensor,
     token_mask: Optional[torch.Tensor] = None,
     *,
@@ -230,19 +218,16 @@ def welford_update(
     _merge(stats, partials, x2, row_mask, seq_len)
 
 
-def _merge(stats: "ActivationStats", partials, x2: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int) -> None:
-    """Merge a batch's partials into ``stats``: one C++ pass on CPU in eager mode, else tensor ops."""
-    if _eager_fast_path(x2) and stats._merge_partials_cpu(partials, row_mask, seq_len, x2.shape[0]):
-        return
-    seq, rows = _seq_info(row_mask, x2.shape[0], seq_len)
-    stats.update_from_partials(WelfordPartials(*partials), seq=seq, rows=rows)
+def _merge(stats: Any, partials, x2: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int) -> None:
+    """Merge a batch's partials into ``stats`` (one C++ pass on CPU in eager mode, else tensor ops)."""
+    stats.merge_batch(WelfordPartials(*partials), row_mask, seq_len, x2.shape[0], native=_eager_fast_path(x2))
 
 
 def linear_with_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
-    stats: "ActivationStats",
+    stats: Any,
     token_mask: Optional[torch.Tensor] = None,
     *,
     backend: str = "auto",
