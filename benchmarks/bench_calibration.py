@@ -136,6 +136,8 @@ def _random_llama(vocab: int) -> nn.Module:
 # suite (persona-kernels bench), so both report the same measurements
 from persona_kernels.bench.calibration import make_batches as _make_batches  # noqa: E402
 from persona_kernels.bench.calibration import run_hooks, run_plain, run_stats  # noqa: E402
+from persona_kernels.bench.timing import time_interleaved  # noqa: E402
+from persona_kernels.utils.atomic import atomic_write  # noqa: E402
 
 
 def make_batches(token_lists: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -162,17 +164,12 @@ def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[i
             for name, rms_h in hooks[p].items():
                 rms_s = stats[p][name].sq_mean.sqrt().float()
                 worst = max(worst, float(((rms_s - rms_h).abs() / rms_h.abs().clamp_min(1e-6)).max()))
-    wall: dict[str, list[float]] = {m: [] for m in modes}
-    cpu: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(repeats):
-        order = list(modes) if r % 2 == 0 else list(reversed(modes))
-        for m in order:
-            c0, t0 = time.process_time(), time.perf_counter()
-            modes[m]()
-            wall[m].append(time.perf_counter() - t0)
-            cpu[m].append(time.process_time() - c0)
-        print(f"  [{label}] repeat {r + 1}/{repeats}: "
-              + ", ".join(f"{m} {cpu[m][-1]:.3f}s cpu / {wall[m][-1]:.3f}s wall" for m in modes), flush=True)
+    # the suite's one timing helper, interleaved; process CPU time (all threads of the process) and, from a
+    # second interleaved pass, the wall clock
+    cpu = {m: t.samples for m, t in time_interleaved(modes, repeats, warmup=0, clock="process").items()}
+    wall = {m: t.samples for m, t in time_interleaved(modes, repeats, warmup=0, clock="wall").items()}
+    print(f"  [{label}] medians: " + ", ".join(
+        f"{m} {statistics.median(cpu[m]):.3f}s cpu / {statistics.median(wall[m]):.3f}s wall" for m in modes), flush=True)
 
     def ratios(times, bs):
         # per-repeat ratios (same repeat, same machine state), then their median
@@ -236,16 +233,10 @@ def per_call_breakdown(hidden: int = 576, inter: int = 1536, tokens: int = 256, 
             "linear_with_stats": lambda: linear_with_stats(x, w, None, st, mask),
         }
         row = {"shape": f"[{tokens}, {k}] x [{n}, {k}]^T"}
-        for name, fn in fns.items():
-            for _ in range(3):
-                fn()
-            ts = []
-            for _ in range(repeats):
-                c0 = time.process_time()
-                fn()
-                ts.append(time.process_time() - c0)
-            ts.sort()
-            row[name] = 1e6 * statistics.mean(ts[: repeats // 2])  # mean of the faster half: robust to preemption
+        timings = time_interleaved(fns, repeats, warmup=3, clock="process")
+        for name, t in timings.items():
+            ts = sorted(t.samples)
+            row[name] = 1e6 * statistics.mean(ts[: max(1, repeats // 2)])  # mean of the faster half: robust to preemption
         rows.append(row)
     return rows
 
@@ -298,14 +289,6 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += ["", "Cross-check: max relative difference of the per-channel RMS, stats vs hooks: "
               + ", ".join(f"{m} {v:.1e}" for m, v in worst.items()), ""]
     return "\n".join(lines)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -368,8 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
     }
     out = Path(args.out)
-    _atomic_write(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    _atomic_write(out.with_suffix(".md"), _markdown(report))
+    atomic_write(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    atomic_write(out.with_suffix(".md"), _markdown(report))
     print(_markdown(report))
     return report
 

@@ -30,7 +30,7 @@ namespace persona_kernels {
 namespace {
 
 constexpr int64_t kSample = 256;       // sample size of the threshold bracket
-constexpr int64_t kSmallRow = 1024;    // rows up to this length: plain nth_element
+constexpr int64_t kSmallRow = 256;     // rows up to this length: plain nth_element
 constexpr int64_t kWorkItem = 16384;   // values per work item handed to a thread
 
 typedef uint32_t u32x4 __attribute__((vector_size(16)));  // GCC/Clang vector extension (SSE2 or NEON)

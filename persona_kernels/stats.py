@@ -69,6 +69,11 @@ def _seq_info(token_mask: Optional[torch.Tensor], rows: int, seq_len: int):
     return token_mask.reshape(-1, seq_len).any(dim=1), valid_rows
 
 
+@functools.lru_cache(maxsize=None)
+def _has_fused_op() -> bool:
+    return _has_merge_op() and hasattr(torch.ops.persona_kernels_C, "linear_stats_merge_cpu_")
+
+
 def _err(arg: str, msg: str, exc: type[Exception] = ValueError):
     raise exc(f"persona_kernels.ActivationStats: argument '{arg}': {msg}")
 
@@ -269,6 +274,17 @@ class ActivationStats:
         torch.ops.persona_kernels_C.welford_merge_cpu_(self._n, self._mean, self._m2, self._nonfinite, count, mean, m2,
                                                        amean, am2, seq_sumsq, row_mask, int(seq_len), int(rows))
         return True
+
+    def _linear_merge_cpu(self, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          row_mask: Optional[torch.Tensor], seq_len: int) -> Optional[torch.Tensor]:
+        """``F.linear(x2, weight, bias)`` with this batch's statistics merged in place, in ONE C++ call
+        (``linear_stats_merge_cpu_``: the C++ linear_with_stats kernel, then the C++ merge). For validated,
+        contiguous CPU inputs in eager mode; returns None (nothing done) when the state is not on the CPU or
+        the op is missing."""
+        if self._n.device.type != "cpu" or not _has_fused_op():
+            return None
+        return torch.ops.persona_kernels_C.linear_stats_merge_cpu_(
+            x2, weight, bias, row_mask, int(seq_len), self._n, self._mean, self._m2, self._nonfinite)
 
     def merge(self, other: "ActivationStats") -> "ActivationStats":
         """Merge ``other`` (any device) into this one, in place; exact counts. Returns self."""

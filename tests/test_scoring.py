@@ -509,7 +509,7 @@ def _weights(kind: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 @needs_select_op
 @pytest.mark.parametrize("kind", ["normal", "ties", "row_scales", "zeros"])
-@pytest.mark.parametrize("k", [1, 33, 1025, 5003])
+@pytest.mark.parametrize("k", [1, 33, 300, 1025, 5003])
 @pytest.mark.parametrize("rho", [0.0, 0.001, 0.02, 0.5, 0.97])
 def test_native_wanda_equals_fallback(monkeypatch, kind, k, rho):
     gen = torch.Generator().manual_seed(k + int(rho * 1000))

@@ -14,6 +14,7 @@ L2-norm statistics. A 2-D ``x`` is a bag of tokens without sequences.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -171,6 +172,16 @@ def _eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_linear_with_stats():
+    """The C++ backend's linear_with_stats function (None without the extension)."""
+    try:
+        from persona_kernels.kernels import cpu
+    except ImportError:  # pragma: no cover
+        return None
+    return cpu.linear_with_stats if cpu.is_available(torch.device("cpu")) else None
+
+
 def _partials(x2: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int, backend: str) -> tuple:
     if _eager_fast_path(x2):
         return tuple(get_kernel("welford_partials", backend, x2.device)(
@@ -267,9 +278,24 @@ def linear_with_stats(
             _fail(fn, "bias", f"device {bias.device} does not match x's device {x.device}")
     if backend != "auto":
         get_kernel(fn, backend, x.device)
+    return _linear_with_stats_checked(x, weight, bias, stats, token_mask, backend)
+
+
+def _linear_with_stats_checked(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stats: Any,
+                               token_mask: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    """:func:`linear_with_stats` after its argument checks (the recorder calls it directly once a module's
+    first call has passed them: the inputs it builds keep their dtype, device and width)."""
     x2, row_mask, seq_len = _layout(x, token_mask)
-    if _eager_fast_path(x, weight, bias):
-        y, *partials = get_kernel(fn, backend, x.device)(
+    eager = _eager_fast_path(x, weight, bias)
+    kernel = get_kernel("linear_with_stats", backend, x.device)
+    if eager and kernel is _cpu_linear_with_stats():
+        # CPU: kernel and merge in one C++ call
+        y = getattr(stats, "_linear_merge_cpu", lambda *a: None)(x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                                    None if row_mask is None else row_mask.contiguous(), seq_len)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    if eager:
+        y, *partials = kernel(
             x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             None if row_mask is None else row_mask.contiguous(), seq_len)
     else:
