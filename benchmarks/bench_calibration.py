@@ -42,6 +42,7 @@ if importlib.util.find_spec("persona_kernels") is None:  # run from a checkout w
 
 CACHE_DIR = Path(os.environ.get("PERSONA_KERNELS_CACHE", Path.home() / ".cache" / "persona_kernels"))
 RESULTS = Path(__file__).resolve().parent / "results"
+WALL_PASS = "--wall" in sys.argv  # also time a wall-clock pass (the wall columns repeat the CPU times otherwise)
 # Every mode calls the model the way collect_stats does by default (no logits beyond the last token, no KV
 # cache): persona_kernels.bench.calibration.CALL_KWARGS, added to each batch by make_batches.
 
@@ -164,10 +165,11 @@ def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[i
             for name, rms_h in hooks[p].items():
                 rms_s = stats[p][name].sq_mean.sqrt().float()
                 worst = max(worst, float(((rms_s - rms_h).abs() / rms_h.abs().clamp_min(1e-6)).max()))
-    # the suite's one timing helper, interleaved; process CPU time (all threads of the process) and, from a
-    # second interleaved pass, the wall clock
+    # the suite's one timing helper, interleaved; process CPU time (all threads of the process) and, with
+    # --wall, a second interleaved pass on the wall clock
     cpu = {m: t.samples for m, t in time_interleaved(modes, repeats, warmup=0, clock="process").items()}
-    wall = {m: t.samples for m, t in time_interleaved(modes, repeats, warmup=0, clock="wall").items()}
+    wall = ({m: t.samples for m, t in time_interleaved(modes, repeats, warmup=0, clock="wall").items()}
+            if WALL_PASS else cpu)
     print(f"  [{label}] medians: " + ", ".join(
         f"{m} {statistics.median(cpu[m]):.3f}s cpu / {statistics.median(wall[m]):.3f}s wall" for m in modes), flush=True)
 
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-sizes", default="16,32", help="comma list of batch sizes for (a) and (b)")
     ap.add_argument("--texts-per-persona", type=int, default=64)
     ap.add_argument("--models", default="smollm2,random", help="comma list of: smollm2, random")
+    ap.add_argument("--wall", action="store_true", help="also time a wall-clock pass (doubles the run time)")
     ap.add_argument("--threads", default="1",
                     help="comma list of torch thread counts (default 1: on a shared machine the CPU time of one "
                          "thread is the only stable measure)")

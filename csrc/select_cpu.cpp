@@ -9,7 +9,7 @@
 // Per row: values become order-preserving uint32 keys (-0.0 == +0.0). The key of ascending rank K - count is
 // found without sorting: a bracket [lo, hi] (the previous row's, rows of one matrix being alike, else one
 // from a strided sample of 256 keys) is checked by one vectorised pass that counts the keys below it and
-// gathers those inside; a 256-bin histogram of the few gathered keys finds the bin holding the rank, and
+// gathers those inside; a histogram (16-256 bins) of the few gathered keys finds the bin holding the rank, and
 // nth_element runs inside that bin. A final pass writes the mask, resolving ties at the threshold by index.
 // Cost per row: ~3 linear passes, whatever the count (small rho costs no more than 0.5). Rows are handed to
 // threads dynamically (an atomic counter), so a thread slowed by other processes does not hold others up.
@@ -141,13 +141,17 @@ uint32_t rank_key(const uint32_t* keys, int64_t k, int64_t r, Scratch& s, int64_
     lo = 0;
     hi = std::numeric_limits<uint32_t>::max();
   }
-  // 256-bin histogram of the candidates over [lo, hi]: the bin holding the rank, then nth_element in it
+  // histogram of the candidates over [lo, hi]: the bin holding the rank, then nth_element in it
   const int64_t at = r - below;
   const uint32_t width = hi - lo;
+  // bins: ~2 candidates per bin, 16..256 (short rows gather few candidates; the bins' fixed cost matters there)
+  uint32_t bins = 16;
+  while (bins < 256 && static_cast<int64_t>(bins) * 2 < n_cand) bins *= 2;
   int shift = 0;
-  while (shift < 32 && (width >> shift) >= 256u) ++shift;
+  while (shift < 32 && (width >> shift) >= bins) ++shift;
+  const int64_t nb = static_cast<int64_t>(width >> shift) + 1;  // bins in use, <= bins
   uint32_t* hist = s.hist;
-  std::memset(hist, 0, sizeof(s.hist));
+  std::memset(hist, 0, sizeof(uint32_t) * nb);
   for (int64_t j = 0; j < n_cand; ++j) ++hist[(cand[j] - lo) >> shift];
   int64_t cum = 0, bin = 0;
   while (cum + static_cast<int64_t>(hist[bin]) <= at) cum += hist[bin++];
@@ -174,7 +178,7 @@ uint32_t rank_key(const uint32_t* keys, int64_t k, int64_t r, Scratch& s, int64_
     const int64_t a_lo = at - delta, a_hi = at + delta;
     uint32_t next_lo = lo, next_hi = hi;
     int64_t c = 0;
-    for (int64_t b = 0; b < 256; ++b) {
+    for (int64_t b = 0; b < nb; ++b) {
       const int64_t c1 = c + hist[b];
       const uint64_t edge = static_cast<uint64_t>(lo) + (static_cast<uint64_t>(b) << shift);
       if (a_lo >= 0 && c <= a_lo && a_lo < c1) next_lo = static_cast<uint32_t>(edge);

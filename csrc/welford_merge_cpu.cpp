@@ -12,6 +12,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <vector>
 
@@ -30,6 +34,35 @@ inline void chan(int64_t& n_a, double& mean_a, double& m2_a, int64_t n_b, double
   n_a = n;
 }
 
+// dst[j] = sqrt(max(0, src[j])) in float64 (as std::max(0.0, v): NaN -> 0, -0.0 -> +0.0); AVX2 when the CPU
+// has it (GCC does not vectorise the scalar loop), bit-identical to the scalar code (sqrt is exact-rounded).
+template <typename P>
+void sqrt_nonneg_scalar(const P* src, double* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = std::sqrt(std::max(0.0, static_cast<double>(src[j])));
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+__attribute__((target("avx2"))) void sqrt_nonneg_avx2(const float* src, double* dst, int64_t n) {
+  const __m256d zero = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(src + j));
+    _mm256_storeu_pd(dst + j, _mm256_sqrt_pd(_mm256_max_pd(v, zero)));  // max(v, 0): NaN -> 0
+  }
+  sqrt_nonneg_scalar(src + j, dst + j, n - j);
+}
+#endif
+
+inline void sqrt_nonneg(const float* src, double* dst, int64_t n) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool avx2 = cpu_isa() != Isa::Portable;
+  if (avx2) return sqrt_nonneg_avx2(src, dst, n);
+#endif
+  sqrt_nonneg_scalar(src, dst, n);
+}
+
+inline void sqrt_nonneg(const double* src, double* dst, int64_t n) { sqrt_nonneg_scalar(src, dst, n); }
+
 template <typename P>
 void merge_impl(int64_t k, int64_t* n, double* mean, double* m2, const int64_t* cnt, const P* pmean,
                 const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq,
@@ -45,9 +78,8 @@ void merge_impl(int64_t k, int64_t* n, double* mean, double* m2, const int64_t* 
       sum.assign(static_cast<size_t>(w), 0.0);
       ss.assign(static_cast<size_t>(w), 0.0);
       for (int64_t q = 0; q < nseq; ++q) {
-        const P* src = seq_sumsq + q * k + j0;
         double* dst = l2.data() + q * w;
-        for (int64_t j = 0; j < w; ++j) dst[j] = std::sqrt(std::max(0.0, static_cast<double>(src[j])));
+        sqrt_nonneg(seq_sumsq + q * k + j0, dst, w);
         if (!seq_ok[q]) continue;
         for (int64_t j = 0; j < w; ++j) sum[j] += dst[j];
       }

@@ -70,8 +70,13 @@ def _seq_info(token_mask: Optional[torch.Tensor], rows: int, seq_len: int):
 
 
 @functools.lru_cache(maxsize=None)
+def _fused_op_built() -> bool:
+    return hasattr(torch.ops.persona_kernels_C, "linear_stats_merge_cpu_")
+
+
 def _has_fused_op() -> bool:
-    return _has_merge_op() and hasattr(torch.ops.persona_kernels_C, "linear_stats_merge_cpu_")
+    """The C++ linear + in-place merge op is usable (it needs the merge op too)."""
+    return _has_merge_op() and _fused_op_built()
 
 
 def _err(arg: str, msg: str, exc: type[Exception] = ValueError):
