@@ -32,6 +32,7 @@ namespace {
 constexpr int64_t kSample = 256;       // sample size of the threshold bracket
 constexpr int64_t kSmallRow = 256;     // rows up to this length: plain nth_element
 constexpr int64_t kWorkItem = 16384;   // values per work item handed to a thread
+constexpr int64_t kMinPerThread = int64_t{1} << 19;  // values per thread before a second one is used
 
 typedef uint32_t u32x4 __attribute__((vector_size(16)));  // GCC/Clang vector extension (SSE2 or NEON)
 
@@ -288,7 +289,10 @@ void select_impl(const T* src, const float* scale, const int64_t* counts, int64_
       }
     }
   };
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  // a thread per kMinPerThread values at most: waking a thread costs a scheduler slice on a busy host, more
+  // than a small layer's whole selection
+  const int64_t by_size = std::max<int64_t>(1, (r * k) / kMinPerThread);
+  const int64_t threads = std::min<int64_t>(std::min<int64_t>(at::get_num_threads(), items), by_size);
   if (threads <= 1 || at::in_parallel_region()) worker(0, 1);
   else at::parallel_for(0, threads, 1, worker);
 }
