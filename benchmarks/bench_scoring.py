@@ -132,6 +132,36 @@ def run_setting(label: str, weights: dict[str, torch.Tensor], stats: dict, threa
     return rows
 
 
+def thread_scaling(weights: dict[str, torch.Tensor], stats: dict, repeats: int) -> list[dict]:
+    """``scoring.wanda`` with 1 vs 2 torch threads in one process, wall clock, interleaved repeats (same clock
+    for both, so the question "does a second thread slow it down?" is answered on a loaded machine too)."""
+    import statistics
+
+    rows = []
+    for name, w in weights.items():
+        a = stats["pos"][name].abs_mean
+        for rho in SPARSITIES:
+            fns = {}
+            for th in (1, 2):
+                def run(th=th):
+                    torch.set_num_threads(th)
+                    return scoring.wanda(w, a, rho)
+                fns[th] = run
+            t = {th: [] for th in fns}
+            for fn in fns.values():
+                fn()
+            for r in range(repeats):
+                for th in ((1, 2) if r % 2 == 0 else (2, 1)):
+                    t0 = time.perf_counter()
+                    fns[th]()
+                    t[th].append(time.perf_counter() - t0)
+            rows.append({"layer": list(w.shape), "sparsity": rho, "clock": "wall",
+                         "one_thread_ms": statistics.median(t[1]) * 1e3, "two_threads_ms": statistics.median(t[2]) * 1e3,
+                         "two_over_one": statistics.median(b / x for x, b in zip(t[1], t[2]))})
+            print(f"threads {list(w.shape)} rho={rho}: 2 threads / 1 thread = {rows[-1]['two_over_one']:.2f} (wall)")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median)")
@@ -154,11 +184,14 @@ def main() -> None:
         rows += run_setting(f"{LAYER_SHAPE[0]}x{LAYER_SHAPE[1]}", layer, layer_stats, threads, args.repeats, False)
         rows += run_setting(f"SmolLM2-135M-shaped, {args.layers} layers ({len(smol)} Linears)", smol, smol_stats,
                             threads, args.repeats, True)
+    scaling = thread_scaling({"layer": layer["layer"], "q_proj": smol["model.layers.0.self_attn.q_proj"]},
+                             {p: {"layer": layer_stats[p]["layer"], "q_proj": smol_stats[p]["model.layers.0.self_attn.q_proj"]}
+                              for p in ("pos", "neg")}, max(args.repeats, 9))
     command = "python benchmarks/bench_scoring.py" + "".join(" " + a for a in sys.argv[1:] if not a.startswith("--out"))
     report = {"benchmark": "bench_scoring", "command": command, "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
               "targets": "paper_loop/ours >= 10x and batched_topk/ours >= 3x at sparsity 0.5 and 0.02, every "
-                         "thread count", "rows": rows, "large_layer": large}
+                         "thread count", "rows": rows, "thread_scaling": scaling, "large_layer": large}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "scoring_cpu.json", json.dumps(report, indent=2) + "\n")
@@ -180,6 +213,11 @@ def main() -> None:
             f"{m['paper_loop'] * 1e3:.1f} | {pl['value']:.1f}x ±{pl['noise'] * 100:.0f} % "
             f"{'ok' if pl['value'] >= 10 else 'MISSED'} | {m['batched_topk'] * 1e3:.1f} | {bt['value']:.1f}x "
             f"±{bt['noise'] * 100:.0f} % {'ok' if bt['value'] >= 3 else 'MISSED'} | {r['masks_equal_up_to_ties']} |")
+    lines += ["", "No slowdown with more threads: `scoring.wanda` with 1 and 2 torch threads in one process, both on the "
+              "wall clock, interleaved (median of per-repeat ratios; < 1 = the second thread helps):", "",
+              "| layer | sparsity | 1 thread (ms) | 2 threads (ms) | 2 threads / 1 thread |", "|---|---|---|---|---|"]
+    lines += [f"| {r['layer'][0]}x{r['layer'][1]} | {r['sparsity']} | {r['one_thread_ms']:.2f} | {r['two_threads_ms']:.2f} | "
+              f"{r['two_over_one']:.2f} |" for r in scaling]
     contrastive = [r for r in rows if "contrastive_wanda_pair" in r["median_s"]]
     if contrastive:
         lines += ["", "Contrastive pairs on the SmolLM2-shaped Linears (two masks each, ms):", "",
