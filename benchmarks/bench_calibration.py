@@ -42,6 +42,7 @@ if importlib.util.find_spec("persona_kernels") is None:  # run from a checkout w
 
 CACHE_DIR = Path(os.environ.get("PERSONA_KERNELS_CACHE", Path.home() / ".cache" / "persona_kernels"))
 RESULTS = Path(__file__).resolve().parent / "results"
+WALL_PASS = "--wall" in sys.argv  # also time a wall-clock pass (the wall columns repeat the CPU times otherwise)
 # Every mode calls the model the way collect_stats does by default (no logits beyond the last token, no KV
 # cache): persona_kernels.bench.calibration.CALL_KWARGS, added to each batch by make_batches.
 
@@ -136,6 +137,8 @@ def _random_llama(vocab: int) -> nn.Module:
 # suite (persona-kernels bench), so both report the same measurements
 from persona_kernels.bench.calibration import make_batches as _make_batches  # noqa: E402
 from persona_kernels.bench.calibration import run_hooks, run_plain, run_stats  # noqa: E402
+from persona_kernels.bench.timing import time_interleaved  # noqa: E402
+from persona_kernels.utils.atomic import atomic_write  # noqa: E402
 
 
 def make_batches(token_lists: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -162,17 +165,13 @@ def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[i
             for name, rms_h in hooks[p].items():
                 rms_s = stats[p][name].sq_mean.sqrt().float()
                 worst = max(worst, float(((rms_s - rms_h).abs() / rms_h.abs().clamp_min(1e-6)).max()))
-    wall: dict[str, list[float]] = {m: [] for m in modes}
-    cpu: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(repeats):
-        order = list(modes) if r % 2 == 0 else list(reversed(modes))
-        for m in order:
-            c0, t0 = time.process_time(), time.perf_counter()
-            modes[m]()
-            wall[m].append(time.perf_counter() - t0)
-            cpu[m].append(time.process_time() - c0)
-        print(f"  [{label}] repeat {r + 1}/{repeats}: "
-              + ", ".join(f"{m} {cpu[m][-1]:.3f}s cpu / {wall[m][-1]:.3f}s wall" for m in modes), flush=True)
+    # the suite's one timing helper, interleaved; process CPU time (all threads of the process) and, with
+    # --wall, a second interleaved pass on the wall clock
+    cpu = {m: t.samples for m, t in time_interleaved(modes, repeats, warmup=0, clock="process").items()}
+    wall = ({m: t.samples for m, t in time_interleaved(modes, repeats, warmup=0, clock="wall").items()}
+            if WALL_PASS else cpu)
+    print(f"  [{label}] medians: " + ", ".join(
+        f"{m} {statistics.median(cpu[m]):.3f}s cpu / {statistics.median(wall[m]):.3f}s wall" for m in modes), flush=True)
 
     def ratios(times, bs):
         # per-repeat ratios (same repeat, same machine state), then their median
@@ -236,16 +235,10 @@ def per_call_breakdown(hidden: int = 576, inter: int = 1536, tokens: int = 256, 
             "linear_with_stats": lambda: linear_with_stats(x, w, None, st, mask),
         }
         row = {"shape": f"[{tokens}, {k}] x [{n}, {k}]^T"}
-        for name, fn in fns.items():
-            for _ in range(3):
-                fn()
-            ts = []
-            for _ in range(repeats):
-                c0 = time.process_time()
-                fn()
-                ts.append(time.process_time() - c0)
-            ts.sort()
-            row[name] = 1e6 * statistics.mean(ts[: repeats // 2])  # mean of the faster half: robust to preemption
+        timings = time_interleaved(fns, repeats, warmup=3, clock="process")
+        for name, t in timings.items():
+            ts = sorted(t.samples)
+            row[name] = 1e6 * statistics.mean(ts[: max(1, repeats // 2)])  # mean of the faster half: robust to preemption
         rows.append(row)
     return rows
 
@@ -300,20 +293,13 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-sizes", default="16,32", help="comma list of batch sizes for (a) and (b)")
     ap.add_argument("--texts-per-persona", type=int, default=64)
     ap.add_argument("--models", default="smollm2,random", help="comma list of: smollm2, random")
+    ap.add_argument("--wall", action="store_true", help="also time a wall-clock pass (doubles the run time)")
     ap.add_argument("--threads", default="1",
                     help="comma list of torch thread counts (default 1: on a shared machine the CPU time of one "
                          "thread is the only stable measure)")
@@ -368,8 +354,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
     }
     out = Path(args.out)
-    _atomic_write(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    _atomic_write(out.with_suffix(".md"), _markdown(report))
+    atomic_write(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    atomic_write(out.with_suffix(".md"), _markdown(report))
     print(_markdown(report))
     return report
 

@@ -20,10 +20,7 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +30,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import persona_kernels as pk  # noqa: E402
 from persona_kernels import _extension  # noqa: E402
+from persona_kernels.bench.timing import time_interleaved, timing_context  # noqa: E402
 from persona_kernels.kernels import torch_ref  # noqa: E402
+from persona_kernels.utils.atomic import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (11008, 4096)]  # (N, K) = (out_features, in_features)
@@ -82,30 +81,22 @@ def make_fns(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor, gamma: floa
     }
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]) -> dict:
-    """Median seconds per method; each repeat runs every method once, in a rotating order."""
-    names = list(fns)
-    for name in names:  # warm-up (allocator, MKL/oneDNN primitives, extension load)
-        fns[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            start = clock()
-            fns[name]()
-            times[name].append(clock() - start)
-    return {n: {"median_s": statistics.median(t), "min_s": min(t), "all_s": t} for n, t in times.items()}
+def timed(fns: dict[str, Callable[[], object]], repeats: int, clock: str) -> dict:
+    """Median seconds per method through the suite's one timing helper (interleaved, rotating order)."""
+    res = time_interleaved(fns, repeats, clock=clock)
+    return {n: {"median_s": t.median, "min_s": min(t.samples), "all_s": list(t.samples)} for n, t in res.items()}
 
 
 def run(args: argparse.Namespace, threads: int, cpu_time: bool) -> dict:
     """One pass over every configuration with ``threads`` torch threads (0: unchanged)."""
     if threads:
         torch.set_num_threads(threads)
-    clock = time.process_time if cpu_time else time.perf_counter
+    clock = "process" if cpu_time else "wall"
     shapes = SHAPES[:1] if args.quick else SHAPES
     gammas = [0.5] if args.quick else GAMMAS
     info = machine_info()
-    info["clock"] = "process CPU time" if cpu_time else "wall clock"
+    info.update(timing_context(clock))
+    info["clock"] = info.pop("clock_name")
     rows = []
     torch.manual_seed(0)
     for n, k in shapes:
@@ -118,7 +109,7 @@ def run(args: argparse.Namespace, threads: int, cpu_time: bool) -> dict:
                     fns = make_fns(x, w, packed, gamma)
                     if m == ROWS[-1] and args.skip_slow_reference:
                         fns.pop("torch")
-                    res = time_interleaved(fns, args.repeats, clock)
+                    res = timed(fns, args.repeats, clock)
                     plain = res["plain"]["median_s"]
                     row = {"N": n, "K": k, "dtype": dname, "M": m, "gamma": gamma, "target": TARGETS.get(m)}
                     for name in METHODS:
@@ -191,19 +182,6 @@ def markdown(full: dict) -> str:
     for report in full["passes"]:
         lines += markdown_pass(report)
     return "\n".join(lines)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

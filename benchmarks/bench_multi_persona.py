@@ -25,10 +25,7 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +35,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import persona_kernels as pk  # noqa: E402
 from persona_kernels import _extension  # noqa: E402
+from persona_kernels.bench.timing import clock_for_threads, time_interleaved, timing_context  # noqa: E402
+from persona_kernels.utils.atomic import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("plain", "multi", "multi_sorted", "separate", "dense")
@@ -66,22 +65,16 @@ def make_fns(rows: int, tokens: int, n: int, k: int, personas: int, gamma: float
     }
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median milliseconds per method through the suite's one timing helper (interleaved)."""
+    clock = clock_for_threads(torch.get_num_threads())
+    return {name: t.median * 1e3 for name, t in time_interleaved(fns, repeats, clock=clock).items()}
 
 
 def run(args: argparse.Namespace) -> dict:
     cases = []
     for tokens in (1, args.tokens):
-        ms = time_interleaved(make_fns(args.rows, tokens, args.n, args.k, args.personas, args.gamma), args.repeats)
+        ms = timed(make_fns(args.rows, tokens, args.n, args.k, args.personas, args.gamma), args.repeats)
         cases.append({
             "rows": args.rows, "tokens_per_row": tokens, "personas": args.personas, "n": args.n, "k": args.k,
             "gamma": args.gamma, "median_ms": ms,
@@ -92,6 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "multi_persona_cpu",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timing": timing_context(clock_for_threads(torch.get_num_threads())),
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "cpu_isa": _extension.cpu_isa(), "torch": torch.__version__},
         "repeats": args.repeats,
@@ -106,7 +100,7 @@ def markdown(report: dict) -> str:
         "# Mixed-persona batch vs per-persona calls vs dense masking (CPU)",
         "",
         f"{report['date']}, {m['processor']}, {m['threads']} threads, ISA {m['cpu_isa']}, torch {m['torch']}; "
-        f"fp32, median of {report['repeats']} interleaved repeats. Ratios are to plain `F.linear` on the whole batch.",
+        f"clock: {report['timing']['clock_name']}; fp32, median of {report['repeats']} interleaved repeats. Ratios are to plain `F.linear` on the whole batch.",
         "",
         "| rows x tokens | personas | N x K | plain ms | multi ms (ratio) | multi, rows sorted ms (ratio) "
         "| separate ms (ratio) | dense ms (ratio) | multi vs separate | multi vs dense |",
@@ -130,18 +124,6 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

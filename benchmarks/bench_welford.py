@@ -21,17 +21,17 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from persona_kernels import _extension
+from persona_kernels.bench.timing import clock_for_threads, time_interleaved, timing_context
 from persona_kernels.kernels import cpu as cpu_kernels
 from persona_kernels.ops.welford import linear_with_stats
 from persona_kernels.stats import ActivationStats
+from persona_kernels.utils.atomic import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [  # (rows, K, N): SmolLM2-135M MLP up/gate (576 -> 1536) and down (1536 -> 576) projections
@@ -51,13 +51,6 @@ def _torch_stats(x: torch.Tensor, seq_len: int):
     return mean, var, amean, avar, seq
 
 
-def _time(fn, inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
-
-
 def bench_case(rows: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(rows, k, generator=gen) * 2 + 0.5).to(dtype)
@@ -72,16 +65,10 @@ def bench_case(rows: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> d
         "stats_only": lambda: cpu_kernels.welford_partials(x, None, SEQ_LEN),
         "linear+torch": lambda: (F.linear(x, w, b), _torch_stats(x, SEQ_LEN)),
     }
-    for fn in variants.values():  # warm-up (allocations, oneDNN primitive cache)
-        fn()
-        fn()
-    # inner loop count so one measurement takes ~20 ms
-    single = _time(variants["linear"], 1)
-    inner = max(1, min(50, int(0.02 / max(single, 1e-6))))
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            samples[name].append(_time(fn, inner))
+    # the suite's one timing helper: interleaved, each sample ~20 ms of calls (min_time)
+    clock = clock_for_threads(torch.get_num_threads())
+    timings = time_interleaved(variants, repeats, warmup=2, clock=clock, min_time=0.02)
+    samples = {name: t.samples for name, t in timings.items()}
     ratios = {
         name: statistics.median(s / base for s, base in zip(samples[name], samples["linear"]))
         for name in variants if name != "linear"
@@ -95,16 +82,8 @@ def bench_case(rows: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> d
         "ratio_vs_linear": ratios,
         "stats_overhead_pct": 100.0 * (ratios["lws_kernel"] - 1.0),
         "public_overhead_pct": 100.0 * (ratios["lws_public"] - 1.0),
-        "inner": inner, "repeats": repeats,
+        "repeats": repeats, **timing_context(clock),
     }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _markdown(meta: dict, cases: list[dict]) -> str:
@@ -112,7 +91,8 @@ def _markdown(meta: dict, cases: list[dict]) -> str:
         "# Calibration statistics on CPU: linear_with_stats vs F.linear",
         "",
         f"`{meta['command']}` — torch {meta['torch']}, threads {meta['threads']}, "
-        f"CPU ISA `{meta['cpu_isa']}`, {meta['machine']}. Medians of {meta['repeats']} round-robin repeats; "
+        f"CPU ISA `{meta['cpu_isa']}`, {meta['machine']}; clock: process CPU time with 1 thread, wall clock with "
+        "more (persona_kernels.bench.timing). Medians of {meta['repeats']} round-robin repeats; "
         "ratios are per repeat against `F.linear` (then the median). Sequences of 256 rows.",
         "",
         "| threads | rows | K | N | dtype | F.linear ms | stats only ms | lws kernel ms | lws public ms | F.linear + torch stats ms "
@@ -169,8 +149,8 @@ def main() -> None:
         "command": "python benchmarks/bench_welford.py " + " ".join(sys.argv[1:]),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    _atomic_write(args.out / "welford_cpu.json", json.dumps({"meta": meta, "cases": cases}, indent=2) + "\n")
-    _atomic_write(args.out / "welford_cpu.md", _markdown(meta, cases))
+    atomic_write(args.out / "welford_cpu.json", json.dumps({"meta": meta, "cases": cases}, indent=2) + "\n")
+    atomic_write(args.out / "welford_cpu.md", _markdown(meta, cases))
     print(f"wrote {args.out / 'welford_cpu.json'} and .md")
 
 

@@ -10,6 +10,11 @@
 // sqrt(seq_sumsq). `nonfinite` grows by (valid rows) * K - sum(count).
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <vector>
@@ -29,31 +34,75 @@ inline void chan(int64_t& n_a, double& mean_a, double& m2_a, int64_t n_b, double
   n_a = n;
 }
 
+// dst[j] = sqrt(max(0, src[j])) in float64 (as std::max(0.0, v): NaN -> 0, -0.0 -> +0.0); AVX2 when the CPU
+// has it (GCC does not vectorise the scalar loop), bit-identical to the scalar code (sqrt is exact-rounded).
+template <typename P>
+void sqrt_nonneg_scalar(const P* src, double* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = std::sqrt(std::max(0.0, static_cast<double>(src[j])));
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+__attribute__((target("avx2"))) void sqrt_nonneg_avx2(const float* src, double* dst, int64_t n) {
+  const __m256d zero = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(src + j));
+    _mm256_storeu_pd(dst + j, _mm256_sqrt_pd(_mm256_max_pd(v, zero)));  // max(v, 0): NaN -> 0
+  }
+  sqrt_nonneg_scalar(src + j, dst + j, n - j);
+}
+#endif
+
+inline void sqrt_nonneg(const float* src, double* dst, int64_t n) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool avx2 = cpu_isa() != Isa::Portable;
+  if (avx2) return sqrt_nonneg_avx2(src, dst, n);
+#endif
+  sqrt_nonneg_scalar(src, dst, n);
+}
+
+inline void sqrt_nonneg(const double* src, double* dst, int64_t n) { sqrt_nonneg_scalar(src, dst, n); }
+
 template <typename P>
 void merge_impl(int64_t k, int64_t* n, double* mean, double* m2, const int64_t* cnt, const P* pmean,
                 const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq,
                 const std::vector<char>& seq_ok, int64_t n_seq_ok) {
+  // Channels j0..j1: the per-sequence L2 norms are formed row by row over contiguous channels (vectorised
+  // sqrt; summed over sequences in order, so the float64 results equal the per-channel loop's bit for bit),
+  // then one Chan merge per channel and summary.
   auto body = [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      chan(n[j], mean[j], m2[j], cnt[j], static_cast<double>(pmean[j]), static_cast<double>(pm2[j]));
-      chan(n[k + j], mean[k + j], m2[k + j], cnt[j], static_cast<double>(pamean[j]), static_cast<double>(pam2[j]));
-      if (n_seq_ok == 0) continue;
-      // two-pass mean / M2 of the valid sequences' L2 norms (as the Python merge computes them)
-      double s = 0.0;
-      for (int64_t q = 0; q < nseq; ++q)
-        if (seq_ok[q]) s += std::sqrt(std::max(0.0, static_cast<double>(seq_sumsq[q * k + j])));
-      const double mu = s / static_cast<double>(n_seq_ok);
-      double ss = 0.0;
+    const int64_t w = j1 - j0;
+    std::vector<double> l2, sum, ss;
+    if (n_seq_ok > 0) {
+      l2.resize(static_cast<size_t>(nseq * w));
+      sum.assign(static_cast<size_t>(w), 0.0);
+      ss.assign(static_cast<size_t>(w), 0.0);
+      for (int64_t q = 0; q < nseq; ++q) {
+        double* dst = l2.data() + q * w;
+        sqrt_nonneg(seq_sumsq + q * k + j0, dst, w);
+        if (!seq_ok[q]) continue;
+        for (int64_t j = 0; j < w; ++j) sum[j] += dst[j];
+      }
+      const double inv = static_cast<double>(n_seq_ok);
+      for (int64_t j = 0; j < w; ++j) sum[j] /= inv;  // now the mean
       for (int64_t q = 0; q < nseq; ++q) {
         if (!seq_ok[q]) continue;
-        const double d = std::sqrt(std::max(0.0, static_cast<double>(seq_sumsq[q * k + j]))) - mu;
-        ss += d * d;
+        const double* src = l2.data() + q * w;
+        for (int64_t j = 0; j < w; ++j) {
+          const double d = src[j] - sum[j];
+          ss[j] += d * d;
+        }
       }
-      chan(n[2 * k + j], mean[2 * k + j], m2[2 * k + j], n_seq_ok, mu, ss);
+    }
+    for (int64_t jj = 0; jj < w; ++jj) {
+      const int64_t j = j0 + jj;
+      chan(n[j], mean[j], m2[j], cnt[j], static_cast<double>(pmean[j]), static_cast<double>(pm2[j]));
+      chan(n[k + j], mean[k + j], m2[k + j], cnt[j], static_cast<double>(pamean[j]), static_cast<double>(pam2[j]));
+      if (n_seq_ok > 0) chan(n[2 * k + j], mean[2 * k + j], m2[2 * k + j], n_seq_ok, sum[jj], ss[jj]);
     }
   };
-  if (k * (2 + nseq) < 16384) body(0, k);
-  else at::parallel_for(0, k, 256, body);
+  if (k * (2 + nseq) < 65536) body(0, k);
+  else at::parallel_for(0, k, 512, body);
 }
 
 void welford_merge_cpu(at::Tensor n, at::Tensor mean, at::Tensor m2, at::Tensor nonfinite, const at::Tensor& count,
@@ -128,9 +177,28 @@ void welford_merge_cpu(at::Tensor n, at::Tensor mean, at::Tensor m2, at::Tensor 
   nonfinite.data_ptr<int64_t>()[0] += valid_rows * k - total;
 }
 
+// linear_with_stats_cpu followed by the in-place merge, in one call from Python (the recorder's per-Linear
+// path: one dispatch instead of two, and no Python between them). Returns y.
+at::Tensor linear_stats_merge_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& row_mask, int64_t seq_len, at::Tensor n,
+                                  at::Tensor mean, at::Tensor m2, at::Tensor nonfinite) {
+  using T = at::Tensor;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("persona_kernels_C::linear_with_stats_cpu", "")
+                       .typed<std::tuple<T, T, T, T, T, T, T>(const T&, const T&, const c10::optional<T>&,
+                                                              const c10::optional<T>&, int64_t)>();
+  auto out = op.call(x, weight, bias, row_mask, seq_len);
+  welford_merge_cpu(n, mean, m2, nonfinite, std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
+                    std::get<5>(out), std::get<6>(out), row_mask, seq_len, x.size(0));
+  return std::get<0>(out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(persona_kernels_C, m) {
+  m.def("linear_stats_merge_cpu_(Tensor x, Tensor weight, Tensor? bias, Tensor? row_mask, int seq_len, "
+        "Tensor(a!) n, Tensor(b!) mean, Tensor(c!) m2, Tensor(d!) nonfinite) -> Tensor",
+        &linear_stats_merge_cpu);
   m.def("welford_merge_cpu_(Tensor(a!) n, Tensor(b!) mean, Tensor(c!) m2, Tensor(d!) nonfinite, Tensor count, "
         "Tensor pmean, Tensor pm2, Tensor pamean, Tensor pam2, Tensor seq_sumsq, Tensor? row_mask, int seq_len, "
         "int rows) -> ()",

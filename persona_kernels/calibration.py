@@ -89,7 +89,7 @@ def resolve_target_modules(model: nn.Module, target_modules: TargetSpec = None) 
 class _Slot:
     """Per-module recording state."""
 
-    __slots__ = ("name", "module", "stats", "leader", "attr", "saved", "had_saved", "warned")
+    __slots__ = ("name", "module", "stats", "leader", "attr", "saved", "had_saved", "warned", "checked")
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name
@@ -100,6 +100,7 @@ class _Slot:
         self.saved: Any = None
         self.had_saved = False
         self.warned = False
+        self.checked = None  # (dtype, device) of inputs that passed linear_with_stats' checks
 
 
 def _to_bool_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
@@ -363,7 +364,7 @@ class StatsRecorder:
         return m
 
     def _make_forward(self, slot: _Slot, original: Callable, fused: bool) -> Callable:
-        from persona_kernels.ops.welford import linear_with_stats, welford_update
+        from persona_kernels.ops.welford import _linear_with_stats_checked, linear_with_stats, welford_update
         from persona_kernels.stats import ActivationStats
 
         rec = self
@@ -395,7 +396,13 @@ class StatsRecorder:
                 rec._last_slot = slot
             mask = rec._mask_for(slot, input)
             if fused and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)):
-                return linear_with_stats(input, weight, bias, slot.stats, mask, backend=rec.backend)
+                # the argument checks run on a module's first call; later calls with inputs of the same dtype
+                # and device (the recorder builds the mask itself) skip them: ~20 us per call
+                if slot.checked is not None and slot.checked == (input.dtype, input.device, weight.dtype):
+                    return _linear_with_stats_checked(input, weight, bias, slot.stats, mask, rec.backend)
+                y = linear_with_stats(input, weight, bias, slot.stats, mask, backend=rec.backend)
+                slot.checked = (input.dtype, input.device, weight.dtype)
+                return y
             welford_update(slot.stats, input.detach(), mask, backend=rec.backend)
             return F.linear(input, weight, bias) if fused else original(input)
 

@@ -12,10 +12,14 @@ of the layer on one persona's calibration data.
 Tie rule (deterministic, reproducible): among equal scores the LOWER input index wins the keep.
 Contrastive-Sparse is the single exception, see :func:`contrastive_sparse`.
 
-Implementation: scores are formed in fp32 (weights may be bf16/fp16), a block of rows at a time (block
-size from ``memory_budget``), on ``weight``'s device; the k-th largest score of every row is found at
-once (``numpy.partition`` on CPU, ``torch.topk`` elsewhere; no Python loop over rows) and ties at that
-threshold are resolved with a cumulative count.
+Implementation: scores are formed in fp32 (weights may be bf16/fp16). On the CPU with the compiled
+extension, one C++ op (``persona_kernels_C::select_mask_cpu``, csrc/select_cpu.cpp) forms each row's
+scores in a per-thread buffer, finds the row's threshold by sampling (a strided sample brackets the wanted
+rank, ``nth_element`` runs on the few keys inside the bracket: no full sort, so small ``rho`` costs no more
+than large), and writes the mask (or its packed words) with the tie rule; rows are handed to threads
+dynamically. Elsewhere (GPU, or no extension) a block of rows at a time (block size from
+``memory_budget``) goes through ``numpy.partition`` (CPU) or ``torch.topk`` and a cumulative count
+resolves the ties. Both paths give identical masks (tested).
 
 Common keyword arguments of the mask builders: ``packed=True`` returns bit-packed int32 words instead
 of bool (1 bit per weight: a 128256x4096 layer then needs ~64 MiB of output), ``memory_budget`` (bytes,
@@ -185,6 +189,36 @@ class _Output:
 # row-wise selection
 
 
+def _select_op():
+    """The C++ row-selection op, or None when the extension is not built."""
+    from persona_kernels import _extension
+
+    return _extension.ops().select_mask_cpu if _extension.has_cpu_kernels() else None
+
+
+def _native(t: torch.Tensor) -> bool:
+    """Whether the C++ selection handles ``t`` (a CPU fp32/bf16/fp16 score or weight tensor)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and _select_op() is not None
+
+
+def _native_select(
+    values: torch.Tensor,
+    count: int | torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    largest: bool = True,
+    prefer_low_index: bool = True,
+    packed: bool = False,
+) -> torch.Tensor:
+    """C++ selection of the ``count`` largest (smallest) entries of every row of ``values`` (or of
+    ``|values| * scale`` when ``scale`` is given), ties by index; bool [R, K] or packed int32."""
+    r = values.shape[0]
+    counts = count.to(torch.int64) if isinstance(count, torch.Tensor) else torch.full((r,), int(count), dtype=torch.int64)
+    if scale is None and values.dtype != torch.float32:
+        values = values.float()
+    return _select_op()(values.detach(), scale, counts, largest, prefer_low_index, packed)
+
+
 def _use_numpy(scores: torch.Tensor) -> bool:
     return scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and not scores.requires_grad
 
@@ -230,6 +264,8 @@ def select_largest(scores: torch.Tensor, count: int | torch.Tensor, prefer_low_i
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.is_floating_point():
         raise ValueError(_err("scores", f"expected a floating-point [R, K] tensor, got {getattr(scores, 'shape', scores)!r}"))
     r, k = scores.shape
+    if _native(scores) and scores.dtype == torch.float32:
+        return _native_select(scores, count, prefer_low_index=prefer_low_index)
     empty = None
     if isinstance(count, int):
         if count <= 0 or r == 0:
@@ -289,6 +325,9 @@ def _select_both_ends(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, t
     if count <= 0 or r == 0:
         none = torch.zeros(r, k, dtype=torch.bool, device=scores.device)
         return none, none.clone()
+    if _native(scores) and scores.dtype == torch.float32:
+        return (_native_select(scores, count, largest=False, prefer_low_index=False),
+                _native_select(scores, count, largest=True, prefer_low_index=True))
     if _use_numpy(scores):
         # two single-kth partitions (NumPy's SIMD path takes one kth only): the second one only over the
         # upper part left by the first, where the count-th largest is at index K - 2*count
@@ -340,6 +379,8 @@ def wanda(
     n, k_in = weight.shape
     a = _stat_vector(stats, _activation_name(activation), "stats", k_in).to(weight.device, torch.float32)
     keep = k_in - num_pruned(rho, k_in)
+    if _native(weight):
+        return _native_select(weight, keep, scale=a, packed=packed)
     out = _Output(n, k_in, weight.device, packed)
     w_all = weight.detach()
     for start, stop in _row_blocks(n, k_in, memory_budget, chunk_rows, weight.device):
@@ -422,6 +463,9 @@ def contrastive_wanda(
     )
     f_pos, f_neg = f_pos.to(weight.device, torch.float32), f_neg.to(weight.device, torch.float32)
     keep = k_in - num_pruned(rho, k_in)
+    if _native(weight):
+        return (_native_select(weight, keep, scale=f_pos, packed=packed),
+                _native_select(weight, keep, scale=f_neg, packed=packed))
     out_pos = _Output(n, k_in, weight.device, packed)
     out_neg = _Output(n, k_in, weight.device, packed)
     w_all = weight.detach()

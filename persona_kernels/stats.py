@@ -2,9 +2,12 @@
 
 Batches are reduced by a kernel to :class:`~persona_kernels.ops.welford.WelfordPartials` (count, mean,
 sum of squared deviations, the same for ``|x|``, per-sequence Σx²) and merged into float64 running state
-with Chan's parallel formula. Every merge is a handful of tensor ops on the statistics' device: no
-``.item()``, no host synchronisation, so recording does not stall a GPU pipeline. Counts are int64 and
-therefore exact (also past 2**24 or 2**53 tokens).
+with Chan's parallel formula: on CPU in eager mode one in-place C++ pass (``welford_merge_cpu_``), elsewhere
+a handful of tensor ops on the statistics' device (no ``.item()``, no host synchronisation, so recording does
+not stall a GPU pipeline). Counts are int64 and therefore exact (also past 2**24 or 2**53 tokens).
+
+Imports go one way: this module uses :mod:`persona_kernels.ops.welford` (kernels, ``WelfordPartials``);
+that module never imports this one (it calls :meth:`ActivationStats.merge_batch` on the object it is given).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional, Union
 
 import torch
+
+from persona_kernels.ops.welford import WelfordPartials, welford_update
 
 _F64 = torch.float64
 _I64 = torch.int64
@@ -54,6 +59,26 @@ def _has_merge_op() -> bool:
     return _extension.has_cpu_kernels() and hasattr(torch.ops.persona_kernels_C, "welford_merge_cpu_")
 
 
+def _seq_info(token_mask: Optional[torch.Tensor], rows: int, seq_len: int):
+    """(bool [S] sequences holding at least one valid token or None = all, number of valid rows)."""
+    if token_mask is None:
+        return None, rows
+    valid_rows = token_mask.sum(dtype=torch.int64)
+    if seq_len == 0:
+        return None, valid_rows
+    return token_mask.reshape(-1, seq_len).any(dim=1), valid_rows
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_op_built() -> bool:
+    return hasattr(torch.ops.persona_kernels_C, "linear_stats_merge_cpu_")
+
+
+def _has_fused_op() -> bool:
+    """The C++ linear + in-place merge op is usable (it needs the merge op too)."""
+    return _has_merge_op() and _fused_op_built()
+
+
 def _err(arg: str, msg: str, exc: type[Exception] = ValueError):
     raise exc(f"persona_kernels.ActivationStats: argument '{arg}': {msg}")
 
@@ -65,9 +90,15 @@ class ActivationStats:
     seen), ``mean``, ``var`` (population), ``abs_mean``, ``abs_var``, ``sq_mean`` (E[x²]), ``l2_norm``
     (sqrt Σx²), ``seq_count`` (int64, sequences seen), ``seq_l2_mean`` / ``seq_l2_var`` (mean and
     population variance over sequences of the sequence's per-channel L2 norm), ``nonfinite`` (int64 scalar:
-    values excluded as inf/NaN). Channels without data report 0. The returned tensors are views of the
-    state (updated in place on CPU, so they follow later updates) or fresh results: treat them as read-only
-    and `.clone()` what must stay fixed.
+    values excluded as inf/NaN). Channels without data report 0.
+
+    Aliasing (the same rule on every device and path): the running state is only ever written in place.
+    ``update``, ``update_from_partials``, ``merge`` and ``load_state_dict`` (C++ merge on CPU, tensor ops
+    elsewhere) all overwrite the same state tensors, so the stored properties ``count``, ``mean``,
+    ``abs_mean``, ``seq_count``, ``seq_l2_mean`` and ``nonfinite`` are views that follow later updates, while
+    the derived ones (``var``, ``abs_var``, ``sq_mean``, ``l2_norm``, ``seq_l2_var``) are new tensors computed
+    when read. Treat all of them as read-only and ``.clone()`` what must stay fixed. Only :meth:`to` (a move
+    to another device) replaces the state tensors.
 
     Args:
         num_channels: K, the number of input channels (``in_features``).
@@ -145,9 +176,17 @@ class ActivationStats:
     # ------------------------------------------------------------------------------------------ updates
     def update(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, *, backend: str = "auto") -> None:
         """Merge the batch ``x[..., K]`` (see :func:`persona_kernels.ops.welford.welford_update`)."""
-        from persona_kernels.ops.welford import welford_update
-
         welford_update(self, x, token_mask, backend=backend)
+
+    def merge_batch(self, partials: Sequence[torch.Tensor], row_mask: Optional[torch.Tensor], seq_len: int,
+                    rows: int, *, native: bool = True) -> None:
+        """Merge a kernel's partials of a batch of ``rows`` rows (``row_mask`` bool [rows] or None; sequences
+        of ``seq_len`` rows, 0 = none), in place: the C++ pass when ``native`` (eager mode) and the state and
+        partials are on the CPU, else tensor ops (:meth:`update_from_partials`). Same results either way."""
+        if native and self._merge_partials_cpu(partials, row_mask, seq_len, rows):
+            return
+        seq, valid = _seq_info(row_mask, rows, seq_len)
+        self.update_from_partials(WelfordPartials(*partials), seq=seq, rows=valid)
 
     def update_from_partials(
         self,
@@ -209,11 +248,17 @@ class ActivationStats:
         n_b = torch.stack((count, count, n_s))
         mean_b = torch.stack((mean, amean, mean_s)).to(_F64)
         m2_b = torch.stack((m2, am2, m2_s)).to(_F64)
-        self._n, self._mean, self._m2 = _chan(self._n, self._mean, self._m2, n_b, mean_b, m2_b)
+        self._assign(*_chan(self._n, self._mean, self._m2, n_b, mean_b, m2_b))
         if rows is not None:
             if isinstance(rows, torch.Tensor):
                 rows = rows.to(dev, non_blocking=True).to(_I64)
-            self._nonfinite = self._nonfinite + (rows * k - count.sum())
+            self._nonfinite.add_(rows * k - count.sum())
+
+    def _assign(self, n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Write new state into the existing tensors (the aliasing rule: state is only written in place)."""
+        self._n.copy_(n)
+        self._mean.copy_(mean)
+        self._m2.copy_(m2)
 
     def _merge_partials_cpu(self, partials: Sequence[torch.Tensor], row_mask: Optional[torch.Tensor], seq_len: int,
                             rows: int) -> bool:
@@ -235,6 +280,17 @@ class ActivationStats:
                                                        amean, am2, seq_sumsq, row_mask, int(seq_len), int(rows))
         return True
 
+    def _linear_merge_cpu(self, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          row_mask: Optional[torch.Tensor], seq_len: int) -> Optional[torch.Tensor]:
+        """``F.linear(x2, weight, bias)`` with this batch's statistics merged in place, in ONE C++ call
+        (``linear_stats_merge_cpu_``: the C++ linear_with_stats kernel, then the C++ merge). For validated,
+        contiguous CPU inputs in eager mode; returns None (nothing done) when the state is not on the CPU or
+        the op is missing."""
+        if self._n.device.type != "cpu" or not _has_fused_op():
+            return None
+        return torch.ops.persona_kernels_C.linear_stats_merge_cpu_(
+            x2, weight, bias, row_mask, int(seq_len), self._n, self._mean, self._m2, self._nonfinite)
+
     def merge(self, other: "ActivationStats") -> "ActivationStats":
         """Merge ``other`` (any device) into this one, in place; exact counts. Returns self."""
         if not isinstance(other, ActivationStats):
@@ -242,12 +298,12 @@ class ActivationStats:
         if other.num_channels != self._k:
             _err("other", f"num_channels {other.num_channels} does not match {self._k}")
         dev = self.device
-        self._n, self._mean, self._m2 = _chan(
+        self._assign(*_chan(
             self._n, self._mean, self._m2,
             other._n.to(dev, non_blocking=True), other._mean.to(dev, non_blocking=True),
             other._m2.to(dev, non_blocking=True),
-        )
-        self._nonfinite = self._nonfinite + other._nonfinite.to(dev, non_blocking=True)
+        ))
+        self._nonfinite.add_(other._nonfinite.to(dev, non_blocking=True))
         return self
 
     @classmethod
@@ -304,10 +360,9 @@ class ActivationStats:
         n = torch.stack((new["count"], new["count"], new["seq_count"]))
         if bool((n < 0).any() | (new["nonfinite"] < 0)):
             _err("state", "counts must be non-negative")
-        self._n = n
-        self._mean = torch.stack((new["mean"], new["abs_mean"], new["seq_l2_mean"]))
-        self._m2 = torch.stack((new["m2"], new["abs_m2"], new["seq_l2_m2"]))
-        self._nonfinite = new["nonfinite"].clone()
+        self._assign(n, torch.stack((new["mean"], new["abs_mean"], new["seq_l2_mean"])),
+                     torch.stack((new["m2"], new["abs_m2"], new["seq_l2_m2"])))
+        self._nonfinite.copy_(new["nonfinite"])
 
     @classmethod
     def from_state_dict(

@@ -137,11 +137,34 @@ def test_padded_batch_equals_one_at_a_time(tiny):
                                        msg=lambda m: f"{name}.{key}: {m}")
 
 
-def test_statistics_are_not_all_zero(tiny):
-    stats = collect_stats(tiny, [_pad(_sequences(2))], progress=False)
-    for name, s in stats.items():
+def test_statistics_values_match_float64_reference(tiny):
+    """Every statistic of every Linear against float64 recomputed from the captured inputs (token moments and
+    the per-sequence L2-norm moments), on a padded batch; the inputs are not degenerate (positive variance)."""
+    batch = _pad(_sequences(5, seed=7))
+    stats = collect_stats(tiny, [batch], progress=False)
+    names = _default_names(tiny)
+    _assert_matches(stats, _reference(tiny, [batch], names), rtol=1e-5, atol=1e-7)
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(tiny.named_modules())
+    handles = [modules[n].register_forward_pre_hook(
+        lambda mod, args, n=n: captured.__setitem__(n, args[0].detach().double())) for n in names]
+    try:
+        with torch.no_grad():
+            tiny(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    keep = batch["attention_mask"].bool().unsqueeze(-1)
+    for name in names:
+        x = captured[name]  # [B, T, K]
+        l2 = ((x * x) * keep).sum(1).sqrt()  # per-sequence L2 norm over its real tokens, [B, K]
+        s = stats[name]
         assert bool((s.var > 0).all()), name
-        assert bool(torch.isfinite(s.mean).all()), name
+        assert torch.equal(s.seq_count.cpu(), torch.full((x.shape[-1],), x.shape[0], dtype=torch.int64)), name
+        torch.testing.assert_close(s.seq_l2_mean.double().cpu(), l2.mean(0), rtol=1e-5, atol=1e-7,
+                                   msg=lambda m: f"{name}.seq_l2_mean: {m}")
+        torch.testing.assert_close(s.seq_l2_var.double().cpu(), l2.var(0, unbiased=False), rtol=1e-4, atol=1e-7,
+                                   msg=lambda m: f"{name}.seq_l2_var: {m}")
 
 
 def test_qkv_and_gate_up_share_one_accumulation(tiny):

@@ -477,3 +477,125 @@ if given is not None:
             small, large = scoring._select_both_ends(scores, count)
             rp, rn = ref_contrastive_sparse(scores.double(), [count] * rows)
             assert torch.equal(small, ~rp) and torch.equal(large, ~rn)
+
+
+# ---------------------------------------------------------------------------------------- C++ selection
+# The CPU op persona_kernels_C::select_mask_cpu (csrc/select_cpu.cpp) must give exactly the masks of the
+# torch / NumPy path (the same tie rule), on rows long enough for its sampled bracket (K > 1024), on ties,
+# signed values, rows of very different scales (the previous row's bracket misses) and any count.
+
+needs_select_op = pytest.mark.skipif(scoring._select_op() is None, reason="compiled extension not built")
+
+
+def _both_paths(monkeypatch, fn):
+    native = fn()
+    with monkeypatch.context() as m:
+        m.setattr(scoring, "_select_op", lambda: None)
+        fallback = fn()
+    return native, fallback
+
+
+def _weights(kind: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, k, generator=gen)
+    if kind == "ties":  # few distinct magnitudes: long runs of equal scores at the threshold
+        w = torch.randint(-3, 4, (n, k), generator=gen).float()
+    elif kind == "row_scales":  # rows 1e-6 .. 1e6 apart: the previous row's bracket is useless
+        w = w * torch.exp(torch.randn(n, 1, generator=gen) * 7)
+    elif kind == "zeros":  # many exact zeros (and -0.0) among the smallest
+        w = torch.where(torch.rand(n, k, generator=gen) < 0.3, torch.zeros(()), w)
+        w[:, ::7] = -0.0
+    return w
+
+
+@needs_select_op
+@pytest.mark.parametrize("kind", ["normal", "ties", "row_scales", "zeros"])
+@pytest.mark.parametrize("k", [1, 33, 300, 1025, 5003])
+@pytest.mark.parametrize("rho", [0.0, 0.001, 0.02, 0.5, 0.97])
+def test_native_wanda_equals_fallback(monkeypatch, kind, k, rho):
+    gen = torch.Generator().manual_seed(k + int(rho * 1000))
+    w = _weights(kind, 9, k, gen)
+    a = torch.rand(k, generator=gen, dtype=torch.float64) + 0.05
+    if kind == "ties":
+        a = torch.randint(1, 3, (k,), generator=gen).double()
+    native, fallback = _both_paths(monkeypatch, lambda: scoring.wanda(w, a, rho))
+    assert torch.equal(native, fallback)
+    assert torch.equal(native.sum(1), torch.full((9,), k - n_pruned(rho, k)))
+    packed, _ = _both_paths(monkeypatch, lambda: scoring.wanda(w, a, rho, packed=True))
+    assert torch.equal(packed, pack_mask(native))
+
+
+@needs_select_op
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_low_precision_and_noncontiguous(monkeypatch, dtype):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(3000, 40, generator=gen).to(dtype).t()  # [40, 3000], non-contiguous
+    st = FakeStats.random(3000)
+    for rho in (0.02, 0.5):
+        native, fallback = _both_paths(monkeypatch, lambda: scoring.wanda(w, st, rho))
+        assert torch.equal(native, fallback)
+        s = ref_wanda_scores(w, st.abs_mean)
+        assert_selection(native, ref_keep_largest(s, 3000 - n_pruned(rho, 3000)), s)
+
+
+@needs_select_op
+@pytest.mark.parametrize("phi", ["softplus", "relu"])
+def test_native_contrastive_equals_fallback(monkeypatch, phi):
+    gen = torch.Generator().manual_seed(2)
+    w = _weights("zeros", 17, 2111, gen)
+    sp, sn = FakeStats.random(2111), FakeStats.random(2111)
+    for rho in (0.02, 0.5):
+        nat, fb = _both_paths(monkeypatch, lambda: scoring.contrastive_wanda(w, sp, sn, rho, phi=phi))
+        assert all(torch.equal(x, y) for x, y in zip(nat, fb))
+    for variant in ("difference", "relative"):
+        for rho in (0.02, 0.5):
+            nat, fb = _both_paths(monkeypatch, lambda: scoring.contrastive_sparse(w, sp, sn, rho, variant=variant))
+            assert all(torch.equal(x, y) for x, y in zip(nat, fb))
+    prunable = ~scoring.wanda(w, sp, 0.4)
+    nat, fb = _both_paths(monkeypatch, lambda: scoring.contrastive_sparse(w, sp, sn, 0.3, restrict_to=prunable))
+    assert all(torch.equal(x, y) for x, y in zip(nat, fb))
+
+
+@needs_select_op
+def test_native_select_largest_counts_signed_and_infinite(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(-4, 5, (12, 1500), generator=gen).float() * 0.5
+    scores[0, :100] = float("-inf")
+    scores[1] = -0.0
+    scores[2, ::3] = float("inf")
+    counts = torch.randint(0, 1501, (12,), generator=gen)
+    counts[3], counts[4] = 0, 1500
+    for prefer_low in (True, False):
+        nat, fb = _both_paths(monkeypatch, lambda: scoring.select_largest(scores, counts, prefer_low_index=prefer_low))
+        assert torch.equal(nat, fb)
+        assert torch.equal(nat.sum(1), counts)
+        for c in (1, 37, 750, 1499):
+            nat, fb = _both_paths(monkeypatch, lambda: scoring.select_largest(scores, c, prefer_low_index=prefer_low))
+            assert torch.equal(nat, fb)
+
+
+@needs_select_op
+def test_native_threads_do_not_change_masks():
+    gen = torch.Generator().manual_seed(4)
+    w = _weights("row_scales", 300, 1800, gen)
+    a = torch.rand(1800, generator=gen, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = scoring.wanda(w, a, 0.3)
+        torch.set_num_threads(2)
+        two = scoring.wanda(w, a, 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_select_op
+def test_native_errors_name_the_row():
+    w = torch.randn(6, 2000)
+    w[4, 7] = float("inf")
+    with pytest.raises(ValueError, match="'weight'.*row 4"):
+        scoring.wanda(w, torch.ones(2000), 0.5)
+    s = torch.rand(5, 2000)
+    s[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN.*row 3"):
+        scoring.select_largest(s, 10)

@@ -269,7 +269,7 @@ def test_to_and_clone_are_independent():
 def test_cpu_in_place_merge_equals_tensor_op_merge(pdtype, masked):
     """The one-pass C++ merge (used by welford_update / linear_with_stats on CPU) gives the same state as the
     tensor-op merge, including non-finite counts, empty channels, sequences without valid tokens and K % 32 != 0."""
-    from persona_kernels.ops.welford import _seq_info
+    from persona_kernels.stats import _seq_info
 
     gen = torch.Generator().manual_seed(7)
     k, b, t = 45, 5, 7
@@ -305,3 +305,45 @@ def test_cpu_in_place_merge_rejects_bad_state():
     # partials that the op does not take (non-contiguous) fall back to the tensor-op merge
     odd = (parts[0],) + tuple(torch.rand(16)[::2] for _ in range(4)) + (parts[5],)
     assert not s._merge_partials_cpu(odd, None, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------- aliasing
+@pytest.mark.parametrize("path", ["cpp", "tensor"])
+def test_properties_follow_updates_on_every_path(monkeypatch, path):
+    """One aliasing rule: the state is written in place by update, merge and load_state_dict, on the C++
+    merge and on the tensor-op merge alike, so stored properties read earlier follow later updates."""
+    import persona_kernels.stats as stats_mod
+
+    if path == "tensor":
+        monkeypatch.setattr(stats_mod, "_has_merge_op", lambda: False)
+    elif not stats_mod._has_merge_op():
+        pytest.skip("compiled extension not built")
+    gen = torch.Generator().manual_seed(5)
+    s = ActivationStats(7)
+    views = {name: getattr(s, name) for name in ("count", "mean", "abs_mean", "seq_count", "seq_l2_mean", "nonfinite")}
+    x = torch.randn(3, 5, 7, generator=gen)
+    x[0, 0, 0] = float("inf")
+    s.update(x, backend="cpu" if path == "cpp" else "torch")
+    for name, view in views.items():
+        assert torch.equal(view, getattr(s, name)), name
+    assert int(views["count"][1]) == 15 and int(views["nonfinite"]) == 1
+    other = ActivationStats(7)
+    other.update(torch.randn(4, 2, 7, generator=gen))
+    s.merge(other)
+    assert int(views["count"][1]) == 23 and torch.equal(views["mean"], s.mean)
+    s.load_state_dict(other.state_dict())
+    assert torch.equal(views["mean"], other.mean) and int(views["count"][0]) == 8
+    before = s.mean.clone()
+    derived = s.var
+    s.update(torch.randn(2, 7, generator=gen) + 3)
+    assert not torch.equal(views["mean"], before) and torch.equal(views["mean"], s.mean)
+    assert not torch.equal(derived, s.var)  # derived properties are computed when read
+
+
+def test_no_import_cycle_between_stats_and_welford():
+    import subprocess
+    import sys
+
+    code = ("import sys, persona_kernels.ops.welford as w; assert 'persona_kernels.stats' not in sys.modules; "
+            "import inspect; src = inspect.getsource(w); assert 'persona_kernels.stats import' not in src")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -277,3 +277,32 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="argument 'bias'.*shape"):
         W.linear_with_stats(x, torch.randn(4, 8), torch.randn(5), stats)
     assert int(stats.count.sum()) == 0  # nothing was merged by the failed calls
+
+
+def test_fused_linear_and_merge_equals_two_step(monkeypatch):
+    """CPU eager linear_with_stats runs the kernel and the merge in one C++ call (linear_stats_merge_cpu_);
+    it must give the same output and state as the kernel followed by ActivationStats.merge_batch."""
+    import persona_kernels.stats as stats_mod
+    from persona_kernels.ops.welford import linear_with_stats
+    from persona_kernels.stats import ActivationStats
+
+    if not stats_mod._has_fused_op():
+        pytest.skip("compiled extension not built")
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 7, 37, generator=gen) * 3
+    x[1, 2, 5] = float("nan")
+    w, b = torch.randn(29, 37, generator=gen), torch.randn(29, generator=gen)
+    mask = torch.rand(3, 7, generator=gen) < 0.7
+    mask[2] = False  # a sequence without any recorded token
+    fused, two_step = ActivationStats(37), ActivationStats(37)
+    y1 = linear_with_stats(x, w, b, fused, mask)
+    with monkeypatch.context() as m:
+        m.setattr(stats_mod, "_fused_op_built", lambda: False)
+        y2 = linear_with_stats(x, w, b, two_step, mask)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0, equal_nan=True)  # x holds a NaN
+    for key, value in fused.state_dict().items():
+        torch.testing.assert_close(value, two_step.state_dict()[key], rtol=1e-12, atol=0, msg=key)
+    ref = x.reshape(-1, 37)[mask.reshape(-1)].double()
+    ref = ref[:, [j for j in range(37) if j != 5]]
+    got = fused.mean[[j for j in range(37) if j != 5]]
+    torch.testing.assert_close(got, ref.mean(0), rtol=1e-6, atol=1e-7)

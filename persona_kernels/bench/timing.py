@@ -1,9 +1,12 @@
-"""Timing helpers: interleaved repeats, medians, inter-quartile ranges and a noise estimate.
+"""The one timing helper of every benchmark (``persona-kernels bench`` and benchmarks/*.py).
 
-Every comparison in the suite runs its methods *interleaved* (each repeat runs every method once, in a
-rotating order), so slow drifts of a shared machine hit all methods alike; a ratio is the median of the
-per-repeat ratios and its noise is the relative inter-quartile range of those per-repeat ratios.
-On CUDA, each call is timed with a pair of ``torch.cuda.Event`` (device time, no host clock).
+:func:`time_interleaved` runs methods *interleaved* (each repeat runs every method once, in a rotating
+order), so slow drifts of a shared machine hit all methods alike; a ratio is the median of the per-repeat
+ratios and its noise is the relative inter-quartile range of those per-repeat ratios. One sample is taken
+with ``torch.utils.benchmark.Timer`` on the CPU (clock ``"process"``: process CPU time, robust to other
+processes, used with one thread; ``"wall"``: ``perf_counter``, used with more threads, see
+:func:`clock_for_threads`) and with ``triton.testing.do_bench`` on a GPU (clock ``"cuda"``; CUDA events when
+Triton is missing). Every output names its clock and thread count (:func:`timing_context`).
 """
 
 from __future__ import annotations
@@ -93,6 +96,12 @@ def ratio(num: Timing | Sequence[float], den: Timing | Sequence[float]) -> Ratio
     return Ratio(statistics.median(per), relative_iqr(per), per)
 
 
+def clock_for_threads(threads: int) -> str:
+    """The CPU clock a timing with ``threads`` torch threads uses: process CPU time for one thread (robust to
+    other processes on a shared machine), the wall clock for more (process time would add the threads up)."""
+    return "process" if int(threads) == 1 else "wall"
+
+
 def resolve_clock(clock: str, device: torch.device) -> str:
     """``auto``: CUDA events on a GPU, process CPU time with one torch thread, else the wall clock."""
     if clock not in CLOCKS:
@@ -103,23 +112,40 @@ def resolve_clock(clock: str, device: torch.device) -> str:
         return clock
     if device.type == "cuda":
         return "cuda"
-    return "process" if torch.get_num_threads() == 1 else "wall"
+    return clock_for_threads(torch.get_num_threads())
 
 
-def _time_once(fn: Callable[[], object], clock: str, calls: int) -> float:
+def _sampler(fn: Callable[[], object], clock: str) -> Callable[[int], float]:
+    """``calls -> seconds per call of fn`` over that many calls (no extra calls): a
+    ``torch.utils.benchmark.Timer`` on the CPU (its ``timer`` is ``time.process_time`` or
+    ``time.perf_counter``, its thread count the current torch one), ``triton.testing.do_bench`` (median,
+    CUDA events) on a GPU when Triton is installed, else a pair of CUDA events."""
     if clock == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
-    read = time.process_time if clock == "process" else time.perf_counter
-    t0 = read()
-    for _ in range(calls):
-        fn()
-    return (read() - t0) / calls
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            # do_bench repeats for ``rep`` ms after ``warmup`` ms (L2 cache flushed between calls)
+            return lambda calls: float(do_bench(fn, warmup=1, rep=max(1, calls), return_mode="median")) / 1e3
+
+        def cuda_events(calls: int) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / calls
+
+        return cuda_events
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, timer=time.process_time if clock == "process" else time.perf_counter,
+                  num_threads=torch.get_num_threads())
+    # Timer._timeit runs the statement exactly ``calls`` times (Timer.timeit would add its own warm-up calls;
+    # time_interleaved does the warm-up itself)
+    return lambda calls: float(timer._timeit(calls)) / calls
 
 
 def time_interleaved(
@@ -137,7 +163,8 @@ def time_interleaved(
         fns: name -> zero-argument callable.
         repeats: samples per method (>= 1).
         warmup: untimed calls of each method first (allocator, autotuning, lazy loading).
-        clock: ``"wall"`` (perf_counter), ``"process"`` (process CPU time) or ``"cuda"`` (CUDA events).
+        clock: ``"wall"`` (perf_counter), ``"process"`` (process CPU time of all threads) or ``"cuda"``
+            (``triton.testing.do_bench``); :func:`clock_for_threads` picks the CPU one.
         calls: calls per sample (the sample is the mean per call).
         min_time: if > 0, raise each method's calls per sample so that one sample lasts about this long.
     """
@@ -151,17 +178,24 @@ def time_interleaved(
             fns[name]()
     if clock == "cuda":
         torch.cuda.synchronize()
+    samplers = {n: _sampler(fns[n], clock) for n in names}
     per_call = {n: calls for n in names}
     if min_time > 0:  # each method gets enough calls per sample to last about min_time
         for n in names:
-            once = _time_once(fns[n], clock, 1)
+            once = samplers[n](1)
             per_call[n] = max(calls, min(10000, int(min_time / max(once, 1e-7)) + 1))
     out = {n: Timing() for n in names}
     for rep in range(repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
-            out[name].samples.append(_time_once(fns[name], clock, per_call[name]))
+            out[name].samples.append(samplers[name](per_call[name]))
     return out
+
+
+def timing_context(clock: str) -> dict:
+    """What a benchmark output must say about its timings: the clock and the torch thread count."""
+    names = {"process": "process CPU time", "wall": "wall clock", "cuda": "CUDA events (triton.testing.do_bench)"}
+    return {"clock": clock, "clock_name": names.get(clock, clock), "threads": torch.get_num_threads()}
 
 
 def sync(device: Optional[torch.device]) -> None:

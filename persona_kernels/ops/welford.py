@@ -14,14 +14,15 @@ L2-norm statistics. A 2-D ``x`` is a bag of tokens without sequences.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional
+import functools
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from persona_kernels.dispatch import BACKENDS, get_kernel
 
-if TYPE_CHECKING:
-    from persona_kernels.stats import ActivationStats
+# This module does not import persona_kernels.stats (stats imports it): the running state is any object
+# with ActivationStats' ``num_channels``, ``device`` and ``merge_batch`` (duck-typed, one import direction).
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,9 +43,7 @@ def _fail(fn: str, arg: str, msg: str, exc: type[Exception] = ValueError):
 
 
 def _check_stats(fn: str, stats) -> None:
-    from persona_kernels.stats import ActivationStats
-
-    if not isinstance(stats, ActivationStats):
+    if not callable(getattr(stats, "merge_batch", None)) or not isinstance(getattr(stats, "num_channels", None), int):
         _fail(fn, "stats", f"expected an ActivationStats, got {type(stats).__name__}", TypeError)
 
 
@@ -80,16 +79,6 @@ def _layout(x: torch.Tensor, token_mask: Optional[torch.Tensor]):
     x2 = x.reshape(-1, k)
     row_mask = None if token_mask is None else token_mask.reshape(-1)
     return x2, row_mask, seq_len
-
-
-def _seq_info(token_mask: Optional[torch.Tensor], rows: int, seq_len: int):
-    """(bool [S] sequences holding at least one valid token or None = all, number of valid rows)."""
-    if token_mask is None:
-        return None, rows
-    valid_rows = token_mask.sum(dtype=torch.int64)
-    if seq_len == 0:
-        return None, valid_rows
-    return token_mask.reshape(-1, seq_len).any(dim=1), valid_rows
 
 
 # ------------------------------------------------------------------------------------------- custom ops
@@ -183,6 +172,16 @@ def _eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_linear_with_stats():
+    """The C++ backend's linear_with_stats function (None without the extension)."""
+    try:
+        from persona_kernels.kernels import cpu
+    except ImportError:  # pragma: no cover
+        return None
+    return cpu.linear_with_stats if cpu.is_available(torch.device("cpu")) else None
+
+
 def _partials(x2: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int, backend: str) -> tuple:
     if _eager_fast_path(x2):
         return tuple(get_kernel("welford_partials", backend, x2.device)(
@@ -206,7 +205,7 @@ def welford_partials(
 
 
 def welford_update(
-    stats: "ActivationStats",
+    stats: Any,
     x: torch.Tensor,
     token_mask: Optional[torch.Tensor] = None,
     *,
@@ -230,19 +229,16 @@ def welford_update(
     _merge(stats, partials, x2, row_mask, seq_len)
 
 
-def _merge(stats: "ActivationStats", partials, x2: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int) -> None:
-    """Merge a batch's partials into ``stats``: one C++ pass on CPU in eager mode, else tensor ops."""
-    if _eager_fast_path(x2) and stats._merge_partials_cpu(partials, row_mask, seq_len, x2.shape[0]):
-        return
-    seq, rows = _seq_info(row_mask, x2.shape[0], seq_len)
-    stats.update_from_partials(WelfordPartials(*partials), seq=seq, rows=rows)
+def _merge(stats: Any, partials, x2: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int) -> None:
+    """Merge a batch's partials into ``stats`` (one C++ pass on CPU in eager mode, else tensor ops)."""
+    stats.merge_batch(WelfordPartials(*partials), row_mask, seq_len, x2.shape[0], native=_eager_fast_path(x2))
 
 
 def linear_with_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
-    stats: "ActivationStats",
+    stats: Any,
     token_mask: Optional[torch.Tensor] = None,
     *,
     backend: str = "auto",
@@ -282,9 +278,24 @@ def linear_with_stats(
             _fail(fn, "bias", f"device {bias.device} does not match x's device {x.device}")
     if backend != "auto":
         get_kernel(fn, backend, x.device)
+    return _linear_with_stats_checked(x, weight, bias, stats, token_mask, backend)
+
+
+def _linear_with_stats_checked(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stats: Any,
+                               token_mask: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    """:func:`linear_with_stats` after its argument checks (the recorder calls it directly once a module's
+    first call has passed them: the inputs it builds keep their dtype, device and width)."""
     x2, row_mask, seq_len = _layout(x, token_mask)
-    if _eager_fast_path(x, weight, bias):
-        y, *partials = get_kernel(fn, backend, x.device)(
+    eager = _eager_fast_path(x, weight, bias)
+    kernel = get_kernel("linear_with_stats", backend, x.device)
+    if eager and kernel is _cpu_linear_with_stats():
+        # CPU: kernel and merge in one C++ call
+        y = getattr(stats, "_linear_merge_cpu", lambda *a: None)(x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                                    None if row_mask is None else row_mask.contiguous(), seq_len)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    if eager:
+        y, *partials = kernel(
             x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             None if row_mask is None else row_mask.contiguous(), seq_len)
     else:
