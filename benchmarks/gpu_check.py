@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """GPU check: the compiled backends on real 8B model shapes, as ratios measured in one run.
 
-    python benchmarks/gpu_check.py [--budget 330] [--out DIR] [--layers 32]
+    python benchmarks/gpu_check.py [--budget 330] [--out DIR] [--layers 32] [--sections gemm,multi,stats,model]
+                                   [--suite [SECONDS]]
     python benchmarks/gpu_check.py --smoke [--out DIR]    (CPU, tiny shapes: checks this script itself)
 
 Sections (each in its own subprocess on a GPU, so a kernel fault costs only that section; each row records
@@ -493,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, all sections in this process")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model (default 32)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    ap.add_argument("--suite", type=float, nargs="?", const=150.0, default=None, metavar="SECONDS",
+                    help="afterwards also run `persona-kernels bench --quick` (gated, switching, e2e) within SECONDS "
+                         "(default 150) into OUT/suite_gpu/")
     ap.add_argument("--section", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -537,6 +541,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(base.with_suffix(".md"), md)
     print(f"\ngpu_check: wrote {base}.json and {base}.md in {time.time() - start:.0f} s\n")
     print(md)
+    if args.suite and not args.smoke:  # the benchmark suite, in a subprocess with a hard time limit; reported only
+        cmd = [sys.executable, "-m", "persona_kernels.cli", "bench", "--quick", "--no-progress", "--sections",
+               "gated,switching,e2e", "--max-seconds", str(args.suite / 4), "--out", str(out_dir / "suite_gpu")]
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, timeout=args.suite + 45).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        print(f"gpu_check: benchmark suite exit code {rc} -> {out_dir / 'suite_gpu'}", flush=True)
     return 1 if any(r["status"] == "ERROR" for r in rows) else 0
 
 

@@ -77,7 +77,7 @@ if want copy; then
   git ls-files -co --exclude-standard | sort >"$tmp/want"
   # Files gone from the tree go from the copy too; build outputs (ignored by git) stay for incremental builds.
   (cd "$SRC" && find . -path ./build -prune -o -type f -print | sed 's|^\./||' \
-     | grep -v -E '(^|/)__pycache__/|\.egg-info/|\.so$' | sort) >"$tmp/have"
+     | { grep -v -E '(^|/)__pycache__/|\.egg-info/|\.so$' || true; } | sort) >"$tmp/have"
   comm -13 "$tmp/want" "$tmp/have" | (cd "$SRC" && xargs -r -d '\n' rm -f)
   tr '\n' '\0' <"$tmp/want" | tar --null -T - -cf - | tar -xf - -C "$SRC"
 fi

@@ -10,6 +10,12 @@
 //         staged, tensor-core WMMA 16x16x16 with fp32 accumulators.
 //   simt  everything else (fp32, or older GPUs): 64x64x16 shared-memory tiles, 4x4 fp32 outputs per thread.
 // The weights are never modified; the gate costs one select (and for pruned weights a multiply) per element.
+// The tiled kernels live in gemm_tiles.cuh (shared with the fused linear_with_stats of welford.cu).
+//
+// Mixed personas (gated_linear_multi_cuda): bank int32 [P, N, ceil(K/32)], index [M] in [-1, P) (-1: base model).
+//   gemv  M <= 16: W[n, :] read once, each row gated with its own persona's mask words;
+//   tiles M > 16: rows sorted by persona on the device into tiles of <= 64 rows of one persona (no host sync),
+//         the tiled kernels gather x rows / scatter y rows through the order and gate W with the tile's persona.
 #include <mma.h>
 
 #include <algorithm>
@@ -304,12 +310,12 @@ void run_gated_linear(const at::Tensor& x, const at::Tensor& weight, const at::T
                         path == Path::Wmma, vec, stream);
 }
 
-at::Tensor gated_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
-                             const std::optional<at::Tensor>& bias, double gamma) {
+// Checks shared by the gated ops: x [M, K] and weight [N, K] on CUDA, same float dtype.
+void check_x_weight(const at::Tensor& x, const at::Tensor& weight) {
   PK_CUDA_CHECK_ARG(x.is_cuda(), "x", "expected a CUDA tensor, got device ", x.device());
   PK_CUDA_CHECK_ARG(x.dim() == 2, "x", "expected a 2-D tensor [M, K], got ", x.dim(), " dims");
   PK_CUDA_CHECK_ARG(weight.dim() == 2, "weight", "expected a 2-D tensor [N, K], got ", weight.dim(), " dims");
-  const int64_t m_rows = x.size(0), n_out = weight.size(0), k_in = weight.size(1);
+  const int64_t k_in = weight.size(1);
   PK_CUDA_CHECK_ARG(x.size(1) == k_in, "x", "last dimension ", x.size(1), " does not match weight's K=", k_in);
   const auto dtype = x.scalar_type();
   PK_CUDA_CHECK_ARG(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "x",
@@ -318,9 +324,16 @@ at::Tensor gated_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
                     " does not match x's dtype ", dtype);
   PK_CUDA_CHECK_ARG(weight.device() == x.device(), "weight", "expected device ", x.device(), ", got ",
                     weight.device());
+}
+
+at::Tensor gated_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
+                             const std::optional<at::Tensor>& bias, double gamma) {
+  check_x_weight(x, weight);
+  const int64_t m_rows = x.size(0), n_out = weight.size(0), k_in = weight.size(1);
+  const auto dtype = x.scalar_type();
   PK_CUDA_CHECK_ARG(packed.scalar_type() == at::kInt, "packed", "expected dtype int32, got ", packed.scalar_type());
-  PK_CUDA_CHECK_ARG(packed.dim() == 2 && packed.size(0) == n_out && packed.size(1) == (k_in + 31) / 32, "packed",
-                    "expected shape [", n_out, ", ", (k_in + 31) / 32, "], got ", packed.sizes());
+  PK_CUDA_CHECK_ARG(packed.dim() == 2 && packed.size(0) == n_out && packed.size(1) == ceil_div(k_in, 32), "packed",
+                    "expected shape [", n_out, ", ", ceil_div(k_in, 32), "], got ", packed.sizes());
   PK_CUDA_CHECK_ARG(packed.device() == x.device(), "packed", "expected device ", x.device(), ", got ",
                     packed.device());
   if (bias.has_value() && bias->defined()) {
@@ -396,17 +409,10 @@ void run_gated_linear_multi(const at::Tensor& x, const at::Tensor& weight, const
 at::Tensor gated_linear_multi_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bank,
                                    const at::Tensor& index, const std::optional<at::Tensor>& bias,
                                    c10::ArrayRef<double> gamma) {
-  PK_CUDA_CHECK_ARG(x.is_cuda(), "x", "expected a CUDA tensor, got device ", x.device());
-  PK_CUDA_CHECK_ARG(x.dim() == 2, "x", "expected a 2-D tensor [M, K], got ", x.dim(), " dims");
-  PK_CUDA_CHECK_ARG(weight.dim() == 2, "weight", "expected a 2-D tensor [N, K], got ", weight.dim(), " dims");
+  check_x_weight(x, weight);
   const int64_t m_rows = x.size(0), n_out = weight.size(0), k_in = weight.size(1);
-  PK_CUDA_CHECK_ARG(x.size(1) == k_in, "x", "last dimension ", x.size(1), " does not match weight's K=", k_in);
   const auto dtype = x.scalar_type();
-  PK_CUDA_CHECK_ARG(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "x",
-                    "expected dtype float32, float16 or bfloat16, got ", dtype);
-  PK_CUDA_CHECK_ARG(weight.scalar_type() == dtype, "weight", "dtype ", weight.scalar_type(),
-                    " does not match x's dtype ", dtype);
-  const int64_t k_words = (k_in + 31) / 32;
+  const int64_t k_words = ceil_div(k_in, 32);
   PK_CUDA_CHECK_ARG(bank.scalar_type() == at::kInt && bank.dim() == 3 && bank.size(1) == n_out &&
                         bank.size(2) == k_words,
                     "bank", "expected int32 [P, ", n_out, ", ", k_words, "], got ", bank.scalar_type(), " ",
@@ -421,10 +427,8 @@ at::Tensor gated_linear_multi_cuda(const at::Tensor& x, const at::Tensor& weight
   for (const double g : gamma) {
     PK_CUDA_CHECK_ARG(g >= 0.0 && g <= 1.0, "gamma", "expected values in [0, 1], got ", g);
   }
-  for (const auto* t : {&weight, &bank, &index}) {
-    PK_CUDA_CHECK_ARG(t->device() == x.device(), "weight/bank/index", "expected device ", x.device(), ", got ",
-                      t->device());
-  }
+  PK_CUDA_CHECK_ARG(bank.device() == x.device() && index.device() == x.device(), "bank/index", "expected device ",
+                    x.device(), ", got ", bank.device(), " / ", index.device());
   if (bias.has_value() && bias->defined()) {
     PK_CUDA_CHECK_ARG(bias->dim() == 1 && bias->size(0) == n_out && bias->scalar_type() == dtype &&
                           bias->device() == x.device() && bias->is_contiguous(),

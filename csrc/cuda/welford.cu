@@ -1,5 +1,5 @@
 // CUDA per-channel activation statistics of one batch (the "welford_partials" contract of docs/DESIGN.md),
-// and linear_with_stats = at::linear (cuBLAS through ATen) + these statistics on the same stream.
+// and the fused linear_with_stats (the GEMM of gemm_tiles.cuh reducing the x tiles it stages; see below).
 //
 // For x [R, K] (fp32 / fp16 / bf16), optional row_mask bool [R], seq_len >= 0:
 //   count int64[K]   valid rows (row_mask True) whose x[:, j] is finite
@@ -57,6 +57,38 @@ __device__ __forceinline__ void chan_merge(Stat& a, int nb, float mb, float m2b,
   a.amean += ad * fb;
   a.am2 += am2b + ad * ad * cross;
   a.n = n;
+}
+
+// Exact statistics of up to B values in registers: v[i] counts when ok[i] and it is finite (ok[] is updated).
+// Returns count, mean and m2 of v and of |v| (two passes); adds the values' squares to `sumsq`.
+template <int B>
+__device__ __forceinline__ Stat exact_batch(const float (&v)[B], bool (&ok)[B], float& sumsq) {
+  int nb = 0;
+  float sum = 0.f, asum = 0.f;
+#pragma unroll
+  for (int i = 0; i < B; ++i) {
+    ok[i] = ok[i] && isfinite(v[i]);
+    if (ok[i]) {
+      ++nb;
+      sum += v[i];
+      asum += fabsf(v[i]);
+      sumsq = fmaf(v[i], v[i], sumsq);
+    }
+  }
+  if (nb == 0) return Stat{0, 0.f, 0.f, 0.f, 0.f};
+  const float inv = __frcp_rn(static_cast<float>(nb));
+  const float mb = sum * inv, amb = asum * inv;
+  float m2b = 0.f, am2b = 0.f;
+#pragma unroll
+  for (int i = 0; i < B; ++i) {
+    if (ok[i]) {
+      const float d = v[i] - mb;
+      const float ad = fabsf(v[i]) - amb;
+      m2b = fmaf(d, d, m2b);
+      am2b = fmaf(ad, ad, am2b);
+    }
+  }
+  return Stat{nb, mb, m2b, amb, am2b};
 }
 
 // Segment g -> rows [row0, row1) and the sequence it belongs to (-1 for none).
@@ -132,32 +164,8 @@ __global__ void __launch_bounds__(kChan * kSegs)
           ok[i] = r < row1 && (row_mask == nullptr || row_mask[r] != 0);
           v[i] = ok[i] ? Elem<T>::to_float(x[r * k_in + j]) : 0.f;
         }
-        int nb = 0;
-        float sum = 0.f, asum = 0.f;
-#pragma unroll
-        for (int i = 0; i < kBatch; ++i) {
-          ok[i] = ok[i] && isfinite(v[i]);
-          if (ok[i]) {
-            ++nb;
-            sum += v[i];
-            asum += fabsf(v[i]);
-            sumsq = fmaf(v[i], v[i], sumsq);
-          }
-        }
-        if (nb == 0) continue;
-        const float inv = __frcp_rn(static_cast<float>(nb));
-        const float mb = sum * inv, amb = asum * inv;
-        float m2b = 0.f, am2b = 0.f;
-#pragma unroll
-        for (int i = 0; i < kBatch; ++i) {
-          if (ok[i]) {
-            const float d = v[i] - mb;
-            const float ad = fabsf(v[i]) - amb;
-            m2b = fmaf(d, d, m2b);
-            am2b = fmaf(ad, ad, am2b);
-          }
-        }
-        chan_merge(s, nb, mb, m2b, amb, am2b);
+        const Stat b = exact_batch(v, ok, sumsq);
+        chan_merge(s, b.n, b.mean, b.m2, b.amean, b.am2);
       }
       if (seq >= 0) {
         // One segment per sequence: the sequence's total. Else: this segment's share, summed by pass 3.
@@ -332,37 +340,14 @@ struct TileStats {
     const bool chan_ok = k0 + kk < k_in;
     float v[kRows];
     bool ok[kRows];
-    int nb = 0;
-    float sum = 0.f, asum = 0.f, sq = 0.f;
+    float sq = 0.f;
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int r = grp * kRows + i;
       ok[i] = chan_ok && r < ts.count && (row_mask == nullptr || row_mask[ts.first + r] != 0);
       v[i] = ok[i] ? get(r, kk) : 0.f;
-      ok[i] = ok[i] && isfinite(v[i]);
-      if (ok[i]) {
-        ++nb;
-        sum += v[i];
-        asum += fabsf(v[i]);
-        sq = fmaf(v[i], v[i], sq);
-      }
     }
-    Stat st{0, 0.f, 0.f, 0.f, 0.f};
-    if (nb > 0) {
-      const float inv = __frcp_rn(static_cast<float>(nb));
-      const float mb = sum * inv, amb = asum * inv;
-      float m2b = 0.f, am2b = 0.f;
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        if (ok[i]) {
-          const float d = v[i] - mb;
-          const float ad = fabsf(v[i]) - amb;
-          m2b = fmaf(d, d, m2b);
-          am2b = fmaf(ad, ad, am2b);
-        }
-      }
-      st = Stat{nb, mb, m2b, amb, am2b};
-    }
+    const Stat st = exact_batch(v, ok, sq);
     part[grp][kk] = st;
     part_sq[grp][kk] = sq;
     __syncthreads();
