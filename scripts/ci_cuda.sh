@@ -11,7 +11,7 @@
 #   4. import    the extension loads without a GPU, carries its CUDA kernels, and every CUDA op of
 #                persona_kernels/kernels/cuda.py is registered for the CUDA dispatch key;
 #   5. aot       Triton ahead-of-time compile of every kernel config (aot_check --all --fail-on-spill) under the
-#                Triton this torch brings, for each of $AOT_ARCHS;
+#                Triton this torch brings, for each of $AOT_ARCHS (default "80 90"), one process per architecture;
 #   6. tests     the CPU test files named in $TESTS (op, kernel, patching and CUDA-source tests) under this torch.
 #
 # Environment: PERSONA_KERNELS_CUDA_VENV, PERSONA_KERNELS_CUDA_TORCH, TORCH_CUDA_ARCH_LIST (default "8.0;9.0":
@@ -58,7 +58,7 @@ if want venv; then
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
     "$PY" -m pip install -q "$TORCH_SPEC"
   fi
-  "$PY" -m pip install -q "setuptools>=64" wheel ninja pybind11 "pytest>=7" "hypothesis>=6" "pytest-benchmark>=4"
+  "$PY" -m pip install -q numpy "setuptools>=64" wheel ninja pybind11 "pytest>=7" "hypothesis>=6" "pytest-benchmark>=4"
 fi
 [ -x "$PY" ] || { echo "ci_cuda: ERROR: $PY missing (run the venv stage)" >&2; exit 1; }
 "$PY" - <<'EOF'
@@ -99,7 +99,8 @@ if want build; then
       exit 1
     fi
     # Like scripts/check_cuda_sources.sh: register spills and warnings in our own CUDA sources fail the build.
-    if grep -E "ptxas.*(spill|warning)|csrc/cuda/[^:(]+[:(].*warning" "$log" | grep -v " 0 bytes spill" >"$log.own"; then
+    if grep -E "ptxas warning|Registers are spilled|csrc/cuda/[^ :(]+\.(cu|cuh)(\([0-9]+\)|:[0-9]+:).*warning" "$log" \
+        >"$log.own"; then
       cat "$log.own" >&2
       echo "ci_cuda: ERROR: register spills or warnings in csrc/cuda (full log: $log)" >&2
       exit 1
@@ -117,10 +118,17 @@ if want import; then
 fi
 
 if want aot; then
+  # One process per architecture, side by side (each is one Python thread + ptxas runs).
+  stage "aot: Triton kernels for sm_${AOT_ARCHS// /, sm_} (in parallel)"
+  pids=()
   for arch in $AOT_ARCHS; do
-    stage "aot: Triton kernels for sm_$arch"
-    env -u TRITON_INTERPRET "$PY" -m persona_kernels.kernels.triton.aot_check --arch "$arch" --all --fail-on-spill --summary
+    env -u TRITON_INTERPRET "$PY" -m persona_kernels.kernels.triton.aot_check --arch "$arch" --all --fail-on-spill \
+      --summary &
+    pids+=($!)
   done
+  failed=0
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  [ "$failed" -eq 0 ] || { echo "ci_cuda: ERROR: the Triton AOT compile failed (see above)" >&2; exit 1; }
 fi
 
 if want tests; then
