@@ -83,3 +83,16 @@ def test_aot_check_flags_spills_and_missing_resource_usage():
     assert len(found) == 2 and "24 bytes of spill" in found[0] and "resource usage unavailable" in found[1]
     assert aot_check.problems(rows[:1], fail_on_spill=True) == []
     assert aot_check.problems(rows, fail_on_spill=False) == []
+
+
+def test_aot_check_known_spills_are_allowed_per_architecture_and_reported():
+    pytest.importorskip("triton")
+    from persona_kernels.kernels.triton import aot_check
+
+    arch, kernel, constexprs = aot_check.KNOWN_SPILLS[0]
+    row = {"kernel": kernel, "constexprs": dict(constexprs), "registers": 255, "spill_stack_bytes": 8}
+    assert aot_check.problems([row], fail_on_spill=True, arch=arch) == []
+    assert len(aot_check.problems([row], fail_on_spill=True, arch=arch + 1)) == 1  # only on its architecture
+    still, stale = aot_check.known_spills([row], arch)
+    assert len(still) == 1 and kernel in still[0]
+    assert len(stale) == sum(a == arch for a, _, _ in aot_check.KNOWN_SPILLS) - 1
