@@ -14,6 +14,10 @@
 #                Triton this torch brings, for each of $AOT_ARCHS (default "80 90"), one process per architecture;
 #   6. tests     the CPU test files named in $TESTS (op, kernel, patching and CUDA-source tests) under this torch.
 #
+# Cost on the 2-core CI machine (measured under a load average of ~12, README "GPU" has the table): torch install
+# ~90 s, build 9.4 CPU-min (skipped when unchanged), import 3 s, AOT 3.6 CPU-min (21 s with a warm Triton
+# cache), tests ~70 CPU-s.
+#
 # Environment: PERSONA_KERNELS_CUDA_VENV, PERSONA_KERNELS_CUDA_TORCH, TORCH_CUDA_ARCH_LIST (default "8.0;9.0":
 # Ampere A100 and Hopper H100/H200 cubins; sm_86/89 run the sm_80 cubin), CUDA_HOME (default /usr/local/cuda),
 # CI_CUDA_STAGES (default "venv copy build import aot tests"), CI_CUDA_TESTS (space-separated test files).
