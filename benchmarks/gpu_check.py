@@ -1,20 +1,24 @@
 #!/usr/bin/env python
-"""GPU check of the compiled backends ("triton", "cuda"): correctness first, then timings.
+"""GPU check: the compiled backends on real 8B model shapes, as ratios measured in one run.
 
-    python benchmarks/gpu_check.py [--budget 400] [--out DIR]
-    python benchmarks/gpu_check.py --selftest     (CPU: this script's references against "torch"/"cpu")
+    python benchmarks/gpu_check.py [--budget 330] [--out DIR] [--layers 32] [--sections gemm,multi,stats,model]
+                                   [--suite [SECONDS]]
+    python benchmarks/gpu_check.py --smoke [--out DIR]    (CPU, tiny shapes: checks this script itself)
 
-(a) correctness, compiled (never the Triton interpreter): gated_linear, welford_partials and
-    linear_with_stats of each backend against float64 references (odd K, N=1, M=1, 3-D and
-    non-contiguous inputs, fp32/fp16/bf16); one PASS/FAIL/ERROR/SKIP line per case, failures don't stop it;
-(b) timings in bf16 (triton.testing.do_bench medians, CUDA events when Triton is missing):
-    gated_linear (triton, cuda) vs F.linear vs dense masking F.linear(x, W * G) at 4096x4096 and
-    11008x4096 (N x K) for M in {1, 16, 512}; linear_with_stats vs F.linear (statistics overhead);
-(c) a markdown table printed last, JSON + markdown written to $OUT when set (the GPU runner returns
-    only files there), else benchmarks/results/gpu_<gpu-name>.{json,md}.
-
-Each backend's correctness and timing runs in its own subprocess, so a kernel that corrupts the CUDA
-context (illegal address) costs only that part. On a machine without CUDA it prints a notice, exits 0.
+Sections (each in its own subprocess on a GPU, so a kernel fault costs only that section; each row records
+its numbers or why it was skipped):
+  gemm    gated_linear (triton, cuda) vs cuBLAS F.linear vs dense masking F.linear(x, W * G) in bf16 at
+          M = 1, 16, 512, 4096 on Llama-3-8B and Qwen2.5-7B Linear shapes (triton.testing.do_bench medians,
+          L2 flushed); each backend's output checked against float64 on the same weights first;
+  multi   mixed-persona batches (4 personas + base rows): gated_linear_multi (triton, cuda) vs dense masking
+          (one F.linear(x_p, W * G_p) per persona) vs one F.linear;
+  stats   linear_with_stats (triton, cuda fused, cuda via cuBLAS) and welford_partials vs F.linear at R = 4096;
+  model   a random-weight bf16 Llama-3-8B-shaped model from a config dict: calibration tokens/s of the plain
+          forward, of persona_kernels.collect_stats (statistics overhead) and of per-Linear hooks that copy each
+          input's channel norms to the host one text at a time (the paper code's approach); set_persona latency;
+          generate tok/s unpatched vs patched vs merged; a mixed-persona batch (persona_batch) vs the base batch.
+Writes gpu_<gpu name>.json and .md to --out (default $OUT, else benchmarks/results). Only the public API of
+persona_kernels is used (plus its dispatch module to name a backend's kernel). No internet, nothing loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,405 +44,504 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-BACKENDS = ("triton", "cuda")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Max |out - ref| / sqrt(K) for unit-normal x, W (outputs are O(sqrt K)); output rounding dominates.
-GATED_TOL = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 2.5e-2}
-CUDA_PATHS = ("auto", "gemv", "simt", "wmma")  # PERSONA_KERNELS_CUDA_GATED values
-# Device of the checks; the hidden --selftest runs the correctness phase on the CPU ("torch"/"cpu" backends)
-# to check this script itself where there is no GPU.
-DEVICE = torch.device("cuda")
+SECTIONS = ("gemm", "multi", "stats", "model")
+# (model, module, N, K)
+SHAPES = [
+    ("llama3-8b", "q_proj/o_proj", 4096, 4096), ("llama3-8b", "gate/up_proj", 14336, 4096),
+    ("llama3-8b", "down_proj", 4096, 14336),
+    ("qwen2.5-7b", "q_proj/o_proj", 3584, 3584), ("qwen2.5-7b", "gate/up_proj", 18944, 3584),
+    ("qwen2.5-7b", "down_proj", 3584, 18944),
+]
+GEMM_M = (1, 16, 512, 4096)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+# --smoke: the same code paths on the CPU at toy sizes.
+SMOKE_SHAPES = [("tiny", "mlp", 96, 64), ("tiny", "odd", 33, 172)]
+SMOKE_M = (1, 16)
+SMOKE_MODEL = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5,
+                   tie_word_embeddings=False)
+# max |out - ref| / sqrt(K) for unit-normal x, W in bf16 (outputs are O(sqrt K)).
+BF16_TOL = 2.5e-2
 
 
-# ----------------------------------------------------------------------------------------------- references
-def gated_ref(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor, bias, gamma: float) -> torch.Tensor:
-    """float64 ``x @ (w * G).T + b`` with the gate unpacked independently of the package."""
-    n, k = w.shape
-    shifts = torch.arange(32, device=packed.device, dtype=torch.int32)
-    m = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(n, -1)[:, :k].double()
-    y = x.double() @ (w.double() * (m + gamma * (1.0 - m))).t()
-    return y if bias is None else y + bias.double()
+class Ctx:
+    """Device, sizes and the clock of one run (GPU, or --smoke on the CPU)."""
+
+    def __init__(self, smoke: bool, deadline: float, layers: int):
+        self.smoke = smoke
+        self.deadline = deadline
+        self.device = torch.device("cpu" if smoke else "cuda")
+        self.dtype = torch.bfloat16
+        self.shapes = SMOKE_SHAPES if smoke else SHAPES
+        self.ms = SMOKE_M if smoke else GEMM_M
+        self.model_config = dict(SMOKE_MODEL if smoke else LLAMA3_8B)
+        self.model_config["num_hidden_layers"] = 2 if smoke else layers
+        # compiled backends on the GPU; the CPU stands in with its own ("cpu") and the reference ("torch")
+        self.backends = ("cpu", "torch") if smoke else ("triton", "cuda")
+        self.rows: list[dict] = []
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def bench_ms(self, fn: Callable[[], object]) -> float:
+        """Median ms: triton.testing.do_bench (L2 flushed between calls) on a GPU, perf_counter on the CPU."""
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    def wall_ms(self, fn: Callable[[], object], repeats: int) -> float:
+        """Median wall-clock ms of ``fn`` over ``repeats`` runs (device synchronised), after one warm-up."""
+        fn()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    def row(self, section: str, name: str, fn: Callable[[], dict], min_left: float = 5.0) -> None:
+        """Run one measurement; fn returns a dict of numbers. Errors and the time budget are recorded."""
+        rec = {"section": section, "case": name}
+        if self.left() < min_left:
+            rec.update(status="SKIP", detail="time budget")
+        else:
+            try:
+                rec.update(status="OK", **fn())
+            except Exception as exc:  # noqa: BLE001 - report and continue with the next case
+                rec.update(status="ERROR", detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+                if os.environ.get("GPU_CHECK_TRACEBACK"):
+                    traceback.print_exc()
+        print(f"{rec['status']:5s} {section}: {name}  " + ", ".join(f"{k}={_fmt(v)}" for k, v in rec.items()
+                                                                  if k not in ("section", "case", "status")),
+              flush=True)
+        self.rows.append(rec)
 
 
-def stats_ref(x: torch.Tensor, row_mask, seq_len: int) -> list[torch.Tensor]:
-    """float64 two-pass (count, mean, m2, abs_mean, abs_m2, seq_sumsq) of x [R, K]."""
-    xd = x.double()
-    valid = torch.isfinite(xd)
-    if row_mask is not None:
-        valid &= row_mask[:, None]
-    cnt = valid.sum(0)
-    z = torch.where(valid, xd, torch.zeros_like(xd))
-    c = cnt.clamp(min=1).double()
-    out = [cnt]
-    for v in (z, z.abs()):
-        mean = v.sum(0) / c
-        out += [mean, torch.where(valid, v - mean, torch.zeros_like(v)).pow(2).sum(0)]
-    s = x.shape[0] // seq_len if seq_len > 0 else 0
-    out.append((z[: s * seq_len] ** 2).reshape(s, seq_len, -1).sum(1) if s else xd.new_zeros(0, x.shape[1]))
-    return out
-
-
-def stats_error(got, ref) -> tuple[bool, str]:
-    """Counts exact; float fields within 1e-4 relative to each field's scale."""
-    if got[0].dtype != torch.int64 or not torch.equal(got[0].cpu(), ref[0].cpu()):
-        return False, "count mismatch"
-    worst = 0.0
-    for name, g, r in zip(("mean", "m2", "abs_mean", "abs_m2", "seq_sumsq"), got[1:], ref[1:]):
-        if g.dtype != torch.float32 or tuple(g.shape) != tuple(r.shape):
-            return False, f"{name}: dtype/shape {g.dtype} {tuple(g.shape)} vs {tuple(r.shape)}"
-        if r.numel() == 0:
-            continue
-        scale = r.abs().max().item() + 1e-6
-        err = (g.double() - r).abs().max().item() / scale
-        worst = max(worst, err)
-        if not math.isfinite(err) or err > 1e-4:
-            return False, f"{name}: rel err {err:.2e}"
-    return True, f"rel err {worst:.1e}"
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def make_packed(n: int, k: int, device, keep: float = 0.6) -> torch.Tensor:
-    from persona_kernels.ops.packing import pack_mask
+def random_packed(n: int, k: int, device, keep: float = 0.98) -> torch.Tensor:
+    import persona_kernels as pk
 
-    return pack_mask(torch.rand(n, k) < keep).to(device)
-
-
-class Recorder:
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self.records: list[dict] = []
-
-    def case(self, name: str, fn: Callable[[], tuple]) -> None:
-        """Run one case; fn returns (ok, detail) or (ok, detail, timing dict)."""
-        extra = None
-        if time.time() > self.deadline:
-            status, detail = "SKIP", "time budget"
-        else:
-            try:
-                ok, detail, *rest = fn()
-                extra = rest[0] if rest else None
-                status = "PASS" if ok else "FAIL"
-            except Exception as exc:  # noqa: BLE001 - report and continue
-                status, detail = "ERROR", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                if os.environ.get("GPU_CHECK_TRACEBACK"):
-                    traceback.print_exc()
-        print(f"{status:5s} {name}  {detail}", flush=True)
-        self.records.append({"case": name, "status": status, "detail": detail})
-        if extra is not None:
-            self.records[-1]["timing"] = extra
+    return pk.pack_mask(torch.rand(n, k, device=device) < keep)
 
 
-# ----------------------------------------------------------------------------------------------- (a) correctness
-def correctness(backend: str, rec: Recorder) -> None:
+def dense_gate(packed: torch.Tensor, k: int, gamma: float, dtype) -> torch.Tensor:
+    """G = m + gamma (1 - m) as a dense [N, K] tensor (what dense masking multiplies W with)."""
+    import persona_kernels as pk
+
+    m = pk.unpack_mask(packed, k).to(dtype)
+    return m + gamma * (1 - m)
+
+
+def kernel(op: str, backend: str, device):
     from persona_kernels import dispatch
-    from persona_kernels.ops.gated_linear import gated_linear as gated_linear_op
-    from persona_kernels.ops.welford import welford_partials as welford_op
 
-    dev = DEVICE
-    if not dispatch.is_available(backend, dev):
-        rec.case(f"{backend}: available", lambda: (False, "backend not available on this machine"))
-        return
-    gl = dispatch.get_kernel("gated_linear", backend, dev)
-    wp = dispatch.get_kernel("welford_partials", backend, dev)
-    lws = dispatch.get_kernel("linear_with_stats", backend, dev)
-    paths = CUDA_PATHS if backend == "cuda" else ("auto",)
+    if not dispatch.is_available(backend, device):
+        raise RuntimeError(f"backend {backend!r} not available on {device}")
+    return dispatch.get_kernel(op, backend, device)
 
-    gl_shapes = [(1, 1, 172, 0.25, True), (1, 300, 4096, 0.25, True), (3, 37, 172, 0.0, False),
-                 (16, 64, 256, 1.0, True), (17, 65, 172, 0.25, True), (300, 257, 1000, 0.25, True)]
-    for dname, dtype in DTYPES.items():
-        for (m, n, k, gamma, with_bias) in gl_shapes:
-            for path in paths:
-                def run(m=m, n=n, k=k, gamma=gamma, with_bias=with_bias, dtype=dtype, dname=dname, path=path):
-                    os.environ["PERSONA_KERNELS_CUDA_GATED"] = path
+
+def gemm_error(out: torch.Tensor, ref: torch.Tensor, k: int) -> float:
+    return (out.double() - ref).abs().max().item() / math.sqrt(k)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+def section_gemm(ctx: Ctx) -> None:
+    dev, dt = ctx.device, ctx.dtype
+    for model, module, n, k in ctx.shapes:
+        if ctx.left() < 10:
+            ctx.row("gemm", f"{model} {module}", lambda: {}, min_left=1e9)
+            continue
+        w = torch.randn(n, k, device=dev, dtype=dt)
+        packed = random_packed(n, k, dev)
+        g = dense_gate(packed, k, 0.0, dt)
+        # correctness on the same weights, float64 reference, M = 16
+        x16 = torch.randn(16, k, device=dev, dtype=dt)
+        ref = x16.double() @ (w.double() * g.double()).t()
+        for backend in ctx.backends:
+            def check(backend=backend):
+                err = gemm_error(kernel("gated_linear", backend, dev)(x16, w, packed, None, 0.0), ref, k)
+                if not err <= BF16_TOL:
+                    raise AssertionError(f"err/sqrt(K) {err:.2e} > {BF16_TOL}")
+                return {"err_over_sqrt_k": err}
+            ctx.row("gemm", f"{model} {module} N={n} K={k} correctness[{backend}]", check)
+        for m in ctx.ms:
+            x = torch.randn(m, k, device=dev, dtype=dt)
+
+            def measure(x=x, m=m):
+                out = {"model": model, "module": module, "M": m, "N": n, "K": k}
+                t_lin = ctx.bench_ms(lambda: F.linear(x, w))
+                out["F.linear_ms"] = t_lin
+                out["dense_mask_ms"] = ctx.bench_ms(lambda: F.linear(x, w * g))
+                for backend in ctx.backends:
                     try:
-                        x = torch.randn(m, k, device=dev).to(dtype)
-                        w = torch.randn(n, k, device=dev).to(dtype)
-                        b = torch.randn(n, device=dev).to(dtype) if with_bias else None
-                        packed = make_packed(n, k, dev)
-                        out = gl(x, w, packed, b, gamma)
-                        if dev.type == "cuda":
-                            torch.cuda.synchronize()
-                    finally:
-                        os.environ.pop("PERSONA_KERNELS_CUDA_GATED", None)
-                    if out.dtype != dtype or tuple(out.shape) != (m, n):
-                        return False, f"got {out.dtype} {tuple(out.shape)}"
-                    err = (out.double() - gated_ref(x, w, packed, b, gamma)).abs().max().item() / math.sqrt(k)
-                    return err <= GATED_TOL[dname] and math.isfinite(err), f"err/sqrt(K) {err:.2e}"
-                tag = f" path={path}" if backend == "cuda" else ""
-                rec.case(f"{backend} gated_linear {dname} M={m} N={n} K={k} gamma={gamma} bias={with_bias}{tag}", run)
-
-    # 3-D, non-contiguous x through the public op (reshape + contiguous happen there).
-    for dname, dtype in DTYPES.items():
-        def run3d(dtype=dtype, dname=dname):
-            x = torch.randn(5, 172, 2, device=dev).to(dtype).transpose(1, 2)  # [5, 2, 172], non-contiguous
-            w = torch.randn(70, 172, device=dev).to(dtype)
-            packed = make_packed(70, 172, dev)
-            out = gated_linear_op(x, w, packed, None, 0.5, backend=backend)
-            ref = gated_ref(x.reshape(-1, 172), w, packed, None, 0.5).reshape(5, 2, 70)
-            err = (out.double() - ref).abs().max().item() / math.sqrt(172)
-            return err <= GATED_TOL[dname] and out.shape == (5, 2, 70), f"err/sqrt(K) {err:.2e}"
-        rec.case(f"{backend} gated_linear 3-D non-contiguous {dname}", run3d)
-
-    st_shapes = [(1, 172, 0, False), (37, 65, 0, True), (300, 172, 50, True), (1200, 96, 300, False),
-                 (130, 33, 7, True), (4096, 256, 2048, True)]
-    for dname, dtype in DTYPES.items():
-        for (r, k, seq_len, masked) in st_shapes:
-            def run_st(r=r, k=k, seq_len=seq_len, masked=masked, dtype=dtype):
-                x = (torch.randn(r, k, device=dev) * 3 + 1).to(dtype)
-                x[0, 0] = float("nan")
-                if r > 2:
-                    x[2, 1] = float("inf")
-                mask = (torch.rand(r, device=dev) > 0.3) if masked else None
-                got = wp(x, mask, seq_len)
-                return stats_error(got, stats_ref(x, mask, seq_len))
-            rec.case(f"{backend} welford_partials {dname} R={r} K={k} seq_len={seq_len} mask={masked}", run_st)
-
-    for dname, dtype in DTYPES.items():
-        for (r, n, k, seq_len, masked) in [(1, 1, 172, 0, False), (300, 96, 172, 50, True), (512, 257, 1000, 128, False)]:
-            def run_lws(r=r, n=n, k=k, seq_len=seq_len, masked=masked, dtype=dtype, dname=dname):
-                x = torch.randn(r, k, device=dev).to(dtype)
-                w = torch.randn(n, k, device=dev).to(dtype)
-                b = torch.randn(n, device=dev).to(dtype)
-                mask = (torch.rand(r, device=dev) > 0.3) if masked else None
-                y, *parts = lws(x, w, b, mask, seq_len)
-                ref_y = x.double() @ w.double().t() + b.double()
-                err = (y.double() - ref_y).abs().max().item() / math.sqrt(k)
-                if y.dtype != dtype or tuple(y.shape) != (r, n) or not err <= GATED_TOL[dname]:
-                    return False, f"y: {y.dtype} {tuple(y.shape)} err/sqrt(K) {err:.2e}"
-                ok, detail = stats_error(parts, stats_ref(x, mask, seq_len))
-                return ok, f"y err/sqrt(K) {err:.1e}; stats {detail}"
-            rec.case(f"{backend} linear_with_stats {dname} R={r} N={n} K={k} seq_len={seq_len} mask={masked}", run_lws)
-
-    for dname, dtype in DTYPES.items():
-        def run_st3d(dtype=dtype):
-            x = torch.randn(3, 40, 172, device=dev).to(dtype)
-            tok = torch.rand(3, 40, device=dev) > 0.2
-            got = welford_op(x, tok, backend=backend)
-            return stats_error(list(got), stats_ref(x.reshape(-1, 172), tok.reshape(-1), 40))
-        rec.case(f"{backend} welford_partials 3-D token_mask {dname}", run_st3d)
+                        fn = kernel("gated_linear", backend, dev)
+                        out[f"{backend}_ms"] = ctx.bench_ms(lambda fn=fn: fn(x, w, packed, None, 0.0))
+                    except Exception as exc:  # noqa: BLE001
+                        out[f"{backend}_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                for key in [k_ for k_ in out if k_.endswith("_ms") and k_ != "F.linear_ms"]:
+                    out[key.replace("_ms", "_x_linear")] = out[key] / t_lin
+                out["tflops_F.linear"] = 2 * m * n * k / t_lin / 1e9
+                return out
+            ctx.row("gemm", f"{model} {module} M={m} N={n} K={k}", measure)
+        del w, packed, g
 
 
-# ----------------------------------------------------------------------------------------------- (b) timings
-def bench_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of fn (triton.testing.do_bench when available, else CUDA events)."""
+def section_multi(ctx: Ctx) -> None:
+    dev, dt = ctx.device, ctx.dtype
+    personas = 4
+    for model, module, n, k in ctx.shapes[:2]:
+        w = torch.randn(n, k, device=dev, dtype=dt)
+        bank = torch.stack([random_packed(n, k, dev) for _ in range(personas)])
+        gates = [dense_gate(bank[p], k, 0.0, dt) for p in range(personas)]
+        gammas = [0.0] * personas
+        for m in ctx.ms:
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            index = torch.arange(m, device=dev) % (personas + 1) - 1  # base rows + 4 personas, interleaved
+            rows = [(index == p).nonzero().flatten() for p in range(-1, personas)]
+
+            def dense():
+                y = torch.empty(m, n, device=dev, dtype=dt)
+                for p, r in zip(range(-1, personas), rows):
+                    if r.numel():
+                        y[r] = F.linear(x[r], w if p < 0 else w * gates[p])
+                return y
+
+            def measure(x=x, m=m, index=index, dense=dense):
+                out = {"model": model, "module": module, "M": m, "N": n, "K": k, "personas": personas}
+                ref = dense().double()
+                out["F.linear_ms"] = t_lin = ctx.bench_ms(lambda: F.linear(x, w))
+                out["dense_mask_ms"] = ctx.bench_ms(dense)
+                for backend in ctx.backends:
+                    try:
+                        fn = kernel("gated_linear_multi", backend, dev)
+                        err = gemm_error(fn(x, w, bank, index, None, gammas), ref, k)
+                        if not err <= BF16_TOL:
+                            raise AssertionError(f"err/sqrt(K) {err:.2e} > {BF16_TOL}")
+                        out[f"{backend}_ms"] = ctx.bench_ms(lambda fn=fn: fn(x, w, bank, index, None, gammas))
+                    except Exception as exc:  # noqa: BLE001
+                        out[f"{backend}_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                for key in [k_ for k_ in out if k_.endswith("_ms") and k_ != "F.linear_ms"]:
+                    out[key.replace("_ms", "_x_linear")] = out[key] / t_lin
+                return out
+            ctx.row("multi", f"{model} {module} M={m} N={n} K={k} P={personas}", measure)
+
+
+def section_stats(ctx: Ctx) -> None:
+    dev, dt = ctx.device, ctx.dtype
+    rows_n = 64 if ctx.smoke else 4096
+    seq_len = 16 if ctx.smoke else 512
+    for model, module, n, k in ctx.shapes[:3]:
+        w = torch.randn(n, k, device=dev, dtype=dt)
+        x = torch.randn(rows_n, k, device=dev, dtype=dt)
+
+        def measure(w=w, x=x, n=n, k=k, model=model, module=module):
+            out = {"model": model, "module": module, "R": rows_n, "N": n, "K": k, "seq_len": seq_len}
+            out["F.linear_ms"] = t_lin = ctx.bench_ms(lambda: F.linear(x, w))
+            variants = [(b, b, None) for b in ctx.backends]
+            if "cuda" in ctx.backends:
+                variants.append(("cuda_cublas", "cuda", "cublas"))
+            for label, backend, lws_mode in variants:
+                try:
+                    if lws_mode:
+                        os.environ["PERSONA_KERNELS_CUDA_LWS"] = lws_mode
+                    lws = kernel("linear_with_stats", backend, dev)
+                    wp = kernel("welford_partials", backend, dev)
+                    y = lws(x, w, None, None, seq_len)[0]
+                    err = gemm_error(y, x.double() @ w.double().t(), k)
+                    if not err <= BF16_TOL:
+                        raise AssertionError(f"linear_with_stats y: err/sqrt(K) {err:.2e}")
+                    out[f"lws_{label}_ms"] = ctx.bench_ms(lambda: lws(x, w, None, None, seq_len))
+                    if lws_mode is None:
+                        out[f"welford_{label}_ms"] = ctx.bench_ms(lambda: wp(x, None, seq_len))
+                except Exception as exc:  # noqa: BLE001
+                    out[f"{label}_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                finally:
+                    os.environ.pop("PERSONA_KERNELS_CUDA_LWS", None)
+            for key in [k_ for k_ in out if k_.endswith("_ms") and k_ != "F.linear_ms"]:
+                out[key.replace("_ms", "_overhead")] = out[key] / t_lin - 1.0
+            return out
+        ctx.row("stats", f"{model} {module} R={rows_n} N={n} K={k}", measure)
+
+
+def build_model(ctx: Ctx):
+    """A random-weight bf16 Llama model built from a config dict, directly on the device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**ctx.model_config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(ctx.dtype)
     try:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    except ImportError:
-        pass
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(30):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+        with torch.device(ctx.device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    model.generation_config.pad_token_id = 0
+    return model
 
 
-GEMM_SHAPES = [(4096, 4096), (11008, 4096)]  # (N, K)
-GEMM_MS = (1, 16, 512)
-STATS_ROWS = (512, 4096)
+def section_model(ctx: Ctx) -> None:
+    import persona_kernels as pk
 
+    dev = ctx.device
+    holder: dict = {}
 
-def timings(part: str, rec: Recorder) -> None:
-    """part: "ref" (F.linear, dense masking) or a backend name."""
-    from persona_kernels import dispatch
-    from persona_kernels.kernels.torch_ref import gate
-
-    dev = torch.device("cuda")
-    dtype = torch.bfloat16
-    if part != "ref" and not dispatch.is_available(part, dev):
-        rec.case(f"time {part}", lambda: (False, "backend not available"))
+    def build():
+        t = time.perf_counter()
+        holder["model"] = build_model(ctx)
+        ctx.sync()
+        params = sum(p.numel() for p in holder["model"].parameters())
+        return {"layers": ctx.model_config["num_hidden_layers"], "params_b": params / 1e9,
+                "build_s": time.perf_counter() - t}
+    ctx.row("model", "build random-weight Llama-3-8B-shaped model", build, min_left=60)
+    model = holder.get("model")
+    if model is None:
         return
-    for (n, k) in GEMM_SHAPES:
-        w = torch.randn(n, k, device=dev, dtype=dtype)
-        packed = make_packed(n, k, dev)
-        g = gate(packed, k, 0.0, dtype)
-        for m in GEMM_MS:
-            x = torch.randn(m, k, device=dev, dtype=dtype)
-            if part == "ref":
-                fns = {"F.linear": lambda: F.linear(x, w), "dense mask F.linear(x, W*G)": lambda: F.linear(x, w * g)}
-            else:
-                kern = dispatch.get_kernel("gated_linear", part, dev)
-                fns = {f"gated_linear[{part}]": lambda kern=kern: kern(x, w, packed, None, 0.0)}
-            for label, fn in fns.items():
-                def run(fn=fn, label=label, m=m, n=n, k=k):
-                    ms = bench_ms(fn)
-                    nbytes = (n * k + m * k + m * n) * 2 + packed.numel() * 4
-                    res = {"op": "gated_linear", "impl": label, "M": m, "N": n, "K": k, "ms": ms,
-                           "tflops": 2 * m * n * k / ms / 1e9, "gbps": nbytes / ms / 1e6}
-                    return True, f"{ms * 1e3:.1f} us  {res['tflops']:.1f} TFLOP/s  {res['gbps']:.0f} GB/s", res
-                rec.case(f"time gated_linear {label} M={m} N={n} K={k}", run)
-    n, k = 4096, 4096
-    w = torch.randn(n, k, device=dev, dtype=dtype)
-    for r in STATS_ROWS:
-        x = torch.randn(r, k, device=dev, dtype=dtype)
-        if part == "ref":
-            fns = {"F.linear": lambda: F.linear(x, w)}
-        else:
-            lws = dispatch.get_kernel("linear_with_stats", part, dev)
-            wpk = dispatch.get_kernel("welford_partials", part, dev)
-            fns = {f"linear_with_stats[{part}]": lambda lws=lws: lws(x, w, None, None, 512),
-                   f"welford_partials[{part}]": lambda wpk=wpk: wpk(x, None, 512)}
-        for label, fn in fns.items():
-            def run(fn=fn, label=label, r=r):
-                ms = bench_ms(fn)
-                res = {"op": "linear_with_stats", "impl": label, "M": r, "N": n, "K": k, "ms": ms,
-                       "tflops": 2 * r * n * k / ms / 1e9, "gbps": (n * k + r * k + r * n) * 2 / ms / 1e6}
-                return True, f"{ms * 1e3:.1f} us", res
-            rec.case(f"time stats {label} R={r} N={n} K={k} seq_len=512", run)
+    vocab = ctx.model_config["vocab_size"]
+    bsz, seq = (2, 16) if ctx.smoke else (8, 512)
+    batches = [{"input_ids": torch.randint(0, vocab, (bsz, seq), device=dev)} for _ in range(2 if ctx.smoke else 3)]
+    tokens = bsz * seq * len(batches)
+    call = {"logits_to_keep": 1, "use_cache": False}
+
+    def calibration():
+        out = {"batch": bsz, "seq_len": seq, "tokens": tokens}
+
+        def plain():
+            with torch.no_grad():
+                for b in batches:
+                    model(**b, **call)
+        t_plain = ctx.wall_ms(plain, 2)
+        t_ours = ctx.wall_ms(lambda: pk.collect_stats(model, batches, progress=False), 2)
+        linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+
+        def hooks():  # the paper code's approach: per-Linear hook, channel norms to the host, one text at a time
+            acc: dict = {}
+
+            def hook(mod, inputs, output):
+                xx = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                sq = (torch.norm(xx, p=2, dim=0) ** 2).cpu()
+                acc[mod] = acc[mod] + sq if mod in acc else sq
+            handles = [m.register_forward_hook(hook) for m in linears]
+            try:
+                with torch.no_grad():
+                    for b in batches:
+                        for i in range(bsz):
+                            model(input_ids=b["input_ids"][i:i + 1], **call)
+            finally:
+                for h in handles:
+                    h.remove()
+        t_hooks = ctx.wall_ms(hooks, 1)
+        out.update(plain_tok_s=tokens / t_plain * 1e3, ours_tok_s=tokens / t_ours * 1e3,
+                   hooks_tok_s=tokens / t_hooks * 1e3, stats_overhead=t_ours / t_plain - 1.0,
+                   ours_x_hooks=t_hooks / t_ours)
+        return out
+    ctx.row("model", "calibration throughput (plain / collect_stats / hooks)", calibration, min_left=45)
+
+    # a bank of two random personas (2 % of each row pruned) on every Linear but the LM head
+    names = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    bank = pk.MaskBank()
+    for persona in ("a", "b"):
+        bank.add(persona, {name: torch.rand(model.get_submodule(name).weight.shape, device=dev) > 0.02
+                           for name in names})
+    prompt = torch.randint(0, vocab, (1, 16), device=dev)
+    new = 4 if ctx.smoke else 64
+
+    def gen_tok_s(ids: torch.Tensor) -> float:
+        def run():
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        return ids.shape[0] * new / ctx.wall_ms(run, 2) * 1e3
+
+    def generation():
+        out = {"new_tokens": new, "unpatched_tok_s": gen_tok_s(prompt)}
+        pk.patch_model(model, bank)
+        pk.set_persona(model, "a")
+        out["patched_tok_s"] = gen_tok_s(prompt)
+        pk.merge_persona(model, "a")
+        out["merged_tok_s"] = gen_tok_s(prompt)
+        pk.unmerge_persona(model)
+        pk.set_persona(model, None)
+        out["patched_x_unpatched"] = out["patched_tok_s"] / out["unpatched_tok_s"]
+        out["merged_x_unpatched"] = out["merged_tok_s"] / out["unpatched_tok_s"]
+        return out
+    ctx.row("model", "generate tok/s (unpatched / patched / merged)", generation, min_left=30)
+
+    def switching():
+        times = []
+        for i in range(21):
+            t = time.perf_counter()
+            pk.set_persona(model, "ab"[i % 2])
+            ctx.sync()
+            times.append((time.perf_counter() - t) * 1e6)
+        pk.set_persona(model, None)
+        return {"set_persona_us_median": statistics.median(times[1:]), "set_persona_us_max": max(times[1:])}
+    ctx.row("model", "set_persona latency", switching, min_left=10)
+
+    def mixed():
+        ids = prompt.expand(4, -1).contiguous()
+        out = {"batch": 4}
+        pk.set_persona(model, None)
+        out["base_batch_tok_s"] = gen_tok_s(ids)
+        with pk.persona_batch(model, ["a", "b", None, "a"]):
+            out["mixed_batch_tok_s"] = gen_tok_s(ids)
+        out["mixed_x_base"] = out["mixed_batch_tok_s"] / out["base_batch_tok_s"]
+        return out
+    ctx.row("model", "generate, mixed-persona batch (persona_batch) vs base batch", mixed, min_left=20)
 
 
-# ----------------------------------------------------------------------------------------------- orchestration
-def worker(phase: str, part: str, deadline: float, result: str) -> int:
-    os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels only
-    torch.manual_seed(0)
-    rec = Recorder(deadline)
+# ----------------------------------------------------------------------------------------------- report
+TARGETS = """Targets (issue 13): gated bf16 >= 0.95x cuBLAS throughput at M >= 512 (x_linear <= 1.053) and <= 1.10x
+F.linear time at M = 1-16; statistics <= 5 % over the plain forward; whole-model calibration >= 3x the hook
+approach; dense masking loses everywhere."""
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# GPU check: {env.get('gpu', 'cpu smoke')}", "",
+             ", ".join(f"{k} {v}" for k, v in env.items() if k != "gpu"), "", TARGETS, ""]
+    for section in SECTIONS:
+        sec = [r for r in rows if r["section"] == section]
+        if not sec:
+            continue
+        lines += [f"## {section}", ""]
+        groups: dict[tuple, list[dict]] = {}  # rows with the same fields share one table
+        for r in sec:
+            keys = tuple(k for k in r if k not in ("section", "case", "status"))
+            groups.setdefault(keys, []).append(r)
+        for keys, group in groups.items():
+            lines += ["| case | status | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
+            for r in group:
+                lines.append(f"| {r['case']} | {r['status']} | " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def environment(ctx: Ctx) -> dict:
+    from persona_kernels import _extension
+
     try:
-        if phase == "correct":
-            correctness(part, rec)
-        else:
-            timings(part, rec)
-    finally:
-        Path(result).write_text(json.dumps(rec.records))
-    return 0
+        import triton
 
-
-def run_worker(phase: str, part: str, seconds: float) -> list[dict]:
-    deadline = time.time() + seconds
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-        result = tmp.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", phase, "--part", part,
-           "--deadline", str(deadline), "--result", result]
-    print(f"\n=== {phase} {part} (budget {seconds:.0f} s) ===", flush=True)
-    try:
-        proc = subprocess.run(cmd, timeout=seconds + 60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
-    try:
-        records = json.loads(Path(result).read_text() or "[]")
-    except (OSError, json.JSONDecodeError):
-        records = []
-    finally:
-        Path(result).unlink(missing_ok=True)
-    if rc != 0:
-        records.append({"case": f"{phase} {part} worker", "status": "ERROR", "detail": f"exit {rc}"})
-        print(f"ERROR {phase} {part} worker exited with {rc}", flush=True)
-    return records
+        tv = triton.__version__
+    except ImportError:
+        tv = "missing"
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": tv,
+           "extension_with_cuda": _extension.has_cuda_kernels(), "smoke": ctx.smoke}
+    if ctx.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["capability"] = "sm_%d%d" % torch.cuda.get_device_capability(0)
+    return env
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
-def markdown(gpu: str, correct: list[dict], timed: list[dict], env: dict) -> str:
-    counts = {s: sum(r["status"] == s for r in correct) for s in ("PASS", "FAIL", "ERROR", "SKIP")}
-    lines = [f"# GPU check: {gpu}", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, extension with CUDA: {env['cuda_ext']}", "",
-             "## Correctness vs float64", "",
-             "PASS {PASS}, FAIL {FAIL}, ERROR {ERROR}, SKIP {SKIP}".format(**counts), ""]
-    bad = [r for r in correct if r["status"] in ("FAIL", "ERROR")]
-    if bad:
-        lines += ["| case | status | detail |", "| --- | --- | --- |"]
-        lines += [f"| {r['case']} | {r['status']} | {r['detail']} |" for r in bad]
-        lines.append("")
-    rows = [r["timing"] for r in timed if "timing" in r]
-    base = {(t["op"], t["M"], t["N"], t["K"]): t["ms"] for t in rows if t["impl"] == "F.linear"}
-    lines += ["## Timings (bf16, median)", "", "| op | impl | M | N | K | us | x F.linear | TFLOP/s | GB/s |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for t in rows:
-        ref = base.get((t["op"], t["M"], t["N"], t["K"]))
-        ratio = f"{t['ms'] / ref:.2f}" if ref else "-"
-        lines.append(f"| {t['op']} | {t['impl']} | {t['M']} | {t['N']} | {t['K']} | {t['ms'] * 1e3:.1f} | {ratio} | "
-                     f"{t['tflops']:.1f} | {t['gbps']:.0f} |")
-    skipped = [r for r in timed if r["status"] != "PASS"]
-    if skipped:
-        lines += ["", "Timing cases not measured: " + "; ".join(f"{r['case']} ({r['status']}: {r['detail']})" for r in skipped)]
-    return "\n".join(lines) + "\n"
-
-
-def selftest() -> int:
-    """Check this script on the CPU: correctness cases of the "torch" and "cpu" backends + the report."""
-    global DEVICE
-    DEVICE = torch.device("cpu")
+def run_section(name: str, ctx: Ctx) -> None:
     torch.manual_seed(0)
-    records: list[dict] = []
-    for part in ("torch", "cpu"):
-        rec = Recorder(time.time() + 600)
-        correctness(part, rec)
-        records += rec.records
-    fake = [{"case": "t", "status": "PASS", "detail": "", "timing": {"op": "gated_linear", "impl": impl, "M": 1,
-             "N": 8, "K": 8, "ms": ms, "tflops": 1.0, "gbps": 1.0}} for impl, ms in (("F.linear", 1.0), ("x", 2.0))]
-    env = {"torch": torch.__version__, "triton": "-", "cuda": None, "cuda_ext": False}
-    print(markdown("selftest", records, fake, env))
-    return 1 if any(r["status"] in ("FAIL", "ERROR") for r in records) else 0
+    {"gemm": section_gemm, "multi": section_multi, "stats": section_stats, "model": section_model}[name](ctx)
+
+
+def run_in_subprocess(name: str, seconds: float, args) -> list[dict]:
+    """One section in a fresh process (a CUDA fault there costs only that section)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+        result = tmp.name
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--result", result,
+           "--deadline", str(time.time() + seconds), "--layers", str(args.layers)]
+    print(f"\n=== {name} (budget {seconds:.0f} s) ===", flush=True)
+    try:
+        rc = subprocess.run(cmd, timeout=seconds + 60).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    try:
+        rows = json.loads(Path(result).read_text() or "[]")
+    except (OSError, json.JSONDecodeError):
+        rows = []
+    finally:
+        Path(result).unlink(missing_ok=True)
+    if rc != 0:
+        rows.append({"section": name, "case": "section process", "status": "ERROR", "detail": f"exit {rc}"})
+    return rows
+
+
+# Shares of the budget per section (the model section builds an 8B model and generates).
+SHARES = {"gemm": 0.25, "multi": 0.12, "stats": 0.13, "model": 0.5}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budget", type=float, default=400.0, help="seconds for all phases (default 400)")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds for all sections (default 330)")
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else benchmarks/results)")
-    ap.add_argument("--worker", choices=("correct", "time"), help=argparse.SUPPRESS)
-    ap.add_argument("--part", help=argparse.SUPPRESS)
-    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
-    ap.add_argument("--selftest", action="store_true", help="check this script on the CPU (no GPU needed)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, all sections in this process")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model (default 32)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--suite", type=float, nargs="?", const=150.0, default=None, metavar="SECONDS",
-                    help="also run `persona-kernels bench --quick` (gated, switching, e2e) within SECONDS (default "
-                         "150, taken from --budget) into OUT/suite_gpu/")
+                    help="afterwards also run `persona-kernels bench --quick` (gated, switching, e2e) within SECONDS "
+                         "(default 150) into OUT/suite_gpu/")
+    ap.add_argument("--section", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.selftest:
-        return selftest()
-    if args.worker:
-        return worker(args.worker, args.part, args.deadline, args.result)
 
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False); nothing to check.")
+    if args.section:  # worker process
+        ctx = Ctx(False, args.deadline, args.layers)
+        try:
+            run_section(args.section, ctx)
+        finally:
+            Path(args.result).write_text(json.dumps(ctx.rows))
         return 0
-    from persona_kernels import _extension
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "missing"
-    gpu = torch.cuda.get_device_name(0)
-    env = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-           "cuda_ext": _extension.has_cuda_kernels(), "capability": list(torch.cuda.get_device_capability(0))}
-    print(f"gpu_check: {gpu} (sm_{env['capability'][0]}{env['capability'][1]}), torch {env['torch']}, "
-          f"triton {triton_version}, extension built with CUDA: {env['cuda_ext']}", flush=True)
-
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False); nothing measured. "
+              "Use --smoke to check this script on the CPU.")
+        return 0
     start = time.time()
-    if args.suite:
-        args.budget = max(args.budget - args.suite, 120.0)
-    # Shares of the budget: correctness triton 35 %, cuda 20 %, timings the rest.
-    correct = run_worker("correct", "triton", 0.35 * args.budget)
-    correct += run_worker("correct", "cuda", 0.20 * args.budget)
-    timed: list[dict] = []
-    for part in ("ref", "cuda", "triton"):
-        left = args.budget - (time.time() - start)
-        share = {"ref": 0.15, "cuda": 0.3, "triton": 1.0}[part] * left
-        timed += run_worker("time", part, max(share, 20.0))
+    ctx = Ctx(args.smoke, start + args.budget, args.layers)
+    env = environment(ctx)
+    print("gpu_check:", json.dumps(env), flush=True)
+    rows: list[dict] = []
+    for i, name in enumerate(sections):
+        if args.smoke:
+            run_section(name, ctx)
+            continue
+        left = ctx.deadline - time.time()
+        share = SHARES[name] / sum(SHARES[s] for s in sections[i:])
+        rows += run_in_subprocess(name, max(left * share, 20.0), args)
+    rows = ctx.rows if args.smoke else rows
 
-    md = markdown(gpu, correct, timed, env)
+    from persona_kernels.utils.atomic import atomic_write
+
     out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / f"gpu_{slug(gpu)}"
-    for suffix, text in ((".json", json.dumps({"env": env, "correctness": correct, "timings": timed}, indent=1)),
-                         (".md", md)):
-        tmp = base.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, base.with_suffix(suffix))
+    base = out_dir / f"gpu_{slug(env.get('gpu', 'cpu-smoke'))}"
+    md = markdown(env, rows)
+    atomic_write(base.with_suffix(".json"), json.dumps({"env": env, "rows": rows}, indent=1))
+    atomic_write(base.with_suffix(".md"), md)
     print(f"\ngpu_check: wrote {base}.json and {base}.md in {time.time() - start:.0f} s\n")
-    if args.suite:  # the benchmark suite, in a subprocess with a hard time limit; its failure is reported only
+    print(md)
+    if args.suite and not args.smoke:  # the benchmark suite, in a subprocess with a hard time limit; reported only
         cmd = [sys.executable, "-m", "persona_kernels.cli", "bench", "--quick", "--no-progress", "--sections",
                "gated,switching,e2e", "--max-seconds", str(args.suite / 4), "--out", str(out_dir / "suite_gpu")]
         try:
@@ -445,9 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             rc = "timeout"
         print(f"gpu_check: benchmark suite exit code {rc} -> {out_dir / 'suite_gpu'}", flush=True)
-    print(md)
-    failed = sum(r["status"] in ("FAIL", "ERROR") for r in correct)
-    return 1 if failed else 0
+    return 1 if any(r["status"] == "ERROR" for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile-check every csrc/cuda/*.cu with nvcc for sm_90 against the installed torch's headers, on a
+# Compile-check every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (CHECK_ARCHS="80 90") against the installed
+# torch's headers, with the C++ standard setup.py derives from that torch, on a
 # machine without a GPU (and with a CPU-only torch). Nothing is linked or run: this catches syntax, type
 # and template errors, ptxas errors (e.g. shared memory over the limit) and register spills early.
 #
@@ -74,15 +75,17 @@ trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/c10/cuda/impl"
 printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$tmp/c10/cuda/impl/cuda_cmake_macros.h"
 
-flags=(-arch=sm_90 -std=c++17 -c -O0 -Xptxas -O3 -Xcompiler -fPIC --expt-relaxed-constexpr -Xptxas -warn-spills
+std=$("$PY" -c "import runpy; print(runpy.run_path('setup.py', run_name='pk_setup')['cxx_standard']())")
+flags=(-std="$std" -c -O0 -Xptxas -O3 -Xcompiler -fPIC --expt-relaxed-constexpr -Xptxas -warn-spills
        -diag-suppress=3306 -Xcompiler -Wno-c++20-extensions
        -DPK_WITH_CUDA -DTORCH_EXTENSION_NAME=_C
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
        -D__CUDA_NO_HALF2_OPERATORS__
        -I"$tmp" -Icsrc)
 for inc in "${incs[@]}"; do flags+=(-I"$inc"); done
+for arch in ${CHECK_ARCHS:-80 90}; do flags+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
 
-echo "check_cuda_sources: $("$NVCC" --version | tail -1) | torch $("$PY" -c 'import torch; print(torch.__version__)')"
+echo "check_cuda_sources: $("$NVCC" --version | tail -1) | torch $("$PY" -c 'import torch; print(torch.__version__)') | -std=$std | sm_${CHECK_ARCHS:-80 90}"
 start=$SECONDS
 pids=()
 for src in "${sources[@]}"; do

@@ -310,8 +310,8 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_gated_linear_kernel", "_partials_kernel", "_seq_sumsq_kernel", "_linear_stats_kernel",
-                       "_merge_kernel"}
+    assert kernels == {"_gated_linear_kernel", "_gated_linear_multi_kernel", "_partials_kernel", "_seq_sumsq_kernel",
+                       "_linear_stats_kernel", "_merge_kernel"}
     gated = [r for r in rows if r["kernel"] == "_gated_linear_kernel"]
     assert any(r["mma"] == "wgmma" for r in gated)  # Hopper tensor-core path for decode (SWAP_AB) and prefill
     assert all(r.get("spill_stack_bytes", 0) == 0 for r in rows), [r for r in rows if r.get("spill_stack_bytes")]

@@ -1,5 +1,5 @@
 // CUDA per-channel activation statistics of one batch (the "welford_partials" contract of docs/DESIGN.md),
-// and linear_with_stats = at::linear (cuBLAS through ATen) + these statistics on the same stream.
+// and the fused linear_with_stats (the GEMM of gemm_tiles.cuh reducing the x tiles it stages; see below).
 //
 // For x [R, K] (fp32 / fp16 / bf16), optional row_mask bool [R], seq_len >= 0:
 //   count int64[K]   valid rows (row_mask True) whose x[:, j] is finite
@@ -20,13 +20,15 @@
 //           when a sequence spans several segments a third small kernel adds their sums in order.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
 
-#include "pk_cuda.cuh"
+#include "gemm_tiles.cuh"
 
 namespace persona_kernels {
 namespace cuda {
@@ -57,6 +59,38 @@ __device__ __forceinline__ void chan_merge(Stat& a, int nb, float mb, float m2b,
   a.n = n;
 }
 
+// Exact statistics of up to B values in registers: v[i] counts when ok[i] and it is finite (ok[] is updated).
+// Returns count, mean and m2 of v and of |v| (two passes); adds the values' squares to `sumsq`.
+template <int B>
+__device__ __forceinline__ Stat exact_batch(const float (&v)[B], bool (&ok)[B], float& sumsq) {
+  int nb = 0;
+  float sum = 0.f, asum = 0.f;
+#pragma unroll
+  for (int i = 0; i < B; ++i) {
+    ok[i] = ok[i] && isfinite(v[i]);
+    if (ok[i]) {
+      ++nb;
+      sum += v[i];
+      asum += fabsf(v[i]);
+      sumsq = fmaf(v[i], v[i], sumsq);
+    }
+  }
+  if (nb == 0) return Stat{0, 0.f, 0.f, 0.f, 0.f};
+  const float inv = __frcp_rn(static_cast<float>(nb));
+  const float mb = sum * inv, amb = asum * inv;
+  float m2b = 0.f, am2b = 0.f;
+#pragma unroll
+  for (int i = 0; i < B; ++i) {
+    if (ok[i]) {
+      const float d = v[i] - mb;
+      const float ad = fabsf(v[i]) - amb;
+      m2b = fmaf(d, d, m2b);
+      am2b = fmaf(ad, ad, am2b);
+    }
+  }
+  return Stat{nb, mb, m2b, amb, am2b};
+}
+
 // Segment g -> rows [row0, row1) and the sequence it belongs to (-1 for none).
 struct Segments {
   int64_t rows;       // R
@@ -82,21 +116,25 @@ struct Segments {
   }
 };
 
-Segments make_segments(int64_t rows, int64_t seq_len) {
+// Segments of exactly `len` rows (fewer at a sequence's or the batch's end).
+Segments fixed_segments(int64_t rows, int64_t seq_len, int64_t len) {
   Segments s{};
   s.rows = rows;
   s.seq_len = seq_len;
   s.num_seq = seq_len > 0 ? rows / seq_len : 0;
+  s.seg_len = len;
+  s.per_seq = seq_len > 0 ? ceil_div(seq_len, len) : 0;
+  s.num_segs = s.num_seq * s.per_seq + ceil_div(rows - s.num_seq * seq_len, len);
+  return s;
+}
+
+Segments make_segments(int64_t rows, int64_t seq_len) {
   // 32 rows per segment; longer ones when there are very many rows, to bound the pass-2 merge length.
   // (With short sequences the segment count cannot drop below one per sequence; the loop still ends.)
   for (int64_t len = 32;; len *= 2) {
-    s.seg_len = len;
-    s.per_seq = seq_len > 0 ? ceil_div(seq_len, len) : 0;
-    const int64_t tail = rows - s.num_seq * seq_len;
-    s.num_segs = s.num_seq * s.per_seq + ceil_div(tail, len);
-    if (ceil_div(s.num_segs, kSegs) <= 4096 || len >= 4096) break;
+    const Segments s = fixed_segments(rows, seq_len, len);
+    if (ceil_div(s.num_segs, kSegs) <= 4096 || len >= 4096) return s;
   }
-  return s;
 }
 
 template <typename T>
@@ -126,32 +164,8 @@ __global__ void __launch_bounds__(kChan * kSegs)
           ok[i] = r < row1 && (row_mask == nullptr || row_mask[r] != 0);
           v[i] = ok[i] ? Elem<T>::to_float(x[r * k_in + j]) : 0.f;
         }
-        int nb = 0;
-        float sum = 0.f, asum = 0.f;
-#pragma unroll
-        for (int i = 0; i < kBatch; ++i) {
-          ok[i] = ok[i] && isfinite(v[i]);
-          if (ok[i]) {
-            ++nb;
-            sum += v[i];
-            asum += fabsf(v[i]);
-            sumsq = fmaf(v[i], v[i], sumsq);
-          }
-        }
-        if (nb == 0) continue;
-        const float inv = __frcp_rn(static_cast<float>(nb));
-        const float mb = sum * inv, amb = asum * inv;
-        float m2b = 0.f, am2b = 0.f;
-#pragma unroll
-        for (int i = 0; i < kBatch; ++i) {
-          if (ok[i]) {
-            const float d = v[i] - mb;
-            const float ad = fabsf(v[i]) - amb;
-            m2b = fmaf(d, d, m2b);
-            am2b = fmaf(ad, ad, am2b);
-          }
-        }
-        chan_merge(s, nb, mb, m2b, amb, am2b);
+        const Stat b = exact_batch(v, ok, sumsq);
+        chan_merge(s, b.n, b.mean, b.m2, b.amean, b.am2);
       }
       if (seq >= 0) {
         // One segment per sequence: the sequence's total. Else: this segment's share, summed by pass 3.
@@ -225,52 +239,162 @@ __global__ void seq_sum_kernel(const float* __restrict__ seg_sumsq, int64_t num_
 
 using Partials = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Workspace of the block partials ([parts, K] each) and of the per-segment sums of squares; finish() merges them
+// into the outputs (pass 2, and the per-sequence sums when a sequence spans several segments).
+struct PartialsWork {
+  at::Tensor count, stats, seg_sumsq;
+  int64_t parts = 0, k_in = 0;
+  float* seq_target = nullptr;
+
+  PartialsWork(const at::Tensor& x, const Segments& segs, int64_t parts_, Partials& out) : parts(parts_) {
+    k_in = x.size(1);
+    const auto fopt = x.options().dtype(at::kFloat);
+    count = at::empty({parts, k_in}, x.options().dtype(at::kInt));
+    stats = at::empty({4, parts, k_in}, fopt);
+    if (segs.num_seq > 0) {
+      if (segs.per_seq == 1) {
+        seq_target = std::get<5>(out).mutable_data_ptr<float>();
+      } else {
+        seg_sumsq = at::empty({segs.num_seq * segs.per_seq, k_in}, fopt);
+        seq_target = seg_sumsq.mutable_data_ptr<float>();
+      }
+    }
+  }
+  int* p_count() { return count.mutable_data_ptr<int>(); }
+  float* p_stat(int i) { return stats.mutable_data_ptr<float>() + i * parts * k_in; }  // mean, m2, amean, am2
+
+  void finish(const Segments& segs, Partials& out, cudaStream_t stream) {
+    const int threads = 256;
+    const dim3 grid2(static_cast<unsigned>(ceil_div(k_in, threads)));
+    welford_pass2_kernel<<<grid2, threads, 0, stream>>>(
+        count.const_data_ptr<int>(), p_stat(0), p_stat(1), p_stat(2), p_stat(3), parts, k_in,
+        std::get<0>(out).mutable_data_ptr<int64_t>(), std::get<1>(out).mutable_data_ptr<float>(),
+        std::get<2>(out).mutable_data_ptr<float>(), std::get<3>(out).mutable_data_ptr<float>(),
+        std::get<4>(out).mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (segs.num_seq > 0 && segs.per_seq > 1) {
+      const dim3 grid3(static_cast<unsigned>(ceil_div(k_in, threads)),
+                       static_cast<unsigned>(std::min<int64_t>(segs.num_seq, kMaxGridY)));
+      seq_sum_kernel<<<grid3, threads, 0, stream>>>(seg_sumsq.const_data_ptr<float>(), segs.num_seq, segs.per_seq,
+                                                    k_in, std::get<5>(out).mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+};
+
 template <typename T>
 void run_welford(const at::Tensor& x, const uint8_t* mask, const Segments& segs, Partials& out, cudaStream_t stream) {
   using CT = typename CudaType<T>::type;
   const int64_t k_in = x.size(1);
-  const int64_t parts = ceil_div(segs.num_segs, kSegs);
-  auto fopt = x.options().dtype(at::kFloat);
-  auto p_count = at::empty({parts, k_in}, x.options().dtype(at::kInt));
-  auto p_stats = at::empty({4, parts, k_in}, fopt);
-  at::Tensor& seq_sumsq = std::get<5>(out);
-  at::Tensor seg_sumsq;  // only when a sequence spans several segments
-  float* seq_target = nullptr;
-  if (segs.num_seq > 0) {
-    if (segs.per_seq == 1) {
-      seq_target = seq_sumsq.mutable_data_ptr<float>();
-    } else {
-      seg_sumsq = at::empty({segs.num_seq * segs.per_seq, k_in}, fopt);
-      seq_target = seg_sumsq.mutable_data_ptr<float>();
+  PartialsWork work(x, segs, ceil_div(segs.num_segs, kSegs), out);
+  const dim3 grid1(static_cast<unsigned>(ceil_div(k_in, kChan)),
+                   static_cast<unsigned>(std::min<int64_t>(work.parts, kMaxGridY)));
+  const dim3 block1(kChan, kSegs);
+  welford_pass1_kernel<CT><<<grid1, block1, 0, stream>>>(cptr<T>(x), mask, k_in, segs, work.p_count(),
+                                                         work.p_stat(0), work.p_stat(1), work.p_stat(2),
+                                                         work.p_stat(3), work.seq_target);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  work.finish(segs, out, stream);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused linear_with_stats: one tiled GEMM launch (gemm_tiles.cuh) whose M tiles are the statistics segments
+// (<= 64 rows, never across a sequence boundary). The blocks of the first N tile column also reduce every x tile
+// they stage in shared memory: per channel, the valid finite rows of the tile's thread group exactly (two-pass
+// in registers), the groups merged with Chan's formula in a fixed order, one partial per (segment, channel) --
+// the layout pass 2 merges. x is read from global memory once for both the product and the statistics.
+// ---------------------------------------------------------------------------------------------------------------
+struct SegmentTiles {
+  Segments segs;
+  __device__ __forceinline__ bool tile(int, TileSpec& s) const {
+    int64_t row0, row1, seq;
+    segs.bounds(blockIdx.x, row0, row1, seq);
+    s.order = nullptr;
+    s.first = row0;
+    s.count = static_cast<int>(row1 - row0);
+    s.mask = nullptr;
+    s.gamma = 1.f;
+    s.gated = false;
+    s.seq = seq;
+    return s.count > 0;
+  }
+};
+
+struct TileStats {
+  static constexpr bool kOn = true;
+  const uint8_t* row_mask;  // null: every row valid
+  int64_t per_seq;
+  int* p_count;
+  float *p_mean, *p_m2, *p_amean, *p_am2;  // [num_segs, K]
+  float* seq_out;                          // per_seq == 1: [S, K], else [S * per_seq, K]; null: no sequences
+
+  // `get(row, kk)`: x[tile row, k0 + kk] from the staged tile. Called by every thread of the block.
+  template <int BM, int BK, int THREADS, class Get>
+  __device__ void consume(const Get& get, const TileSpec& ts, int64_t k0, int64_t k_in) const {
+    constexpr int kGroups = THREADS / BK;  // thread groups over the tile's rows
+    constexpr int kRows = BM / kGroups;    // rows per thread
+    static_assert(kGroups * BK == THREADS && kRows * kGroups == BM, "tile shape");
+    __shared__ Stat part[kGroups][BK];
+    __shared__ float part_sq[kGroups][BK];
+    const int kk = threadIdx.x % BK, grp = threadIdx.x / BK;
+    const bool chan_ok = k0 + kk < k_in;
+    float v[kRows];
+    bool ok[kRows];
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int r = grp * kRows + i;
+      ok[i] = chan_ok && r < ts.count && (row_mask == nullptr || row_mask[ts.first + r] != 0);
+      v[i] = ok[i] ? get(r, kk) : 0.f;
+    }
+    const Stat st = exact_batch(v, ok, sq);
+    part[grp][kk] = st;
+    part_sq[grp][kk] = sq;
+    __syncthreads();
+    // `part` is rewritten only after the GEMM's next two __syncthreads, so no barrier is needed after this.
+    if (grp == 0 && chan_ok) {
+      Stat acc = part[0][kk];
+      float sqs = part_sq[0][kk];
+#pragma unroll
+      for (int y = 1; y < kGroups; ++y) {
+        const Stat b = part[y][kk];
+        chan_merge(acc, b.n, b.mean, b.m2, b.amean, b.am2);
+        sqs += part_sq[y][kk];
+      }
+      const int64_t j = k0 + kk;
+      const int64_t o = static_cast<int64_t>(blockIdx.x) * k_in + j;
+      p_count[o] = acc.n;
+      p_mean[o] = acc.mean;
+      p_m2[o] = acc.m2;
+      p_amean[o] = acc.amean;
+      p_am2[o] = acc.am2;
+      if (ts.seq >= 0 && seq_out != nullptr) {
+        const int64_t slot = per_seq == 1 ? ts.seq : static_cast<int64_t>(blockIdx.x);
+        seq_out[slot * k_in + j] = sqs;
+      }
     }
   }
-  float* ps = p_stats.mutable_data_ptr<float>();
-  const int64_t plane = parts * k_in;
+};
 
-  const dim3 grid1(static_cast<unsigned>(ceil_div(k_in, kChan)),
-                   static_cast<unsigned>(std::min<int64_t>(parts, kMaxGridY)));
-  const dim3 block1(kChan, kSegs);
-  welford_pass1_kernel<CT><<<grid1, block1, 0, stream>>>(cptr<T>(x), mask, k_in, segs,
-                                                         p_count.mutable_data_ptr<int>(), ps, ps + plane,
-                                                         ps + 2 * plane, ps + 3 * plane, seq_target);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const int threads = 256;
-  const dim3 grid2(static_cast<unsigned>(ceil_div(k_in, threads)));
-  welford_pass2_kernel<<<grid2, threads, 0, stream>>>(
-      p_count.const_data_ptr<int>(), ps, ps + plane, ps + 2 * plane, ps + 3 * plane, parts, k_in,
-      std::get<0>(out).mutable_data_ptr<int64_t>(), std::get<1>(out).mutable_data_ptr<float>(),
-      std::get<2>(out).mutable_data_ptr<float>(), std::get<3>(out).mutable_data_ptr<float>(),
-      std::get<4>(out).mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  if (segs.num_seq > 0 && segs.per_seq > 1) {
-    const dim3 grid3(static_cast<unsigned>(ceil_div(k_in, threads)),
-                     static_cast<unsigned>(std::min<int64_t>(segs.num_seq, kMaxGridY)));
-    seq_sum_kernel<<<grid3, threads, 0, stream>>>(seg_sumsq.const_data_ptr<float>(), segs.num_seq, segs.per_seq,
-                                                  k_in, seq_sumsq.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+template <typename T>
+void run_linear_with_stats_fused(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const uint8_t* mask, int64_t seq_len, at::Tensor& y, Partials& out, int device) {
+  using CT = typename CudaType<T>::type;
+  const int64_t rows = x.size(0), k_in = x.size(1), n_out = weight.size(0);
+  static_assert(kMmaBM == kSimtBM, "one segment length for both tiled kernels");
+  const Segments segs = fixed_segments(rows, seq_len, kMmaBM);
+  PartialsWork work(x, segs, segs.num_segs, out);
+  const TileStats stats{mask,          segs.per_seq,  work.p_count(), work.p_stat(0), work.p_stat(1),
+                        work.p_stat(2), work.p_stat(3), work.seq_target};
+  const CT* xp = cptr<T>(x);
+  const CT* wp = cptr<T>(weight);
+  const CT* bp = bias.has_value() && bias->defined() ? cptr<T>(*bias) : nullptr;
+  const bool vec = (k_in % 8 == 0) && aligned16(xp) && aligned16(wp);
+  const bool use_wmma = !std::is_same<CT, float>::value && requested_path() != Path::Simt && device_cc_major(device) >= 8;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  launch_gemm_tiles<CT>(xp, wp, bp, mptr<T>(y), n_out, k_in, /*k_words=*/0, segs.num_segs, SegmentTiles{segs}, stats,
+                        use_wmma, vec, stream);
+  work.finish(segs, out, stream);
 }
 
 void check_stats_args(const at::Tensor& x, const std::optional<at::Tensor>& row_mask, int64_t seq_len) {
@@ -339,10 +463,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                       bias->device());
   }
   c10::cuda::CUDAGuard guard(x.device());
-  // Not fused: the product is cuBLAS through at::linear, the statistics are the kernels above; both are
-  // queued on the current stream, so x is read twice (once per kernel) but nothing waits on the host.
-  at::Tensor y = at::linear(x, weight, bias);
-  auto p = welford_partials_impl(x, row_mask, seq_len);
+  const int64_t rows = x.size(0), k_in = x.size(1), n_out = weight.size(0);
+  // PERSONA_KERNELS_CUDA_LWS=cublas: at::linear (cuBLAS) then the statistics kernels on the same stream (x read
+  // twice), for comparison; empty shapes take that path too (no GEMM tile would see x).
+  const char* env = std::getenv("PERSONA_KERNELS_CUDA_LWS");
+  const bool cublas = env != nullptr && std::strcmp(env, "cublas") == 0;
+  PK_CUDA_CHECK_ARG(env == nullptr || env[0] == '\0' || cublas || std::strcmp(env, "fused") == 0,
+                    "PERSONA_KERNELS_CUDA_LWS", "expected fused or cublas, got '", env, "'");
+  if (cublas || rows == 0 || k_in == 0 || n_out == 0) {
+    at::Tensor y = at::linear(x, weight, bias);
+    auto p = welford_partials_impl(x, row_mask, seq_len);
+    return {y, std::get<0>(p), std::get<1>(p), std::get<2>(p), std::get<3>(p), std::get<4>(p), std::get<5>(p)};
+  }
+  const Segments probe = fixed_segments(rows, seq_len, kMmaBM);
+  PK_CUDA_CHECK_ARG(probe.num_segs <= INT32_MAX, "x", "too many rows (", rows, ") for seq_len=", seq_len);
+  PK_CUDA_CHECK_ARG(weight.is_contiguous(), "weight", "expected a contiguous tensor");
+  const int64_t num_seq = seq_len > 0 ? rows / seq_len : 0;
+  auto fopt = x.options().dtype(at::kFloat);
+  Partials p{at::empty({k_in}, x.options().dtype(at::kLong)), at::empty({k_in}, fopt), at::empty({k_in}, fopt),
+             at::empty({k_in}, fopt), at::empty({k_in}, fopt), at::zeros({num_seq, k_in}, fopt)};
+  at::Tensor y = at::empty({rows, n_out}, x.options());
+  const uint8_t* mask = nullptr;
+  if (row_mask.has_value() && row_mask->defined()) {
+    mask = reinterpret_cast<const uint8_t*>(row_mask->const_data_ptr<bool>());
+  }
+  const int device = x.device().index();
+  switch (x.scalar_type()) {
+    case at::kFloat: run_linear_with_stats_fused<float>(x, weight, bias, mask, seq_len, y, p, device); break;
+    case at::kHalf: run_linear_with_stats_fused<at::Half>(x, weight, bias, mask, seq_len, y, p, device); break;
+    default: run_linear_with_stats_fused<at::BFloat16>(x, weight, bias, mask, seq_len, y, p, device); break;
+  }
   return {y, std::get<0>(p), std::get<1>(p), std::get<2>(p), std::get<3>(p), std::get<4>(p), std::get<5>(p)};
 }
 

@@ -6,7 +6,10 @@ wheel and reports registers, spill stack, shared memory and the MMA instruction 
 arguments other than row counts are assumed divisible by 16, as Triton specializes them at launch for
 typical model shapes.
 
-    python -m persona_kernels.kernels.triton.aot_check [--arch 90] [--all]
+    python -m persona_kernels.kernels.triton.aot_check [--arch 90] [--all] [--fail-on-spill] [--summary]
+
+Exit status 1 when a kernel does not compile, or (``--fail-on-spill``) when one spills registers to local
+memory or its resource usage cannot be read. CI runs it with ``--all --fail-on-spill`` for sm_80 and sm_90.
 
 Must run with ``TRITON_INTERPRET`` unset (the kernels are then defined for compilation).
 """
@@ -135,6 +138,18 @@ def compile_all(arch: int = 90, everything: bool = False) -> list[dict]:
         cfg = gl.FP32_CONFIGS[1]
         consts = dict(HAS_BIAS=True, GATE_MODE=2, UPCAST=False, DOT_PRECISION="ieee", **cfg.kwargs)
         results.append(compile_kernel(gl._gated_linear_kernel, types, consts, arch, cfg.num_warps, cfg.num_stages))
+    glm = importlib.import_module("persona_kernels.kernels.triton.gated_linear_multi")
+    for dt in dtypes if everything else ("bf16", "fp32"):
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+        blocks = glm.gpu_blocks(torch_dtype)
+        warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
+        multi_types = dict(
+            x_ptr="*" + dt, w_ptr="*" + dt, p_ptr="*i32", b_ptr="*" + dt, y_ptr="*" + dt, g_ptr="*fp32",
+            order_ptr="*i32", tile_persona_ptr="*i32", tile_start_ptr="*i32", tile_end_ptr="*i32",
+            N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_pp="i32", stride_pn="i32", stride_ym="i32",
+        )
+        consts = dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", **blocks)
+        results.append(compile_kernel(glm._gated_linear_multi_kernel, multi_types, consts, arch, warps, stages))
     merge_types = {name: "*fp32" for name in ("shift_ptr", "mean_ptr", "m2_ptr", "amean_ptr", "am2_ptr", "out_mean_ptr",
                                               "out_m2_ptr", "out_amean_ptr", "out_am2_ptr")}
     merge_types.update(cnt_ptr="*i32", out_cnt_ptr="*i64", NB="i32", K="i32")
@@ -143,14 +158,80 @@ def compile_all(arch: int = 90, everything: bool = False) -> list[dict]:
     return results
 
 
+_GL = dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", GROUP_M=8)
+#: Autotuning configs known to spill (found by CI's first `--all --fail-on-spill` run, Triton 3.8, 16-bit dtypes):
+#: (arch, kernel, constexprs). They are allowed so that CI passes, and reported as KNOWN on every run; the
+#: autotuner measures them and a spilling config loses, so they cost tuning time, not results. Fix: prune them
+#: per architecture in the kernels' config lists, then delete the entries here (a stale entry is reported).
+KNOWN_SPILLS = [
+    (80, "_gated_linear_kernel", dict(_GL, GATE_MODE=2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SWAP_AB=True)),
+    (80, "_gated_linear_kernel", dict(_GL, GATE_MODE=0, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SWAP_AB=False)),
+    (80, "_gated_linear_kernel", dict(_GL, GATE_MODE=2, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SWAP_AB=False)),
+    (80, "_linear_stats_kernel", dict(_GL, HAS_MASK=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)),
+    (90, "_gated_linear_kernel", dict(_GL, GATE_MODE=2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SWAP_AB=False)),
+]
+
+
+def _known(arch: int, row: dict) -> bool:
+    return any(arch == a and row["kernel"] == k and row["constexprs"] == c for a, k, c in KNOWN_SPILLS)
+
+
+def problems(rows: list[dict], fail_on_spill: bool, arch: int | None = None) -> list[str]:
+    """Spills (and unreadable resource usage) as messages, when ``fail_on_spill``; KNOWN_SPILLS of ``arch``
+    are left out (:func:`known_spills` lists them)."""
+    if not fail_on_spill:
+        return []
+    out = []
+    for row in rows:
+        name = f"{row['kernel']} {row['constexprs']}"
+        if "spill_stack_bytes" not in row:
+            out.append(f"{name}: resource usage unavailable (cuobjdump missing?)")
+        elif row["spill_stack_bytes"] > 0 and not (arch is not None and _known(arch, row)):
+            out.append(f"{name}: {row['spill_stack_bytes']} bytes of spill stack, {row.get('registers')} registers")
+    return out
+
+
+def known_spills(rows: list[dict], arch: int) -> tuple[list[str], list[str]]:
+    """(KNOWN_SPILLS entries of ``arch`` that still spill, entries that no longer do / were not compiled)."""
+    still = [f"{r['kernel']} {r['constexprs']}: {r['spill_stack_bytes']} bytes" for r in rows
+             if r.get("spill_stack_bytes", 0) > 0 and _known(arch, r)]
+    spilling = {(r["kernel"], json.dumps(r["constexprs"], sort_keys=True)) for r in rows if r.get("spill_stack_bytes", 0) > 0}
+    stale = [f"{k} {c}" for a, k, c in KNOWN_SPILLS if a == arch and (k, json.dumps(c, sort_keys=True)) not in spilling]
+    return still, stale
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90 = H100/H200)")
     parser.add_argument("--all", action="store_true", help="every autotuning config, gate mode and dtype")
+    parser.add_argument("--fail-on-spill", action="store_true", help="exit 1 when a kernel spills registers")
+    parser.add_argument("--summary", action="store_true", help="one summary line instead of a JSON line per kernel")
     args = parser.parse_args(argv)
-    for row in compile_all(args.arch, args.all):
-        print(json.dumps(row))
-    return 0
+    start = time.perf_counter()
+    try:
+        rows = compile_all(args.arch, args.all)
+    except Exception as exc:  # noqa: BLE001 - a compile error is the finding: report it and fail
+        print(f"aot_check: sm_{args.arch}: COMPILE ERROR: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if not args.summary:
+        for row in rows:
+            print(json.dumps(row))
+    found = problems(rows, args.fail_on_spill, args.arch)
+    for problem in found:
+        print(f"aot_check: sm_{args.arch}: SPILL: {problem}", file=sys.stderr)
+    if args.fail_on_spill:
+        still, stale = known_spills(rows, args.arch)
+        for item in still:
+            print(f"aot_check: sm_{args.arch}: KNOWN spill (allowed, see KNOWN_SPILLS): {item}")
+        for item in stale:
+            print(f"aot_check: sm_{args.arch}: KNOWN_SPILLS entry no longer spills (delete it): {item}")
+    kernels = sorted({row["kernel"] for row in rows})
+    mma = sorted({row["mma"] for row in rows})
+    regs = max((row.get("registers", 0) for row in rows), default=0)
+    print(f"aot_check: sm_{args.arch}: {len(rows)} specializations of {len(kernels)} kernels compiled in "
+          f"{time.perf_counter() - start:.0f} s (triton {triton.__version__}); max registers {regs}; mma {mma}; "
+          f"{'FAILED: ' + str(len(found)) + ' problems' if found else 'no spills' if args.fail_on_spill else 'spills not checked'}")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":
