@@ -207,7 +207,8 @@ def test_bias_free_ab_is_the_average_of_both_orders(tiny):
 def test_yesno_and_mc_scores(tiny):
     model, tok = tiny
     yn = score_items(model, tok, _task("yesno", [YesNoItem("Is it sunny?", "Yes"), YesNoItem("Is it sunny?", "No")]))
-    assert abs(float(yn["logodds"][0] + yn["logodds"][1])) < 1e-6  # the two items are mirror images
+    # the two items are mirror images (up to float32 rounding of the cached forward, see PREFIX_ATOL)
+    assert abs(float(yn["logodds"][0] + yn["logodds"][1])) < 1e-5
     mc = MCItem("The cat sat on the", (" mat.", " moon of the purple sky far away."), 0, normalise=True)
     got = score_items(model, tok, _task("mc", [mc]))["correct"]
     t, c = choice_logprobs(model, tok, [mc.context], [mc.choices])

@@ -429,15 +429,24 @@ def _forward(model, split, ids, att, *, pos=None, cache=None, use_cache=False):
     return (out[0] if split is not None else out.logits), new_cache
 
 
-def _cache_arg(module: nn.Module) -> str:
-    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+def _forward_params(module: nn.Module) -> set[str]:
     import inspect
 
     try:
-        params = inspect.signature(module.forward).parameters
+        return set(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):  # pragma: no cover - exotic modules
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+        return set()
+
+
+def _cache_arg(module: nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in _forward_params(module) else "past_key_values"
+
+
+def _can_cache(model: nn.Module, split) -> bool:
+    """Whether the module that runs the sequences takes a KV cache and position ids (HF decoders do)."""
+    params = _forward_params(split[0] if split is not None else model)
+    return "position_ids" in params and bool(params & {"cache", "past_key_values"})
 
 
 @torch.no_grad()
@@ -462,7 +471,7 @@ def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], p
     out: list[torch.Tensor | None] = [None] * len(seqs)
     if prefix_cache is None:
         prefix_cache = _PREFIX_CACHE["enabled"]
-    if not prefix_cache:
+    if not prefix_cache or not _can_cache(model, split):  # a model without a KV cache runs whole sequences
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
             idx = order[b : b + batch_size]
