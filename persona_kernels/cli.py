@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
+from persona_kernels.utils.cli_args import ArgumentParser, HelpFormatter
 
 EXAMPLES = """examples (one per subcommand):
   persona-kernels demo --quick                           # the main job with fewer texts (24 per persona)
@@ -36,27 +37,6 @@ QUICK = {"calibration_texts": 24, "heldout_pairs": 8, "ab_questions": 6, "neutra
 
 class CLIError(Exception):
     """A user error: printed without a traceback, exit code 2."""
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default (unless its help already states one) and marks required options."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text:
-            return text
-        if action.required:
-            return f"{text} (required)"
-        if action.nargs == 0:  # a flag: off unless given
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (exit code 2), pointing to ``--help``."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:

@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from persona_kernels.utils.cli_args import ArgumentParser, HelpFormatter
+
 SECTIONS = ("gated", "calibration", "scoring", "switching", "e2e")
 _MODEL_SECTIONS = ("calibration", "switching", "e2e")
 
@@ -27,12 +29,12 @@ __all__ = ["SECTIONS", "main", "run_suite"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="persona-kernels bench",
         description="The persona_kernels benchmark suite: ours vs dense masking and the paper's pipeline, as ratios measured in one run.",
         epilog="examples:\n  persona-kernels bench --quick\n  persona-kernels bench --sections gated --device cuda\n"
                "  persona-kernels bench --quick --baseline benchmarks/results/suite_cpu/results.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
     ap.add_argument("--quick", action="store_true", help="a subset that finishes in a few minutes on a small CPU")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests: tiny shapes
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="guard tolerance = factor x (noise now + noise baseline) + --min-tolerance (default 2)")
     ap.add_argument("--min-tolerance", type=float, default=0.05, help="guard tolerance floor (default 0.05)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     return ap
 
 

@@ -20,6 +20,7 @@ import torch
 from persona_kernels.evaluation import conditions as C
 from persona_kernels.evaluation import sweep as S
 from persona_kernels.evaluation.tasks import TASK_SPECS, Split, Task, capability_texts, load_task, score_items
+from persona_kernels.utils.cli_args import ArgumentParser, HelpFormatter
 
 DEFAULT_METHODS = ("wanda", "contrastive_wanda", "contrastive_wanda_sharp", "contrastive_sparse",
                    "contrastive_sparse_relative", "contrastive_sparse_restricted")
@@ -40,7 +41,7 @@ def _floats(text: str, name: str, low: float, high: float) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="persona-kernels eval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="persona-kernels eval", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default=None, help="model path or name (default: SmolLM2-135M-Instruct)")
     p.add_argument("--shared", default=None, help="shared data folder (default $PERSONA_KERNELS_SHARED or ../shared)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {', '.join(DEFAULT_TASKS)}")
@@ -58,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-control", action="store_true", help="skip the label-shuffled control masks")
     p.add_argument("--sweep", action="store_true", help="trade-off sweep over sparsity and gamma")
     p.add_argument("--sweep-only", action="store_true", help="skip the main comparison (sweep, with its prompt points, only)")
-    p.add_argument("--sweep-sparsity", default=",".join(map(str, SWEEP_SPARSITY)))
-    p.add_argument("--sweep-gamma", default=",".join(map(str, SWEEP_GAMMA)))
+    p.add_argument("--sweep-sparsity", default=",".join(map(str, SWEEP_SPARSITY)),
+                   help="comma-separated sparsities rho of the sweep grid")
+    p.add_argument("--sweep-gamma", default=",".join(map(str, SWEEP_GAMMA)),
+                   help="comma-separated soft gates gamma of the sweep grid")
     p.add_argument("--sweep-control-gamma", default="all",
                    help="gammas at which the sweep also scores the label-shuffled control ('all', 'none' or a list)")
     p.add_argument("--sweep-grid", action="append", default=None, metavar="M1;M2@RHOS@GAMMAS[@CONTROL_GAMMAS]",
@@ -67,17 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-limit", type=int, default=None,
                    help="re-measure each pair's operating point on this many fresh items (after the --limit ones)")
     p.add_argument("--bound", type=float, default=0.02, help="operating point: max capability loss (fraction of base)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, the shuffled-label controls and the bootstrap")
     p.add_argument("--out", default="runs/eval", help="output folder")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (calibration and scoring)")
     p.add_argument("--max-length", type=int, default=1024, help="max tokens per scored/calibration sequence (left-truncated)")
     p.add_argument("--block", type=int, default=4, help="texts per statistics block (shuffled control granularity)")
     p.add_argument("--backend", default="torch", help="gated-linear backend of the patched model")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="model dtype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="tiny run: --limit 8 --calib-limit 8, two methods")
-    p.add_argument("--no-figures", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-figures", action="store_true", help="write JSON and markdown only (no PNG figures)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

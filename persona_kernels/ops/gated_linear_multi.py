@@ -145,7 +145,7 @@ def gated_linear_multi(
         bias: optional ``[N]`` bias.
         gamma: soft gate in [0, 1] for pruned weights: one float for all personas, or P values (list or
             ``[P]`` tensor).
-        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (not implemented for this op).
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
         validate_index: check that the index values lie in [-1, P) (one host sync on GPU).
 
     Returns:
