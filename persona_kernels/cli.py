@@ -125,13 +125,10 @@ def cmd_demo(args) -> int:
     from persona_kernels.demo import DemoConfig, run_demo
 
     device = _device(args)
-    extra = {"device": device} if "device" in getattr(DemoConfig, "__dataclass_fields__", {}) else {}
-    if not extra and device != "cpu":
-        print(f"note: the demo runs on the CPU in this version (--device {device} ignored)", file=sys.stderr)
     cfg = DemoConfig(
         model=args.model, out_dir=args.out, method=args.method, sparsity=args.sparsity, gamma=args.gamma,
         seed=args.seed, dtype=args.dtype, control=not args.no_control, batch_size=args.batch_size,
-        method_kwargs=_method_kwargs(args), **extra, **(QUICK if args.quick else {}),
+        method_kwargs=_method_kwargs(args), device=device, **(QUICK if args.quick else {}),
     )
     report = run_demo(cfg)
     out = Path(cfg.out_dir)

@@ -53,6 +53,7 @@ class DemoConfig:
     max_length: int = 256
     max_new_tokens: int = 40
     dtype: str = "float32"
+    device: str = "cpu"  # where the model runs ("cuda", "cuda:1", ...); inputs follow the model
     method_kwargs: dict = field(default_factory=dict)
     control: bool = True
     progress: bool = True
@@ -136,7 +137,7 @@ def run_demo(config: DemoConfig) -> dict:
     spec = resolve(config.method, config.method_kwargs or None)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
     t = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=dtype, padding_side="right")
+    model, tokenizer = load_model(config.model, dtype=dtype, device=config.device, padding_side="right")
     model.eval()
     timings["load_model_s"] = time.perf_counter() - t
 
