@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from persona_kernels.dispatch import BACKENDS, get_kernel
+from persona_kernels.dispatch import check_backend, get_kernel, reference_kernel, register_device_kernels
 
 # This module does not import persona_kernels.stats (stats imports it): the running state is any object
 # with ActivationStats' ``num_channels``, ``device`` and ``merge_batch`` (duck-typed, one import direction).
@@ -68,8 +68,7 @@ def _check_x_and_mask(fn: str, num_channels: int, device: torch.device, x, token
             _fail(fn, "token_mask", f"expected shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(token_mask.shape)}")
         if token_mask.device != x.device:
             _fail(fn, "token_mask", f"device {token_mask.device} does not match x's device {x.device}")
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        _fail(fn, "backend", f"expected one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    check_backend(fn, backend)
 
 
 def _layout(x: torch.Tensor, token_mask: Optional[torch.Tensor]):
@@ -82,15 +81,22 @@ def _layout(x: torch.Tensor, token_mask: Optional[torch.Tensor]):
 
 
 # ------------------------------------------------------------------------------------------- custom ops
+def _run_partials(kernel, x, row_mask, seq_len, backend):
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    mask = None if row_mask is None else row_mask.reshape(-1).contiguous()
+    return tuple(t.clone() if _aliases(t, x, row_mask) else t for t in kernel(x2, mask, int(seq_len)))
+
+
 @torch.library.custom_op("persona_kernels::welford_partials", mutates_args=())
 def _welford_partials_op(
     x: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()
-    mask = None if row_mask is None else row_mask.reshape(-1).contiguous()
-    kernel = get_kernel("welford_partials", backend, x.device)
-    return tuple(t.clone() if _aliases(t, x, row_mask) else t for t in kernel(x2, mask, int(seq_len)))
+    """Devices without a registered kernel: the torch reference (or the ``backend`` override)."""
+    return _run_partials(reference_kernel("welford_partials", backend, x.device), x, row_mask, seq_len, backend)
+
+
+register_device_kernels(_welford_partials_op, "welford_partials", _run_partials)
 
 
 def _aliases(t: torch.Tensor, *inputs: Optional[torch.Tensor]) -> bool:
@@ -114,6 +120,17 @@ def _(x, row_mask, seq_len, backend):
     return _fake_partials(x, seq_len)
 
 
+def _run_linear_with_stats(kernel, x, weight, bias, row_mask, seq_len, backend):
+    k = x.shape[-1]
+    n = weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    mask = None if row_mask is None else row_mask.reshape(-1).contiguous()
+    y, *parts = kernel(x2, weight.contiguous(), None if bias is None else bias.contiguous(), mask, int(seq_len))
+    parts = [t.clone() if _aliases(t, x, weight, bias, row_mask) else t for t in parts]
+    return (y.reshape(*lead, n), *parts)
+
+
 @torch.library.custom_op("persona_kernels::linear_with_stats", mutates_args=())
 def _linear_with_stats_op(
     x: torch.Tensor,
@@ -123,15 +140,12 @@ def _linear_with_stats_op(
     seq_len: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    k = x.shape[-1]
-    n = weight.shape[0]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).contiguous()
-    mask = None if row_mask is None else row_mask.reshape(-1).contiguous()
-    kernel = get_kernel("linear_with_stats", backend, x.device)
-    y, *parts = kernel(x2, weight.contiguous(), None if bias is None else bias.contiguous(), mask, int(seq_len))
-    parts = [t.clone() if _aliases(t, x, weight, bias, row_mask) else t for t in parts]
-    return (y.reshape(*lead, n), *parts)
+    """Devices without a registered kernel: the torch reference (or the ``backend`` override)."""
+    kernel = reference_kernel("linear_with_stats", backend, x.device)
+    return _run_linear_with_stats(kernel, x, weight, bias, row_mask, seq_len, backend)
+
+
+register_device_kernels(_linear_with_stats_op, "linear_with_stats", _run_linear_with_stats)
 
 
 @_linear_with_stats_op.register_fake
