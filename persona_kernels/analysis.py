@@ -21,12 +21,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+
+from persona_kernels.utils.atomic import atomic_savefig
 
 __all__ = [
     "popcount32",
@@ -321,16 +322,7 @@ class MaskComparison:
 
 
 def _save_figure(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=str(path.parent))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_savefig(fig, path, format="png")
 
 
 def comparison_table(comparisons: Sequence[MaskComparison], digits: int = 2) -> str:

@@ -37,6 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from persona_kernels.utils.errors import message
+from persona_kernels.ops.packing import packed_words
+
 __all__ = [
     "wanda",
     "contrastive_wanda",
@@ -58,7 +61,7 @@ _STATISTICS = {"token": ("abs_mean", "abs_var"), "sequence": ("seq_l2_mean", "se
 
 
 def _err(arg: str, msg: str) -> str:
-    return f"persona_kernels.scoring: argument '{arg}': {msg}"
+    return message("scoring", msg, arg)
 
 
 def num_pruned(sparsity: float, in_features: int) -> int:
@@ -172,7 +175,7 @@ class _Output:
     def __init__(self, n: int, k: int, device: torch.device, packed: bool):
         self.packed = packed
         if packed:
-            self.data = torch.empty(n, (k + 31) // 32, dtype=torch.int32, device=device)
+            self.data = torch.empty(n, packed_words(k), dtype=torch.int32, device=device)
         else:
             self.data = torch.empty(n, k, dtype=torch.bool, device=device)
 

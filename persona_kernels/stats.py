@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 
 from persona_kernels.ops.welford import WelfordPartials, welford_update
+from persona_kernels.utils.errors import fail
 
 _F64 = torch.float64
 _I64 = torch.int64
@@ -79,10 +80,6 @@ def _has_fused_op() -> bool:
     return _has_merge_op() and _fused_op_built()
 
 
-def _err(arg: str, msg: str, exc: type[Exception] = ValueError):
-    raise exc(f"persona_kernels.ActivationStats: argument '{arg}': {msg}")
-
-
 class ActivationStats:
     """Per-channel running statistics of a layer's input ``x[..., K]``.
 
@@ -107,9 +104,9 @@ class ActivationStats:
 
     def __init__(self, num_channels: int, device: Optional[Union[torch.device, str]] = None) -> None:
         if isinstance(num_channels, bool) or not isinstance(num_channels, int):
-            _err("num_channels", f"expected a positive int, got {type(num_channels).__name__}", TypeError)
+            fail("ActivationStats", "num_channels", f"expected a positive int, got {type(num_channels).__name__}", TypeError)
         if num_channels < 1:
-            _err("num_channels", f"expected a positive int, got {num_channels}")
+            fail("ActivationStats", "num_channels", f"expected a positive int, got {num_channels}")
         device = torch.device("cpu" if device is None else device)
         self._k = num_channels
         self._n = torch.zeros(3, num_channels, dtype=_I64, device=device)
@@ -205,26 +202,26 @@ class ActivationStats:
                 ``rows * K - sum(count)`` values are added to :attr:`nonfinite`; None leaves it unchanged.
         """
         if not isinstance(partials, (tuple, list)) or len(partials) != 6:
-            _err("partials", "expected a WelfordPartials tuple of 6 tensors "
+            fail("ActivationStats", "partials", "expected a WelfordPartials tuple of 6 tensors "
                  "(count, mean, m2, abs_mean, abs_m2, seq_sumsq)", TypeError)
         names = ("count", "mean", "m2", "abs_mean", "abs_m2", "seq_sumsq")
         for name, t in zip(names, partials):
             if not isinstance(t, torch.Tensor):
-                _err("partials", f"{name}: expected a tensor, got {type(t).__name__}", TypeError)
+                fail("ActivationStats", "partials", f"{name}: expected a tensor, got {type(t).__name__}", TypeError)
         k, dev = self._k, self.device
         for name, t in zip(names[:5], partials[:5]):
             if tuple(t.shape) != (k,):
-                _err("partials", f"{name}: expected shape [{k}], got {tuple(t.shape)}")
+                fail("ActivationStats", "partials", f"{name}: expected shape [{k}], got {tuple(t.shape)}")
         seq_sumsq = partials[5]
         if seq_sumsq.dim() != 2 or seq_sumsq.shape[1] != k:
-            _err("partials", f"seq_sumsq: expected shape [S, {k}], got {tuple(seq_sumsq.shape)}")
+            fail("ActivationStats", "partials", f"seq_sumsq: expected shape [S, {k}], got {tuple(seq_sumsq.shape)}")
         if partials[0].dtype.is_floating_point or partials[0].dtype == torch.bool:
-            _err("partials", f"count: expected an integer tensor, got {partials[0].dtype}", TypeError)
+            fail("ActivationStats", "partials", f"count: expected an integer tensor, got {partials[0].dtype}", TypeError)
         nseq = seq_sumsq.shape[0]
         if seq is not None and nseq > 0 and (
             not isinstance(seq, torch.Tensor) or seq.dtype != torch.bool or tuple(seq.shape) != (nseq,)
         ):
-            _err("seq", f"expected a bool tensor of shape [{nseq}] or None, got "
+            fail("ActivationStats", "seq", f"expected a bool tensor of shape [{nseq}] or None, got "
                  f"{tuple(seq.shape) if isinstance(seq, torch.Tensor) else type(seq).__name__}")
         count, mean, m2, amean, am2, seq_sumsq = (
             t if t.device == dev else t.to(dev, non_blocking=True) for t in partials)
@@ -294,9 +291,9 @@ class ActivationStats:
     def merge(self, other: "ActivationStats") -> "ActivationStats":
         """Merge ``other`` (any device) into this one, in place; exact counts. Returns self."""
         if not isinstance(other, ActivationStats):
-            _err("other", f"expected an ActivationStats, got {type(other).__name__}", TypeError)
+            fail("ActivationStats", "other", f"expected an ActivationStats, got {type(other).__name__}", TypeError)
         if other.num_channels != self._k:
-            _err("other", f"num_channels {other.num_channels} does not match {self._k}")
+            fail("ActivationStats", "other", f"num_channels {other.num_channels} does not match {self._k}")
         dev = self.device
         self._assign(*_chan(
             self._n, self._mean, self._m2,
@@ -311,9 +308,9 @@ class ActivationStats:
         """A new ActivationStats merging ``stats`` in order (on the first one's device)."""
         items = list(stats)
         if not items:
-            _err("stats", "expected at least one ActivationStats")
+            fail("ActivationStats", "stats", "expected at least one ActivationStats")
         if not isinstance(items[0], ActivationStats):
-            _err("stats", f"expected ActivationStats items, got {type(items[0]).__name__}", TypeError)
+            fail("ActivationStats", "stats", f"expected ActivationStats items, got {type(items[0]).__name__}", TypeError)
         out = items[0].clone()
         for other in items[1:]:
             out.merge(other)
@@ -335,31 +332,31 @@ class ActivationStats:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the running state by ``state`` (from :meth:`state_dict`), moved to :attr:`device`."""
         if not isinstance(state, Mapping):
-            _err("state", f"expected a mapping of tensors, got {type(state).__name__}", TypeError)
+            fail("ActivationStats", "state", f"expected a mapping of tensors, got {type(state).__name__}", TypeError)
         missing = [key for key in _KEYS if key not in state]
         unexpected = [key for key in state if key not in _KEYS]
         if missing or unexpected:
-            _err("state", f"keys do not match ActivationStats.state_dict(): missing {missing}, unexpected {unexpected}",
+            fail("ActivationStats", "state", f"keys do not match ActivationStats.state_dict(): missing {missing}, unexpected {unexpected}",
                  KeyError)
         new = {}
         for key in _KEYS:
             t = state[key]
             if not isinstance(t, torch.Tensor):
-                _err("state", f"{key!r}: expected a tensor, got {type(t).__name__}", TypeError)
+                fail("ActivationStats", "state", f"{key!r}: expected a tensor, got {type(t).__name__}", TypeError)
             want = () if key == "nonfinite" else (self._k,)
             if key == "nonfinite" and t.numel() == 1:
                 t = t.reshape(())
             if tuple(t.shape) != want:
-                _err("state", f"{key!r}: expected shape {list(want)}, got {list(t.shape)}")
+                fail("ActivationStats", "state", f"{key!r}: expected shape {list(want)}, got {list(t.shape)}")
             integer = key in _COUNT_KEYS
             if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-                _err("state", f"{key!r}: expected an integer tensor, got {t.dtype}", TypeError)
+                fail("ActivationStats", "state", f"{key!r}: expected an integer tensor, got {t.dtype}", TypeError)
             if not integer and not t.dtype.is_floating_point:
-                _err("state", f"{key!r}: expected a floating-point tensor, got {t.dtype}", TypeError)
+                fail("ActivationStats", "state", f"{key!r}: expected a floating-point tensor, got {t.dtype}", TypeError)
             new[key] = t.detach().to(device=self.device, dtype=_I64 if integer else _F64)
         n = torch.stack((new["count"], new["count"], new["seq_count"]))
         if bool((n < 0).any() | (new["nonfinite"] < 0)):
-            _err("state", "counts must be non-negative")
+            fail("ActivationStats", "state", "counts must be non-negative")
         self._assign(n, torch.stack((new["mean"], new["abs_mean"], new["seq_l2_mean"])),
                      torch.stack((new["m2"], new["abs_m2"], new["seq_l2_m2"])))
         self._nonfinite.copy_(new["nonfinite"])
@@ -370,7 +367,7 @@ class ActivationStats:
     ) -> "ActivationStats":
         """Build from a :meth:`state_dict` (num_channels from its ``count``), on ``device`` (default cpu)."""
         if not isinstance(state, Mapping) or not isinstance(state.get("count"), torch.Tensor):
-            _err("state", "expected a mapping with a 'count' tensor (from ActivationStats.state_dict())", TypeError)
+            fail("ActivationStats", "state", "expected a mapping with a 'count' tensor (from ActivationStats.state_dict())", TypeError)
         out = cls(int(state["count"].numel()), device=device)
         out.load_state_dict(state)
         return out

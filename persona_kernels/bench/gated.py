@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from persona_kernels.bench.common import Case, Config, run_cases
 from persona_kernels.bench.timing import Timing
+from persona_kernels.ops.packing import packed_words
 
 TITLE = "Gated linear vs dense masking vs plain F.linear"
 SHAPES = {
@@ -52,7 +53,7 @@ def backends(cfg: Config) -> list[str]:
 
 
 def _bytes(m: int, n: int, k: int, elem: int, masked: bool) -> int:
-    words = (k + 31) // 32
+    words = packed_words(k)
     return (n * k + m * k + m * n) * elem + (n * words * 4 if masked else 0)
 
 

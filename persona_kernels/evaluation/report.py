@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from persona_kernels.utils.atomic import atomic_write
+from persona_kernels.utils.atomic import atomic_savefig, atomic_write
 from persona_kernels.evaluation.metrics import Estimate, bootstrap_mean, paired_difference
 from persona_kernels.evaluation.conditions import pair_label
 from persona_kernels.evaluation.sweep import SWITCH_KEY, capability_loss, common_operating_point, operating_points
@@ -618,10 +617,8 @@ def _frontier(plt, rep: dict, pairs: list, key: str, path: Path) -> str:
 def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path.name
 
 

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from persona_kernels.utils.errors import fail
 from persona_kernels.dispatch import check_backend, get_kernel, reference_kernel, register_device_kernels
 
 # This module does not import persona_kernels.stats (stats imports it): the running state is any object
@@ -38,36 +39,32 @@ class WelfordPartials(NamedTuple):
     seq_sumsq: torch.Tensor  # f32 [R // seq_len, K]: per-sequence Σx² ([0, K] without sequences)
 
 
-def _fail(fn: str, arg: str, msg: str, exc: type[Exception] = ValueError):
-    raise exc(f"persona_kernels.{fn}: argument '{arg}': {msg}")
-
-
 def _check_stats(fn: str, stats) -> None:
     if not callable(getattr(stats, "merge_batch", None)) or not isinstance(getattr(stats, "num_channels", None), int):
-        _fail(fn, "stats", f"expected an ActivationStats, got {type(stats).__name__}", TypeError)
+        fail(fn, "stats", f"expected an ActivationStats, got {type(stats).__name__}", TypeError)
 
 
 def _check_x_and_mask(fn: str, num_channels: int, device: torch.device, x, token_mask, backend) -> None:
     if not isinstance(x, torch.Tensor):
-        _fail(fn, "x", f"expected a torch.Tensor, got {type(x).__name__}", TypeError)
+        fail(fn, "x", f"expected a torch.Tensor, got {type(x).__name__}", TypeError)
     if x.dim() < 1:
-        _fail(fn, "x", "expected shape [..., K], got a 0-d tensor")
+        fail(fn, "x", "expected shape [..., K], got a 0-d tensor")
     if x.shape[-1] != num_channels:
-        _fail(fn, "x", f"last dimension {x.shape[-1]} does not match stats.num_channels={num_channels}")
+        fail(fn, "x", f"last dimension {x.shape[-1]} does not match stats.num_channels={num_channels}")
     if x.dtype not in _FLOAT_DTYPES:
-        _fail(fn, "x", f"expected dtype float32, float16 or bfloat16, got {x.dtype}", TypeError)
+        fail(fn, "x", f"expected dtype float32, float16 or bfloat16, got {x.dtype}", TypeError)
     if x.device != device:
-        _fail(fn, "x", f"device {x.device} does not match the statistics' device {device} "
+        fail(fn, "x", f"device {x.device} does not match the statistics' device {device} "
               "(create the ActivationStats on the input's device or move it with .to())")
     if token_mask is not None:
         if not isinstance(token_mask, torch.Tensor):
-            _fail(fn, "token_mask", f"expected a bool tensor or None, got {type(token_mask).__name__}", TypeError)
+            fail(fn, "token_mask", f"expected a bool tensor or None, got {type(token_mask).__name__}", TypeError)
         if token_mask.dtype != torch.bool:
-            _fail(fn, "token_mask", f"expected dtype torch.bool, got {token_mask.dtype}", TypeError)
+            fail(fn, "token_mask", f"expected dtype torch.bool, got {token_mask.dtype}", TypeError)
         if tuple(token_mask.shape) != tuple(x.shape[:-1]):
-            _fail(fn, "token_mask", f"expected shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(token_mask.shape)}")
+            fail(fn, "token_mask", f"expected shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(token_mask.shape)}")
         if token_mask.device != x.device:
-            _fail(fn, "token_mask", f"device {token_mask.device} does not match x's device {x.device}")
+            fail(fn, "token_mask", f"device {token_mask.device} does not match x's device {x.device}")
     check_backend(fn, backend)
 
 
@@ -212,7 +209,7 @@ def welford_partials(
     ``seq_len`` is ``x.shape[-2]`` when ``x.dim() >= 3``, else 0 (no per-sequence sums).
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        _fail("welford_partials", "x", "expected a tensor of shape [..., K]", TypeError)
+        fail("welford_partials", "x", "expected a tensor of shape [..., K]", TypeError)
     _check_x_and_mask("welford_partials", x.shape[-1], x.device, x, token_mask, backend)
     x2, row_mask, seq_len = _layout(x, token_mask)
     return WelfordPartials(*_partials(x2, row_mask, seq_len, backend))
@@ -274,22 +271,22 @@ def linear_with_stats(
     _check_stats(fn, stats)
     _check_x_and_mask(fn, stats.num_channels, stats.device, x, token_mask, backend)
     if not isinstance(weight, torch.Tensor):
-        _fail(fn, "weight", f"expected a torch.Tensor, got {type(weight).__name__}", TypeError)
+        fail(fn, "weight", f"expected a torch.Tensor, got {type(weight).__name__}", TypeError)
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        _fail(fn, "weight", f"expected shape [N, K] with K={x.shape[-1]}, got {tuple(weight.shape)}")
+        fail(fn, "weight", f"expected shape [N, K] with K={x.shape[-1]}, got {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
-        _fail(fn, "weight", f"dtype {weight.dtype} does not match x's dtype {x.dtype}", TypeError)
+        fail(fn, "weight", f"dtype {weight.dtype} does not match x's dtype {x.dtype}", TypeError)
     if weight.device != x.device:
-        _fail(fn, "weight", f"device {weight.device} does not match x's device {x.device}")
+        fail(fn, "weight", f"device {weight.device} does not match x's device {x.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            _fail(fn, "bias", f"expected a torch.Tensor or None, got {type(bias).__name__}", TypeError)
+            fail(fn, "bias", f"expected a torch.Tensor or None, got {type(bias).__name__}", TypeError)
         if tuple(bias.shape) != (weight.shape[0],):
-            _fail(fn, "bias", f"expected shape [N] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+            fail(fn, "bias", f"expected shape [N] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
-            _fail(fn, "bias", f"dtype {bias.dtype} does not match x's dtype {x.dtype}", TypeError)
+            fail(fn, "bias", f"dtype {bias.dtype} does not match x's dtype {x.dtype}", TypeError)
         if bias.device != x.device:
-            _fail(fn, "bias", f"device {bias.device} does not match x's device {x.device}")
+            fail(fn, "bias", f"device {bias.device} does not match x's device {x.device}")
     if backend != "auto":
         get_kernel(fn, backend, x.device)
     return _linear_with_stats_checked(x, weight, bias, stats, token_mask, backend)

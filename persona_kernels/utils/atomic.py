@@ -78,3 +78,14 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_savefig(fig, path: PathLike, **savefig_kwargs) -> Path:
+    """Render a matplotlib figure in memory, then :func:`atomic_write` it (format from the suffix by default)."""
+    import io
+
+    path = Path(path)
+    buf = io.BytesIO()
+    savefig_kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
+    fig.savefig(buf, **savefig_kwargs)
+    return atomic_write(path, buf.getvalue())
