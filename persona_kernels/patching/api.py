@@ -19,6 +19,25 @@ from persona_kernels.patching.state import BatchSelection, PatchState, pop
 from persona_kernels.targeting import TargetError, TargetSpec, select_linears
 from persona_kernels.utils.errors import check_gamma, message
 
+__all__ = [
+    "DEFAULT_TARGET_PATTERN",
+    "patch_model",
+    "unpatch_model",
+    "is_patched",
+    "set_persona",
+    "get_persona",
+    "get_gamma",
+    "persona",
+    "disable_persona",
+    "merge_persona",
+    "unmerge_persona",
+    "add_persona",
+    "remove_persona",
+    "list_personas",
+    "set_backend",
+    "coverage",
+]
+
 DEFAULT_TARGET_PATTERN = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 """Attention and MLP projections of Llama / Qwen2 / Qwen3 / Mistral / Gemma decoder layers (the preset of
 :mod:`persona_kernels.targeting` as one regex)."""
