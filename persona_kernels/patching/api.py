@@ -15,7 +15,7 @@ from persona_kernels.ops.packing import pack_mask, packed_words
 from persona_kernels.patching import merging
 from persona_kernels.patching.linear import _FLOAT_DTYPES, PersonaLinear
 from persona_kernels.patching.offload import carry_hook, offload_hook
-from persona_kernels.patching.state import BatchSelection, PatchState, pop
+from persona_kernels.patching.state import BatchSelection, PatchState
 from persona_kernels.targeting import TargetError, TargetSpec, select_linears
 from persona_kernels.utils.errors import check_gamma, message
 
@@ -320,11 +320,8 @@ def persona(model: nn.Module, name: Optional[str], gamma: Optional[float] = None
     if state.merged is not None:  # the merged weights already compute it
         yield model
         return
-    token = state.push(sel)
-    try:
+    with state.selected(sel):
         yield model
-    finally:
-        pop(token)
 
 
 def disable_persona(model: nn.Module):
