@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - Python 3.10
     from importlib.abc import Traversable
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Union
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Union
 
 from persona_kernels.evaluation.ab import ABItem
 
@@ -202,8 +202,8 @@ def _item_from_obj(obj: Any, name: str, line: int | None) -> PersonaText:
     raise PersonaFileError(name, f"missing keys: expected {expected}, found {sorted(obj)}", line)
 
 
-def _parse_jsonl(text: str, name: str) -> list[PersonaText]:
-    items = []
+def _jsonl_objects(text: str, name: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for every non-blank line of JSONL ``text``; bad JSON names file and line."""
     for lineno, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
@@ -211,8 +211,11 @@ def _parse_jsonl(text: str, name: str) -> list[PersonaText]:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise PersonaFileError(name, f"invalid JSON ({exc.msg} at column {exc.colno})", lineno) from None
-        items.append(_item_from_obj(obj, name, lineno))
-    return items
+        yield lineno, obj
+
+
+def _parse_jsonl(text: str, name: str) -> list[PersonaText]:
+    return [_item_from_obj(obj, name, lineno) for lineno, obj in _jsonl_objects(text, name)]
 
 
 def _parse_json(text: str, name: str) -> list[PersonaText]:
@@ -403,13 +406,7 @@ def load_ab_questions(path: PathLike | None = None, pair: str | None = None) -> 
     text, name = _read_text(_data_dir().joinpath(_AB_FILE) if path is None else path)
     keys = ("pair", "question", "answer_matching", "answer_not_matching", "persona")
     out = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise PersonaFileError(name, f"invalid JSON ({exc.msg} at column {exc.colno})", lineno) from None
+    for lineno, obj in _jsonl_objects(text, name):
         if not isinstance(obj, dict):
             raise PersonaFileError(name, f"expected a JSON object, got {type(obj).__name__}", lineno)
         missing = [k for k in keys if k not in obj]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -12,18 +10,10 @@ from persona_kernels import _extension, dispatch
 from persona_kernels.kernels import torch_ref
 from persona_kernels.ops import gated_linear as _gated_linear_module  # noqa: F401  (registers the custom op)
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = list(dict.fromkeys(
-    dispatch.available_backends("cpu") + (["triton"] if dispatch.is_available("triton", "cpu") else [])
-))
-FAST_BACKENDS = [b for b in BACKENDS if b != "triton"]  # triton runs through its (slow) interpreter here
+from _gated_common import BACKENDS, DTYPES, FAST_BACKENDS, assert_close, assert_error_names_argument
+
 HAS_CPU = "cpu" in BACKENDS
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="C++ extension not built")
-
-# Output rounding (relative) and accumulation error (absolute, times sqrt(K)) allowed per dtype.
-# bf16/fp16 may round gamma * w to the weight dtype before a half-precision GEMM: covered by ATOL.
-RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
 
 
 def make_case(m_shape, n, k, dtype, gamma, bias=True, density=0.6):
@@ -38,16 +28,6 @@ def reference(x, w, mask, b, gamma):
     g = mask.double() + gamma * (1.0 - mask.double())
     y = x.double() @ (w.double() * g).T
     return y + b.double() if b is not None else y
-
-
-def assert_close(y, ref, dtype, k):
-    assert y.dtype == dtype and y.shape == ref.shape
-    if ref.numel() == 0:
-        return
-    err = (y.double() - ref).abs()
-    bound = ATOL[dtype] * math.sqrt(max(k, 1)) + RTOL[dtype] * ref.abs()
-    worst = (err - bound).max().item()
-    assert worst <= 0, f"max error {err.max().item():.3g} exceeds the {dtype} tolerance (by {worst:.3g})"
 
 
 def check(backend, m_shape, n, k, dtype, gamma, bias=True, x_transform=None):
@@ -289,10 +269,7 @@ def _valid():
     ],
 )
 def test_errors_name_the_argument(change, exc, arg):
-    args = _valid()
-    change(args)
-    with pytest.raises(exc, match=f"argument '{arg}'"):
-        pk.gated_linear(**args)
+    assert_error_names_argument(pk.gated_linear, _valid(), change, exc, arg)
 
 
 def test_unknown_and_unavailable_backends():

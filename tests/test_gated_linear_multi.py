@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import persona_kernels as pk
-from persona_kernels import dispatch
 from persona_kernels.ops import gated_linear_multi as _multi_module  # noqa: F401  (registers the custom op)
+from persona_kernels.ops.packing import packed_words
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = list(dict.fromkeys(
-    dispatch.available_backends("cpu") + (["triton"] if dispatch.is_available("triton", "cpu") else [])
-))
-FAST_BACKENDS = [b for b in BACKENDS if b != "triton"]  # triton runs through its (slow) interpreter here
-RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+from _gated_common import BACKENDS, DTYPES, FAST_BACKENDS, assert_close, assert_error_names_argument
 
 
 def make_case(m_shape, n, k, p, dtype, bias=True, density=0.6):
@@ -25,7 +17,7 @@ def make_case(m_shape, n, k, p, dtype, bias=True, density=0.6):
     w = torch.randn(n, k).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
     masks = torch.rand(p, n, k) < density
-    bank = torch.stack([pk.pack_mask(m) for m in masks]) if p else torch.zeros((0, n, (k + 31) // 32), dtype=torch.int32)
+    bank = torch.stack([pk.pack_mask(m) for m in masks]) if p else torch.zeros((0, n, packed_words(k)), dtype=torch.int32)
     return x, w, b, masks, bank
 
 
@@ -44,16 +36,6 @@ def reference(x, w, masks, index, b, gammas):
     if b is not None:
         out += b.double()
     return out.reshape(*x.shape[:-1], w.shape[0])
-
-
-def assert_close(y, ref, dtype, k):
-    assert y.dtype == dtype and y.shape == ref.shape
-    if ref.numel() == 0:
-        return
-    err = (y.double() - ref).abs()
-    bound = ATOL[dtype] * math.sqrt(max(k, 1)) + RTOL[dtype] * ref.abs()
-    worst = (err - bound).max().item()
-    assert worst <= 0, f"max error {err.max().item():.3g} exceeds the {dtype} tolerance (by {worst:.3g})"
 
 
 def check(backend, m_shape, n, k, p, dtype, gamma, index=None, bias=True):
@@ -165,10 +147,7 @@ def _base():
     ],
 )
 def test_errors_name_the_argument(change, exc, arg):
-    args = _base()
-    change(args)
-    with pytest.raises(exc, match=f"argument '{arg}'"):
-        pk.gated_linear_multi(**args)
+    assert_error_names_argument(pk.gated_linear_multi, _base(), change, exc, arg)
 
 
 def test_unimplemented_backend_is_reported():

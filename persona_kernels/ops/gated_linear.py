@@ -13,6 +13,7 @@ import torch
 
 from persona_kernels.dispatch import check_backend, get_kernel, reference_kernel, register_device_kernels
 from persona_kernels.ops.packing import packed_words
+from persona_kernels.utils import errors
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -27,7 +28,7 @@ def check_gated_linear_args(
 ) -> None:
     """Raise a clear error naming the offending argument; returns None when everything fits."""
     def fail(arg: str, msg: str, exc=ValueError):
-        raise exc(f"persona_kernels.gated_linear: argument '{arg}': {msg}")
+        errors.fail("gated_linear", arg, msg, exc)
 
     for name, t in (("x", x), ("weight", weight), ("packed_mask", packed_mask)):
         if not isinstance(t, torch.Tensor):
@@ -60,10 +61,7 @@ def check_gated_linear_args(
             fail("bias", f"dtype {bias.dtype} does not match weight's dtype {weight.dtype}", TypeError)
         if bias.device != weight.device:
             fail("bias", f"device {bias.device} does not match weight's device {weight.device}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        fail("gamma", f"expected a float in [0, 1], got {type(gamma).__name__}", TypeError)
-    if not 0.0 <= float(gamma) <= 1.0:
-        fail("gamma", f"expected a float in [0, 1], got {gamma}")
+    errors.check_gamma("gated_linear", gamma)
     check_backend("gated_linear", backend)
 
 

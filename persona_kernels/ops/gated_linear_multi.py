@@ -16,6 +16,7 @@ import torch
 from persona_kernels.dispatch import get_kernel, reference_kernel, register_device_kernels
 from persona_kernels.ops.gated_linear import _contiguous, check_gated_linear_args, run_rows
 from persona_kernels.ops.packing import packed_words
+from persona_kernels.utils.errors import fail
 
 __all__ = ["gated_linear_multi", "check_gated_linear_multi_args"]
 
@@ -24,7 +25,7 @@ _PREFIX = "persona_kernels.gated_linear_multi"
 
 
 def _fail(arg: str, msg: str, exc=ValueError):
-    raise exc(f"{_PREFIX}: argument '{arg}': {msg}")
+    fail("gated_linear_multi", arg, msg, exc)
 
 
 def _gammas(gamma: GammaArg, num_personas: int) -> list[float]:

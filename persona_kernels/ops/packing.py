@@ -17,25 +17,25 @@ def packed_words(in_features: int) -> int:
     return (int(in_features) + 31) // 32
 
 
+def _check_matrix(arg: str, t: torch.Tensor, dtype: torch.dtype, shape: str) -> None:
+    """Raise naming ``arg`` unless ``t`` is a 2-D tensor of ``dtype`` (``shape`` describes the expected shape)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"persona_kernels: argument '{arg}': expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"persona_kernels: argument '{arg}': expected dtype {dtype}, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"persona_kernels: argument '{arg}': expected shape {shape}, got {tuple(t.shape)}")
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool keep-mask ``[N, K]`` into int32 words ``[N, ceil(K/32)]`` on the same device."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"persona_kernels: argument 'mask': expected a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"persona_kernels: argument 'mask': expected dtype torch.bool, got {mask.dtype}")
-    if mask.dim() != 2:
-        raise ValueError(f"persona_kernels: argument 'mask': expected shape [N, K], got {tuple(mask.shape)}")
+    _check_matrix("mask", mask, torch.bool, "[N, K]")
     return _pack_op(mask, "auto")
 
 
 def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: int32 ``[N, ceil(K/32)]`` -> bool ``[N, in_features]``."""
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"persona_kernels: argument 'packed': expected a torch.Tensor, got {type(packed).__name__}")
-    if packed.dtype != torch.int32:
-        raise TypeError(f"persona_kernels: argument 'packed': expected dtype torch.int32, got {packed.dtype}")
-    if packed.dim() != 2:
-        raise ValueError(f"persona_kernels: argument 'packed': expected shape [N, W], got {tuple(packed.shape)}")
+    _check_matrix("packed", packed, torch.int32, "[N, W]")
     if int(in_features) < 0 or packed.shape[1] != packed_words(in_features):
         raise ValueError(
             f"persona_kernels: argument 'in_features': {in_features} needs {packed_words(max(int(in_features), 0))} "

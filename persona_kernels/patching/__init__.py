@@ -27,45 +27,10 @@ Decisions:
   PersonaLinear and the masks live on its execution device. ``merge_persona`` is refused for them.
 """
 
-from persona_kernels.patching.api import (
-    DEFAULT_TARGET_PATTERN,
-    add_persona,
-    coverage,
-    disable_persona,
-    get_gamma,
-    get_persona,
-    is_patched,
-    list_personas,
-    merge_persona,
-    patch_model,
-    persona,
-    remove_persona,
-    set_backend,
-    set_persona,
-    unmerge_persona,
-    unpatch_model,
-)
+from persona_kernels.patching import api as _api
+from persona_kernels.patching.api import *  # noqa: F401,F403  (the public names are listed once, in api.__all__)
 from persona_kernels.patching.batch import persona_batch
 from persona_kernels.patching.linear import PersonaLinear
 from persona_kernels.patching.offload import offload_hook as _offload_hook
 
-__all__ = [
-    "DEFAULT_TARGET_PATTERN",
-    "PersonaLinear",
-    "patch_model",
-    "unpatch_model",
-    "is_patched",
-    "set_persona",
-    "get_persona",
-    "get_gamma",
-    "persona",
-    "persona_batch",
-    "disable_persona",
-    "merge_persona",
-    "unmerge_persona",
-    "add_persona",
-    "remove_persona",
-    "list_personas",
-    "set_backend",
-    "coverage",
-]
+__all__ = [*_api.__all__, "PersonaLinear", "persona_batch"]

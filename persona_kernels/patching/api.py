@@ -15,9 +15,28 @@ from persona_kernels.ops.packing import pack_mask, packed_words
 from persona_kernels.patching import merging
 from persona_kernels.patching.linear import _FLOAT_DTYPES, PersonaLinear
 from persona_kernels.patching.offload import carry_hook, offload_hook
-from persona_kernels.patching.state import BatchSelection, PatchState, pop
+from persona_kernels.patching.state import BatchSelection, PatchState
 from persona_kernels.targeting import TargetError, TargetSpec, select_linears
 from persona_kernels.utils.errors import check_gamma, message
+
+__all__ = [
+    "DEFAULT_TARGET_PATTERN",
+    "patch_model",
+    "unpatch_model",
+    "is_patched",
+    "set_persona",
+    "get_persona",
+    "get_gamma",
+    "persona",
+    "disable_persona",
+    "merge_persona",
+    "unmerge_persona",
+    "add_persona",
+    "remove_persona",
+    "list_personas",
+    "set_backend",
+    "coverage",
+]
 
 DEFAULT_TARGET_PATTERN = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 """Attention and MLP projections of Llama / Qwen2 / Qwen3 / Mistral / Gemma decoder layers (the preset of
@@ -301,11 +320,8 @@ def persona(model: nn.Module, name: Optional[str], gamma: Optional[float] = None
     if state.merged is not None:  # the merged weights already compute it
         yield model
         return
-    token = state.push(sel)
-    try:
+    with state.selected(sel):
         yield model
-    finally:
-        pop(token)
 
 
 def disable_persona(model: nn.Module):

@@ -8,7 +8,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from persona_kernels.patching.state import BatchSelection, pop
+from persona_kernels.patching.state import BatchSelection
 from persona_kernels.utils.errors import check_gamma, message
 
 
@@ -59,8 +59,5 @@ def persona_batch(
     rows = tuple(personas)
     slots = torch.tensor([state.slots[p] if p is not None else -1 for p in rows], dtype=torch.int64)
     sel = BatchSelection(rows, slots, {state.slots[p]: g for p, g in gammas.items()}, outer=current)
-    token = state.push(sel)
-    try:
+    with state.selected(sel):
         yield model
-    finally:
-        pop(token)

@@ -15,12 +15,13 @@ thread stays valid when personas are added or removed (each module maps slots to
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Mapping, Optional, Union
+from typing import TYPE_CHECKING, ClassVar, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -128,6 +129,15 @@ class PatchState:
         overrides = dict(_OVERRIDES.get())
         overrides[self.key] = sel
         return _OVERRIDES.set(overrides)
+
+    @contextlib.contextmanager
+    def selected(self, sel: AnySelection) -> Iterator[None]:
+        """``sel`` is this model's selection in the current context inside the block; the previous one after."""
+        token = self.push(sel)
+        try:
+            yield
+        finally:
+            pop(token)
 
     def replace_override(self, sel: AnySelection) -> None:
         """Change the current block's override (the enclosing block's token still restores what was before)."""

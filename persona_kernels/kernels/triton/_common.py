@@ -7,6 +7,8 @@ definition time whether a kernel is compiled for the GPU or run by the CPU inter
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from persona_kernels.dispatch import triton_interpreting
 
@@ -39,3 +41,21 @@ def kernel_out_dtype(dtype: torch.dtype) -> torch.dtype:
     rounds correctly with torch. Compiled kernels store ``dtype`` directly.
     """
     return torch.float32 if INTERPRET and dtype == torch.bfloat16 else dtype
+
+
+@triton.jit
+def load_x_w_tiles(x_ptrs, w_ptrs, row_ok, n_ok, offs_k, k3, k0, K, UPCAST: tl.constexpr):
+    """K step ``k0`` of a gated GEMM: the x tile [BLOCK_M, BLOCK_K] (rows ``row_ok``) and the W tile viewed
+    as [BLOCK_N, WORDS, 32] (``k3`` = in-tile column of each weight), zero past K and past the valid rows."""
+    x = tl.load(x_ptrs, mask=row_ok[:, None] & ((offs_k + k0) < K)[None, :], other=0.0)
+    w = tl.load(w_ptrs, mask=n_ok[:, None, None] & ((k3 + k0) < K), other=0.0)
+    if UPCAST:  # the interpreter's fp16/bf16 arithmetic is not faithful: work in fp32
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    return x, w
+
+
+@triton.jit
+def keep_bits(words, offs_b):
+    """Keep-mask [BLOCK_N, WORDS, 32] of packed int32 mask words [BLOCK_N, WORDS] (bit j = column 32w + j)."""
+    return ((words[:, :, None] >> offs_b[None, None, :]) & 1) != 0

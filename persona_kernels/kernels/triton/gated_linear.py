@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, kernel_out_dtype, m_bucket
+from ._common import INTERPRET, dot_precision, keep_bits, kernel_out_dtype, load_x_w_tiles, m_bucket
 
 #: Meta-parameters under the CPU interpreter (one config: autotuning needs a GPU). Large tiles keep the
 #: number of interpreted programs small; SWAP_AB is chosen per call (see :func:`gated_linear`).
@@ -135,15 +135,10 @@ def _gated_linear_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = (offs_k + k0) < K
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_ok[:, None, None] & ((k3 + k0) < K), other=0.0)
-        if UPCAST:  # the interpreter's fp16/bf16 arithmetic is not faithful: work in fp32
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
+        x, w = load_x_w_tiles(x_ptrs, w_ptrs, m_ok, n_ok, offs_k, k3, k0, K, UPCAST)
         if GATE_MODE != 1:
             words = tl.load(p_ptrs, mask=n_ok[:, None] & ((offs_w[None, :] * 32 + k0) < K), other=0)
-            keep = ((words[:, :, None] >> offs_b[None, None, :]) & 1) != 0
+            keep = keep_bits(words, offs_b)
             if GATE_MODE == 0:
                 w = tl.where(keep, w, tl.zeros_like(w))
             else:

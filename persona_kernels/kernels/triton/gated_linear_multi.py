@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, kernel_out_dtype
+from persona_kernels.ops.packing import packed_words
+
+from ._common import INTERPRET, dot_precision, keep_bits, kernel_out_dtype, load_x_w_tiles
 
 #: Meta-parameters under the CPU interpreter (one config).
 INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
@@ -70,14 +72,9 @@ def _gated_linear_multi_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_stop = tl.where(end > start, K, 0)  # programs without rows skip the K loop
     for k0 in range(0, k_stop, BLOCK_K):
-        k_ok = (offs_k + k0) < K
-        x = tl.load(x_ptrs, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_ok[:, None, None] & ((k3 + k0) < K), other=0.0)
-        if UPCAST:  # the interpreter's fp16/bf16 arithmetic is not faithful: work in fp32
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
+        x, w = load_x_w_tiles(x_ptrs, w_ptrs, r_ok, n_ok, offs_k, k3, k0, K, UPCAST)
         words = tl.load(p_ptrs, mask=n_ok[:, None] & ((offs_w[None, :] * 32 + k0) < K) & (persona >= 0), other=-1)
-        keep = (((words[:, :, None] >> offs_b[None, None, :]) & 1) != 0) | is_base
+        keep = keep_bits(words, offs_b) | is_base
         soft = tl.where(gamma == 0.0, tl.zeros_like(w), (w.to(tl.float32) * gamma).to(w.dtype))
         w = tl.where(keep, w, soft)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
@@ -139,7 +136,7 @@ def gated_linear_multi(
     blocks = dict(INTERPRET_BLOCKS) if INTERPRET else gpu_blocks(x.dtype)
     order, tp, ts, te = tile_table(index, p, blocks["BLOCK_M"])
     gammas = torch.tensor([float(g) for g in gamma] or [0.0], dtype=torch.float32).to(x.device, non_blocking=True)
-    bank_arg = bank if p > 0 else torch.zeros((1, n, (k + 31) // 32), dtype=torch.int32, device=x.device)
+    bank_arg = bank if p > 0 else torch.zeros((1, n, packed_words(k)), dtype=torch.int32, device=x.device)
     y = torch.empty((m, n), dtype=kernel_out_dtype(x.dtype), device=x.device)
     grid = (tp.shape[0], triton.cdiv(n, blocks["BLOCK_N"]))
     _gated_linear_multi_kernel[grid](
