@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from persona_kernels.targeting import TargetSpec, select_linears
 from persona_kernels.targeting import is_output_head as _is_output_head
+from persona_kernels.utils.devices import model_embedding
 
 __all__ = [
     "StatsRecorder",
@@ -413,13 +414,7 @@ class StatsRecorder:
 # ------------------------------------------------------------------------------------------------ batches
 def _calibration_kwargs(model: nn.Module, slots: list[_Slot]) -> dict[str, Any]:
     """Keyword arguments that skip the logits and the KV cache, if the model's forward names them."""
-    head = None
-    get_head = getattr(model, "get_output_embeddings", None)
-    if callable(get_head):
-        try:
-            head = get_head()
-        except (NotImplementedError, AttributeError):
-            head = None
+    head = model_embedding(model, "output")
     if any(_is_output_head(s.name, s.module, head) for s in slots):
         return {}
     try:
@@ -467,14 +462,7 @@ def _input_device(model: nn.Module) -> Optional[torch.device]:
     """Device of the input embeddings (None when unknown, meta/offloaded, or the model is dispatched)."""
     if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
         return None  # accelerate's hooks move inputs
-    get_emb = getattr(model, "get_input_embeddings", None)
-    param = None
-    if callable(get_emb):
-        try:
-            emb = get_emb()
-            param = getattr(emb, "weight", None)
-        except (NotImplementedError, AttributeError):
-            param = None
+    param = getattr(model_embedding(model, "input"), "weight", None)
     if param is None:
         param = next(model.parameters(), None)
     if param is None or param.device.type == "meta":

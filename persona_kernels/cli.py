@@ -16,6 +16,7 @@ from pathlib import Path
 
 from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
 from persona_kernels.utils.cli_args import ArgumentParser, HelpFormatter
+from persona_kernels.utils.devices import model_device
 
 EXAMPLES = """examples (one per subcommand):
   persona-kernels demo --quick                           # the main job with fewer texts (24 per persona)
@@ -297,7 +298,7 @@ def _chat_generate(model, tok, history: list[dict], max_new_tokens: int, sample:
     else:
         text = "\n".join(m["content"] for m in history) + "\n"
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
-    device = model.get_input_embeddings().weight.device
+    device = model_device(model)
     with torch.no_grad():
         out = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
                              do_sample=sample, pad_token_id=tok.pad_token_id or tok.eos_token_id)

@@ -16,6 +16,7 @@ from persona_kernels.methods import BASES as METHODS  # noqa: F401  (the base me
 from persona_kernels.methods import MethodSpec, in_scope, pair_masks, persona_mask, resolve
 from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
 from persona_kernels.personas import PersonaText, render
+from persona_kernels.utils.devices import model_device
 TOKEN_MODES = ("auto", "all", "response")
 
 
@@ -103,19 +104,6 @@ def iter_batches(encoded: Sequence[EncodedText], batch_size: int, pad_id: int, d
         yield {"input_ids": ids.to(device), "attention_mask": att.to(device), "stats_mask": smask.to(device)}
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and hasattr(emb, "weight"):
-        device = emb.weight.device
-        if device.type == "meta":  # offloaded by accelerate: inputs go to the hook's execution device
-            from persona_kernels.patching import _offload_hook
-
-            hook = _offload_hook(emb)
-            return torch.device(hook.execution_device) if hook is not None else torch.device("cpu")
-        return device
-    return next(model.parameters()).device
-
-
 def persona_stats(
     model: nn.Module,
     tokenizer,
@@ -147,7 +135,7 @@ def persona_stats(
     if world > 1:
         tokens = resolve_token_mode([_as_item(t) for ts in texts_by_persona.values() for t in ts], tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = _model_device(model)
+    device = model_device(model)
     stats: dict[str, dict] = {}
     tokens_seen: dict[str, int] = {}
     for name, texts in texts_by_persona.items():

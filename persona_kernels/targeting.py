@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from persona_kernels.utils.devices import model_embedding
 from persona_kernels.utils.errors import message
 
 __all__ = ["PRESETS", "TargetSpec", "TargetError", "select_linears", "preset_for", "is_output_head", "DECODER_PROJECTIONS"]
@@ -52,16 +53,6 @@ def preset_for(model: nn.Module) -> Optional[tuple[str, ...]]:
 def is_output_head(name: str, module: nn.Module, head: Optional[nn.Module]) -> bool:
     """Whether ``module`` is the LM head (``head``: ``model.get_output_embeddings()``, or None)."""
     return module is head or name == "lm_head" or name.endswith(".lm_head")
-
-
-def _output_head(model: nn.Module) -> Optional[nn.Module]:
-    get_head = getattr(model, "get_output_embeddings", None)
-    if callable(get_head):
-        try:
-            return get_head()
-        except (NotImplementedError, AttributeError):
-            return None
-    return None
 
 
 def _entry_matcher(item: Union[str, "re.Pattern[str]"]) -> Callable[[str], bool]:
@@ -103,7 +94,7 @@ def select_linears(model: nn.Module, target_modules: TargetSpec = None, *, fn: s
         preset = preset_for(model)
         if preset is not None:
             return [(n, m) for n, m in linears if any(fnmatch.fnmatchcase(n, g) for g in preset)]
-        head = _output_head(model)
+        head = model_embedding(model, "output")
         return [(n, m) for n, m in linears if not is_output_head(n, m, head)]
     if callable(target_modules) and not isinstance(target_modules, re.Pattern):
         selected = [(n, m) for n, m in linears if target_modules(n, m)]
