@@ -103,7 +103,7 @@ def _random_llama(vocab: int) -> nn.Module:
 # batching, the plain / statistics modes and the paper-style hook baseline are shared with the package
 # suite (persona-kernels bench), so both report the same measurements
 from persona_kernels.bench.calibration import make_batches as _make_batches  # noqa: E402
-from persona_kernels.bench.calibration import run_hooks, run_plain, run_stats  # noqa: E402
+from persona_kernels.bench.calibration import run_hooks, run_plain, run_singles, run_stats  # noqa: E402
 from persona_kernels.bench.timing import time_interleaved  # noqa: E402
 from persona_kernels.utils.atomic import atomic_write  # noqa: E402
 
@@ -118,10 +118,12 @@ def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[i
     """Time plain / stats at each batch size and hooks (one text at a time), interleaved; one row per batch size."""
     batches = {bs: {p: make_batches(t, bs, pad_id) for p, t in token_lists.items()} for bs in batch_sizes}
     singles = {p: [torch.tensor([s]) for s in t] for p, t in token_lists.items()}
-    modes: dict[str, Callable[[], Any]] = {"hooks": lambda: run_hooks(model, singles)}
+    modes: dict[str, Callable[[], Any]] = {"hooks": lambda: run_hooks(model, singles),
+                                           "singles": lambda: run_singles(model, singles)}
     for bs in batch_sizes:
         modes[f"plain@{bs}"] = lambda b=batches[bs]: run_plain(model, b)
         modes[f"stats@{bs}"] = lambda b=batches[bs]: run_stats(model, b)
+        modes[f"whole@{bs}"] = lambda b=batches[bs]: run_stats(model, b, stop_early=False)
     # warm-up, and a correctness cross-check: sqrt(E[x^2]) per channel of both approaches agree
     hooks = run_hooks(model, singles)
     worst = 0.0
@@ -141,11 +143,16 @@ def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[i
         f"{m} {statistics.median(cpu[m]):.3f}s cpu / {statistics.median(wall[m]):.3f}s wall" for m in modes), flush=True)
 
     def ratios(times, bs):
-        # per-repeat ratios (same repeat, same machine state), then their median
-        st, pl, hk = times[f"stats@{bs}"], times[f"plain@{bs}"], times["hooks"]
-        overhead = statistics.median(s / p - 1 for s, p in zip(st, pl))
+        # per-repeat ratios (same repeat, same machine state), then their median; the statistics overhead is
+        # that of whole forwards (stop_early=False: the same work as plain), the speed-up that of collect_stats
+        wh, st, pl, hk = times[f"whole@{bs}"], times[f"stats@{bs}"], times[f"plain@{bs}"], times["hooks"]
+        overhead = statistics.median(w / p - 1 for w, p in zip(wh, pl))
         speedup = statistics.median(h / s for h, s in zip(hk, st))
         return overhead, speedup
+
+    def ceiling(times, bs):
+        # hooks / stats can exceed this only by doing less work than a plain forward: singles / plain
+        return statistics.median(s / p for s, p in zip(times["singles"], times[f"plain@{bs}"]))
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens = sum(len(s) for t in token_lists.values() for s in t)
@@ -153,7 +160,8 @@ def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[i
     for bs in batch_sizes:
         overhead, speedup = ratios(cpu, bs)
         wall_overhead, wall_speedup = ratios(wall, bs)
-        keys = {"plain": f"plain@{bs}", "stats": f"stats@{bs}", "hooks": "hooks"}
+        keys = {"plain": f"plain@{bs}", "whole": f"whole@{bs}", "stats": f"stats@{bs}", "singles": "singles",
+                "hooks": "hooks"}
         rows.append({
             "model": label,
             "parameters": n_params,
@@ -171,7 +179,9 @@ def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[i
             "hooks_over_stats": speedup,
             "stats_overhead_wall": wall_overhead,
             "hooks_over_stats_wall": wall_speedup,
-            "overhead_target_met": overhead <= 0.05,
+            "singles_over_plain": ceiling(cpu, bs),
+            "stats_over_plain": statistics.median(s / p for s, p in zip(cpu[f"stats@{bs}"], cpu[f"plain@{bs}"])),
+            "overhead_target_met": overhead <= 0.03,
             "speedup_target_met": speedup >= 3.0,
             "max_rel_diff_rms_stats_vs_hooks": worst,
         })
@@ -217,25 +227,32 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{report['texts_per_persona']} texts x {len(report['personas'])} personas; torch {report['torch']}, "
         f"{report['machine']}; backend `{report['backend']}`.",
         "",
-        "(a) plain batched forward, (b) batched forward with `collect_stats`, (c) per-Linear forward hooks "
-        "(`torch.norm` per channel, copied to host each call), one text at a time. Times are process CPU "
+        "(a) plain batched forward; (b) batched forward with `collect_stats` (default: each forward stops once "
+        "the last targeted Linear's input is recorded, the first forward runs whole); (b') the same with "
+        "`stop_early=False` (every forward whole: the same work as (a), so (b')/(a) - 1 is the statistics "
+        "overhead); (c) per-Linear forward hooks (`torch.norm` per channel, copied to host each call), one text "
+        "at a time; (d) plain forwards one text at a time without hooks: (d)/(a) is the most any statistics "
+        "method gains over (c) by batching alone. Times are process CPU "
         "seconds (the machine is shared, so wall time mostly measures the other tenants; wall-clock ratios are "
         "in the JSON and the last columns); medians of the repeats; ratios are medians of per-repeat ratios. "
         "Every mode calls the model with `logits_to_keep=1, use_cache=False` "
         "(what `collect_stats` passes by default).",
         "",
-        "| model | params | threads | batch | tokens (padded) | plain s | stats s | hooks s | stats overhead (<= 5 %) "
-        "| hooks / stats (>= 3x) | wall: overhead, hooks / stats |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | threads | batch | tokens (padded) | (a) plain s | (b') whole s | (b) stats s | (c) hooks s "
+        "| (d) singles s | stats overhead (b')/(a) (<= 3 %) | hooks / stats (c)/(b) (>= 3x) | (d)/(a) | "
+        "wall: overhead, hooks / stats |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         m = r["median_cpu_s"]
         lines.append(
             f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['threads']} | {r['batch_size']} | "
             f"{r['tokens']} ({r['padded_tokens']}) | "
-            f"{m['plain']:.3f} | {m['stats']:.3f} | {m['hooks']:.3f} | {100 * r['stats_overhead']:+.1f} % "
+            f"{m['plain']:.3f} | {m['whole']:.3f} | {m['stats']:.3f} | {m['hooks']:.3f} | {m['singles']:.3f} | "
+            f"{100 * r['stats_overhead']:+.1f} % "
             f"{'ok' if r['overhead_target_met'] else 'MISSED'} | {r['hooks_over_stats']:.2f}x "
-            f"{'ok' if r['speedup_target_met'] else 'MISSED'} | {100 * r['stats_overhead_wall']:+.1f} %, "
+            f"{'ok' if r['speedup_target_met'] else 'MISSED'} | {r['singles_over_plain']:.2f}x | "
+            f"{100 * r['stats_overhead_wall']:+.1f} %, "
             f"{r['hooks_over_stats_wall']:.2f}x |"
         )
     if report.get("per_call_us"):
@@ -252,7 +269,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "Notes: on a CPU, `.cpu()` of a CPU tensor copies nothing, so (c) is a lower bound of the hook approach's "
         "cost (on a GPU each call also synchronises). With one thread a forward pass is mostly matrix products "
-        "whose efficiency barely depends on the batch, which bounds the batching gain of (b) over (c).",
+        "(aten::mm is 88 % of a batched SmolLM2 forward in torch.profiler), so (d)/(a), the per-token cost of "
+        "one-text GEMMs over batched ones, bounds what batching gains; (b) passes it only by skipping work.",
     ]
     worst = {r["model"]: r["max_rel_diff_rms_stats_vs_hooks"] for r in report["results"]}
     lines += ["", "Cross-check: max relative difference of the per-channel RMS, stats vs hooks: "

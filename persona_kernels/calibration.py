@@ -87,6 +87,10 @@ def resolve_target_modules(model: nn.Module, target_modules: TargetSpec = None) 
 
 
 # ---------------------------------------------------------------------------------------------- recorder
+class _StopForward(Exception):
+    """Raised inside a forward once every targeted Linear has been recorded (see ``stop_early``)."""
+
+
 class _Slot:
     """Per-module recording state."""
 
@@ -129,6 +133,12 @@ class StatsRecorder:
         skip_logits: in :meth:`run`, pass ``logits_to_keep=1`` and ``use_cache=False`` when the model's forward
             takes them and the batch does not set them (calibration needs no logits nor KV cache); never when
             the output head itself is recorded.
+        stop_early: in :meth:`run`, end each forward as soon as every targeted Linear has been recorded (the
+            last one's product, the rest of the network and the output head are skipped; ``run`` then returns
+            None). It is learnt from the first forward, which runs whole: it applies only when every targeted
+            Linear ran exactly once there, the last one is reached again after all the others, and no module
+            carries an accelerate hook (their offload steps must run). Off by default; ``collect_stats``
+            turns it on.
 
     Calling the model directly inside the context uses its ``attention_mask`` keyword (2-D) as the token
     mask, unless :meth:`set_token_mask` set one. Statistics persist across contexts of the same recorder.
@@ -143,6 +153,7 @@ class StatsRecorder:
         on_nonfinite: str = "warn",
         share_inputs: bool = True,
         skip_logits: bool = True,
+        stop_early: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -171,6 +182,11 @@ class StatsRecorder:
         self._last_input: Optional[torch.Tensor] = None
         self._last_version = -1
         self._last_slot: Optional[_Slot] = None
+        # early stop: None = not learnt yet, False = never, else the slot whose recording ends a forward
+        hooked = any(hasattr(m, "_hf_hook") for m in model.modules())
+        self._terminal: Any = None if (stop_early and not hooked) else False
+        self._in_run = False
+        self._called: list[_Slot] = []  # slots called in the current forward (order of the first calls)
 
     # -- public ---------------------------------------------------------------------------------------
     @property
@@ -211,10 +227,14 @@ class StatsRecorder:
             kwargs.setdefault(key, value)
         previous = self._explicit_mask
         self._explicit_mask = mask
+        self._in_run = True
         try:
             with torch.no_grad():
                 return self.model(*args, **kwargs)
+        except _StopForward:
+            return None
         finally:
+            self._in_run = False
             self._explicit_mask = previous
 
     def nonfinite_counts(self) -> dict[str, int]:
@@ -323,6 +343,7 @@ class StatsRecorder:
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._reset_forward_state()
+        self._called = []
         mask = self._explicit_mask
         if mask is None:
             am = kwargs.get("attention_mask")
@@ -331,6 +352,11 @@ class StatsRecorder:
         self._mask = mask
 
     def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._terminal is None and self._in_run:
+            # a forward ran whole: learn where the next ones may stop (dense models: each Linear ran once)
+            once = len(self._called) == len(self._slots) and len(set(map(id, self._called))) == len(self._slots)
+            self._terminal = self._called[-1] if once else False
+        self._called = []
         self._reset_forward_state()
         self._mask = None
 
@@ -364,6 +390,14 @@ class StatsRecorder:
         self._mask_cache[key] = m
         return m
 
+    def _record_only(self, slot: _Slot, input: torch.Tensor) -> None:
+        """Record ``input`` into ``slot``'s statistics without computing the Linear (the forward stops here)."""
+        from persona_kernels.ops.welford import welford_update
+
+        if slot.leader is not None:
+            return  # the leader has recorded this same input
+        welford_update(slot.stats, input.detach(), self._mask_for(slot, input), backend=self.backend)
+
     def _make_forward(self, slot: _Slot, original: Callable, fused: bool) -> Callable:
         from persona_kernels.ops.welford import _linear_with_stats_checked, linear_with_stats, welford_update
         from persona_kernels.stats import ActivationStats
@@ -375,6 +409,14 @@ class StatsRecorder:
             if args or kwargs or not isinstance(input, torch.Tensor):
                 return original(input, *args, **kwargs)
             weight, bias = module.weight, module.bias
+            if rec._in_run and rec._terminal is not False:
+                rec._called.append(slot)
+                # the learnt last Linear, and every other one already ran in this forward: record, then stop
+                if slot is rec._terminal and len({id(s) for s in rec._called}) == len(rec._slots):
+                    rec._record_only(slot, input)
+                    raise _StopForward
+                if slot is rec._terminal:
+                    rec._terminal = False  # this forward took another path: always run whole from now on
             last = rec._last_input
             if rec.share_inputs and input is last and input._version == rec._last_version:
                 leader = rec._last_slot
@@ -481,6 +523,7 @@ def collect_stats(
     progress: bool = True,
     share_inputs: bool = True,
     skip_logits: bool = True,
+    stop_early: bool = True,
 ) -> CalibrationStats:
     """Run ``model`` over ``batches`` (under ``torch.no_grad()``, in eval mode) and return the statistics.
 
@@ -498,6 +541,8 @@ def collect_stats(
         progress: show a tqdm progress bar over the batches.
         share_inputs: Linears reading the same tensor share one ActivationStats object.
         skip_logits: pass ``logits_to_keep=1, use_cache=False`` when the model takes them (see StatsRecorder).
+        stop_early: end each forward after the last targeted Linear's input is recorded (see StatsRecorder;
+            the statistics are the same, the rest of the network is not computed).
 
     Returns:
         :class:`CalibrationStats`: ``{module name: ActivationStats}`` in model order; each lives on its module's
@@ -518,7 +563,7 @@ def collect_stats(
             f"of dicts), got {type(batches).__name__}; wrap a single batch in a list"
         )
     recorder = StatsRecorder(model, target_modules, backend=backend, on_nonfinite=on_nonfinite,
-                             share_inputs=share_inputs, skip_logits=skip_logits)
+                             share_inputs=share_inputs, skip_logits=skip_logits, stop_early=stop_early)
     device = _input_device(model)
     training = {m: m.training for m in model.modules()}
     iterator: Iterable[Any] = batches

@@ -96,8 +96,8 @@ def synthetic_result() -> dict:
             "gated": {"title": "gated", "backends": ["cpu"], "small_m": 16, "rows": gated_rows, "notes": ["n"]},
             "calibration": {"title": "calibration", "rows": [{
                 "key": "m|batch=4", "params": {"model": "m", "batch_size": 4, "texts": 8, "tokens": 80, "padded_tokens": 96},
-                "times": _times(plain=1.0, stats=1.02, hooks=3.0),
-                "ratios": {"stats/plain": _ratio(1.02, 0.01), "stats/hooks": _ratio(0.34, 0.01)}}],
+                "times": _times(plain=1.0, whole=1.02, stats=0.98, hooks=3.0),
+                "ratios": {"whole/plain": _ratio(1.02, 0.01), "stats/hooks": _ratio(0.33, 0.01)}}],
                 "check": {"max_rel_diff_rms": 1e-6}},
             "scoring": {"title": "scoring", "rows": [{
                 "key": "s", "params": {"layers": 1, "modules": 7, "weights": 4e6, "rows": 5000, "sparsity": 0.5},
@@ -167,7 +167,7 @@ def test_report_writer_produces_json_markdown_and_pngs(tmp_path):
     md = (tmp_path / "report.md").read_text()
     for text in ("## gated", "## calibration", "## scoring", "## switching", "## e2e", "Not run: RuntimeError",
                  "![gated](gated.png)", "AMD" if "AMD" in result["machine"]["cpu_model"] else "Machine:",
-                 "Regression guard"):
+                 "Regression guard", "whole / plain (≤ 3 %)", "| +2.0 % | 3.03x |"):
         assert text in md, text
     assert md == markdown(result, {k: f"{k}.png" for k in ("gated", "calibration", "scoring", "switching", "e2e")})
     for name in ("gated", "calibration", "scoring", "switching", "e2e"):

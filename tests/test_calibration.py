@@ -537,3 +537,108 @@ def test_stories260k(shared):
     for n in names:
         assert torch.equal(single[n].count, stats[n].count)
         torch.testing.assert_close(single[n].var, stats[n].var, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- early stop
+def _stats_equal(a, b, exact: bool = True) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        for key in ("count", "mean", "var", "abs_mean", "abs_var", "sq_mean"):
+            x, y = getattr(a[name], key), getattr(b[name], key)
+            if exact:
+                assert torch.equal(x, y), f"{name}.{key}"
+            else:
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9, msg=lambda m: f"{name}.{key}: {m}")
+
+
+def _count_calls(module: nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda mod, args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_stop_early_gives_the_same_statistics_and_skips_the_tail():
+    model = _tiny_llama()
+    batches = [_pad(_sequences(4, seed=s)) for s in (11, 12, 13)] + [{"input_ids": torch.tensor([_sequences(1, seed=14)[0]])}]
+    head_calls, norm_calls = _count_calls(model.lm_head), _count_calls(model.model.norm)
+    early = collect_stats(model, batches, progress=False)
+    assert head_calls[0] == 1 and norm_calls[0] == 1  # only the first (learning) forward ran whole
+    whole = collect_stats(model, batches, progress=False, stop_early=False)
+    assert head_calls[0] == 1 + len(batches)
+    _stats_equal(early, whole)
+    _assert_matches(early, _reference(model, batches, _default_names(model)), rtol=1e-4, atol=1e-6)
+
+
+def test_stop_early_only_inside_run_and_returns_none():
+    model = _tiny_llama()
+    batch = _pad(_sequences(3, seed=21))
+    with StatsRecorder(model, stop_early=True) as rec:
+        assert rec.run(batch) is not None  # learning forward: whole, with its output
+        assert rec.run(batch) is None  # stopped after the last Linear
+        with torch.no_grad():
+            out = model(**batch)  # a direct call inside the context always runs whole
+        assert out.logits.shape[0] == 3
+    with StatsRecorder(model) as rec:  # off by default: the recorder's run returns the model output
+        assert rec.run(batch) is not None and rec.run(batch) is not None
+
+
+class _Reuse(nn.Module):
+    """One Linear called twice per forward: never stopped early."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.a(self.b(self.a(x)))
+
+
+class _Branch(nn.Module):
+    """The last Linear of the first forward comes earlier in later ones: early stop must switch itself off."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.flip = False
+
+    def forward(self, x):
+        if self.flip:
+            return self.a(self.c(x)) + self.b(x * 2)
+        return self.c(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("cls", [_Reuse, _Branch])
+def test_stop_early_falls_back_to_whole_forwards(cls):
+    torch.manual_seed(3)
+    model = cls()
+    xs = [torch.randn(2, 5, 8) for _ in range(4)]
+
+    def collect(stop_early):
+        if isinstance(model, _Branch):
+            model.flip = False
+        with StatsRecorder(model, stop_early=stop_early) as rec:
+            outs = []
+            for i, x in enumerate(xs):
+                if isinstance(model, _Branch) and i == 2:
+                    model.flip = True
+                outs.append(rec.run(x))
+        return rec.stats, outs
+
+    early, outs = collect(True)
+    whole, _ = collect(False)
+    _stats_equal(early, whole)
+    if isinstance(model, _Reuse):
+        assert all(o is not None for o in outs)  # a Linear ran twice: the rule never applied
+        assert int(early["a"].count[0]) == 2 * 2 * 5 * len(xs)
+    else:
+        assert outs[1] is None and outs[2] is not None and outs[3] is not None  # stopped once, then whole
+        assert int(early["c"].count[0]) == 2 * 5 * len(xs)
+
+
+def test_stop_early_off_when_accelerate_hooks_are_present(tiny):
+    model = copy.deepcopy(tiny)
+    model.model.layers[0]._hf_hook = object()  # an accelerate hook's offload step must run after each forward
+    head_calls = _count_calls(model.lm_head)
+    batches = [_pad(_sequences(3, seed=s)) for s in (31, 32)]
+    collect_stats(model, batches, progress=False)
+    assert head_calls[0] == len(batches)
