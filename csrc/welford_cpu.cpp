@@ -39,7 +39,7 @@ namespace {
 constexpr int kLanes = 16;               // channels per block
 constexpr int64_t kTileRows = 32;        // fp32 run length before folding into fp64
 constexpr int64_t kGroupChannels = 128;  // channels per task (multiple of kLanes)
-constexpr int64_t kMinElementsPerThread = int64_t{1} << 20;
+constexpr int64_t kMinElementsPerThread = int64_t{1} << 17;  // ~25 us of work: the pool is warm from the GEMM
 
 // A run of rows of one chunk; its Σx² goes to seq_sumsq row `dst` (dst >= 0), to the chunk's split
 // buffer (dst == kSplit: a sequence longer than a chunk), or nowhere (dst == kNoSeq).
