@@ -391,6 +391,7 @@ class ForwardCount:
     padded: int = 0  #: rows x width of every forward chunk: what the matrix products run on
     floor: int = 0  #: per scoring call, the distinct nodes of the token trie of its sequences (each up to its
     #: last scored position): the fewest tokens any exact prefix-reusing scorer needs
+    sequences: list = field(default_factory=list)  #: those sequences, one list per scoring call
 
 
 _COUNTERS: list[ForwardCount] = []
@@ -400,7 +401,7 @@ _PREFIX_CACHE = {"enabled": True}
 #: kept alive (see :func:`_chunks`)
 _WINDOW = 2
 #: the fixed cost of one forward chunk (call overhead, KV assembly) in tokens, for :func:`_chunks`
-_CHUNK_COST = 8
+_CHUNK_COST = 32
 
 
 @contextlib.contextmanager
@@ -632,6 +633,7 @@ def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], p
     need = [list(s[: max(p) + 1]) for s, p in zip(seqs, positions)]
     for count in _COUNTERS:
         count.floor += trie_nodes(need)
+        count.sequences.append(need)
     if prefix_cache is None:
         prefix_cache = _PREFIX_CACHE["enabled"]
     args = (model, split, seqs, positions, targets, offsets, pad, batch_size, progress, desc)
