@@ -46,7 +46,7 @@ from persona_kernels.utils.devices import model_device
 __all__ = [
     "TaskDataError", "ResponsePair", "YesNoItem", "MCItem", "Task", "Split", "TASK_SPECS", "load_ab_file", "load_yesno_file",
     "load_pairs_file", "load_mmlu2_file", "load_mmlu4_file", "load_hellaswag_file", "load_task", "split_items",
-    "score_items", "choice_logprobs", "sequence_logprobs", "count_forward_tokens", "prefix_caching", "trie_nodes",
+    "score_items", "choice_logprobs", "sequence_logprobs", "count_forward_tokens", "ForwardCount", "prefix_caching", "trie_nodes",
 ]
 
 
@@ -735,10 +735,9 @@ def _tree_logprobs(model, split, seqs, positions, targets, offsets, pad, batch_s
 def _chunks(items: list, lengths: Sequence[int], rows: int) -> list[list]:
     """Cut ``items`` (sorted by ascending ``lengths``) into runs of at most ``rows`` that minimise the padded
     tokens (rows x the longest) plus :data:`_CHUNK_COST` per run (dynamic programming over the cut points)."""
-    best, cut = [0] + [0] * len(items), [0] * (len(items) + 1)
-    for j in range(1, len(items) + 1):
-        best[j] = min(best[i] + (j - i) * lengths[j - 1] + _CHUNK_COST for i in range(max(0, j - rows), j))
-        cut[j] = next(i for i in range(max(0, j - rows), j) if best[i] + (j - i) * lengths[j - 1] + _CHUNK_COST == best[j])
+    best, cut = [0] * (len(items) + 1), [0] * (len(items) + 1)
+    for j in range(1, len(items) + 1):  # best[j]: the cost of items[:j]; cut[j]: where its last run starts
+        best[j], cut[j] = min((best[i] + (j - i) * lengths[j - 1] + _CHUNK_COST, i) for i in range(max(0, j - rows), j))
     runs, j = [], len(items)
     while j:
         runs.append(items[cut[j] : j])
