@@ -472,3 +472,38 @@ def test_position_logprobs_checks_its_arguments(tiny):
         _position_logprobs(model, tok, [[1, 2, 3], [1, 2, 4]], [[1], [3]], [[[2]], [[2]]], batch_size=2)
     with pytest.raises(ValueError, match="differ in length"):
         _position_logprobs(model, tok, [[1, 2, 3]], [[1], [1]], [[[2]]], batch_size=2)
+
+
+def test_prefix_tree_keeps_a_bounded_kv(rand_llama, monkeypatch):
+    """Many items under one header: the KV alive at any forward stays within the window, not the item count."""
+    from persona_kernels.evaluation import tasks as T
+
+    g = torch.Generator().manual_seed(9)
+    rnd = lambda n: torch.randint(1, 61, (n,), generator=g).tolist()  # noqa: E731
+    head = rnd(6)
+    seqs = []
+    for _ in range(60):  # an item: a stem shared by two continuations (an A/B question in both orders)
+        stem = head + rnd(5)
+        seqs += [stem + rnd(3), stem + rnd(4)]
+    positions = [[len(s) - 1] for s in seqs]
+    targets = [[[1, 2]] for _ in seqs]
+    seen, live = {}, []
+    tree, forward = T._prefix_tree, T._forward
+
+    def spy_tree(need):
+        seen["root"], ends = tree(need)
+        return seen["root"], ends
+
+    def spy_forward(*args, **kwargs):
+        live.append(sum(n.kv is not None for n in T._preorder(seen["root"])))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_prefix_tree", spy_tree)
+    monkeypatch.setattr(T, "_forward", spy_forward)
+    with T.count_forward_tokens() as count:
+        got = T._position_logprobs(rand_llama, _Tok(), seqs, positions, targets, batch_size=4)
+    assert count.tokens == count.floor <= len(head) + 60 * (5 + 3 + 4)  # less where random tokens coincide
+    assert 1 < max(live) <= 2 * T._WINDOW * 4 + 1  # the header and at most the stems of two windows
+    want = _by_hand(rand_llama, seqs[:6], positions[:6], targets[:6])
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_.double(), w, atol=2e-5, rtol=0)

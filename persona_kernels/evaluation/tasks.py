@@ -609,10 +609,12 @@ def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], p
     its last scored position; later tokens are never needed) form a prefix tree; its nodes run in chunks of at
     most ``batch_size`` rows, each attending to the KV cache of its ancestors, so the decoder sees exactly the
     tree's tokens (:func:`trie_nodes`, the floor of any exact prefix-reusing scorer). Nodes are taken in
-    depth-first order, a window at a time sorted by length, and a node's KV is dropped once its children
-    ran, which bounds memory. The cache is computed under the model's current persona/condition within this
-    call and never reused across calls. ``prefix_cache=False``: one forward per whole sequence, the
-    reference; both give the same numbers up to float32 rounding.
+    depth-first order, a window of ``2 * batch_size`` at a time sorted by length, and a node's KV is dropped
+    once its whole subtree ran, which bounds memory. The cache is computed under the model's current
+    persona/condition within this call and never reused across calls. A model whose cache is not a plain
+    full-attention ``DynamicCache`` (sliding-window or quantised layers) runs whole sequences.
+    ``prefix_cache=False``: one forward per whole sequence, the reference; both give the same numbers up to
+    float32 rounding.
     """
     if not (len(seqs) == len(positions) == len(targets)):
         raise ValueError(f"persona_kernels.evaluation: 'seqs', 'positions' and 'targets' differ in length "
