@@ -310,20 +310,19 @@ def test_prefix_cache_gives_the_uncached_scores_with_fewer_tokens(tiny, shared, 
         for n, task in tasks.items():
             lengths = ((1024, 3), (48, 4)) if n in ("power", "energy") else ((1024, 3),)
             for max_length, batch in lengths:  # 48: left-truncated sequences share little or nothing
-                T.FORWARD_TOKENS["tokens"] = 0
-                ref = score_items(model, tok, task, system_prompt=system, batch_size=batch, max_length=max_length,
-                                  prefix_cache=False)
-                whole = T.FORWARD_TOKENS["tokens"]
-                T.FORWARD_TOKENS["tokens"] = 0
-                got = score_items(model, tok, task, system_prompt=system, batch_size=batch, max_length=max_length)
-                cached = T.FORWARD_TOKENS["tokens"]
+                with T.count_forward_tokens() as whole:
+                    ref = score_items(model, tok, task, system_prompt=system, batch_size=batch, max_length=max_length,
+                                      prefix_cache=False)
+                with T.count_forward_tokens() as cached:
+                    got = score_items(model, tok, task, system_prompt=system, batch_size=batch, max_length=max_length)
                 assert set(got) == set(ref)
                 for key in ref:
                     assert torch.isfinite(got[key]).all()
                     torch.testing.assert_close(got[key], ref[key], atol=PREFIX_ATOL, rtol=0, msg=f"{n} {key}")
-                assert cached <= whole
+                # the cached scorer runs exactly the prefix trie's tokens: the floor
+                assert cached.tokens == cached.floor == whole.floor <= whole.tokens
                 if max_length == 1024:
-                    ratio[n] = whole / cached
+                    ratio[n] = whole.tokens / cached.tokens
         # both option orders / both responses share a prefix (the SmolLM2 ratios, with its chat header, are in
         # benchmarks/results/eval_prefix_cpu.md; stories260K has no chat template, so its prompts are short)
         assert ratio["power"] > 1.3 and ratio["energy"] > 1.05, ratio
@@ -331,9 +330,180 @@ def test_prefix_cache_gives_the_uncached_scores_with_fewer_tokens(tiny, shared, 
         patching.unpatch_model(model)
 
 
-def test_prefix_cache_groups_must_partition(tiny):
+# random-weight tiny Llama: the prefix tree on hand-made token sequences
+
+
+@pytest.fixture(scope="module")
+def rand_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(11)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)  # sharp distributions: a wrong prefix shows up clearly
+    return model
+
+
+class _Tok:
+    pad_token_id = 0
+
+
+def _tree_cases():
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda n: torch.randint(1, 61, (n,), generator=g).tolist()  # noqa: E731
+    head, stem, other = rnd(9), rnd(13), rnd(17)
+    seqs = [
+        head + stem + rnd(6),  # two continuations of one stem (an E/I pair)
+        head + stem + rnd(11),
+        head + stem,  # a continuation that is a prefix of the others: it ends inside the tree
+        head + stem + rnd(1),
+        head + rnd(5),  # shares only the head
+        other,  # shares nothing
+        other[:7] + rnd(3),  # shares the first 7 tokens with the previous one
+        rnd(1),  # a single token
+        head + stem,  # a duplicate sequence
+        rnd(29),
+        head + stem + rnd(6),
+    ]
+    positions, targets = [], []
+    for i, s in enumerate(seqs):
+        if i % 3 == 0:  # every position: the scored positions span several tree nodes, from position 0
+            ps = list(range(len(s)))
+        elif i % 3 == 1:  # the continuation part only
+            ps = list(range(max(0, len(s) - 4), len(s)))
+        else:  # one position, several targets (answer letters)
+            ps = [len(s) - 1]
+        positions.append(ps)
+        targets.append([[int(s[p + 1]) if p + 1 < len(s) else 3] + ([7, 50] if len(ps) == 1 else []) for p in ps])
+    return seqs, positions, targets
+
+
+def _by_hand(model, seqs, positions, targets) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for s, ps, ts in zip(seqs, positions, targets):
+            lp = torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0].double(), -1)
+            out.append(torch.tensor([float(lp[p, t]) for p, tt in zip(ps, ts) for t in tt], dtype=torch.float64))
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 5, 16])
+def test_prefix_tree_scores_equal_whole_sequences(rand_llama, batch_size):
+    from persona_kernels.evaluation import tasks as T
+
+    seqs, positions, targets = _tree_cases()
+    want = _by_hand(rand_llama, seqs, positions, targets)
+    for cache in (False, True):
+        with T.count_forward_tokens() as count:
+            got = T._position_logprobs(rand_llama, _Tok(), seqs, positions, targets, batch_size=batch_size,
+                                       prefix_cache=cache)
+        for i, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=0, msg=f"cache={cache} sequence {i}")
+        need = [s[: max(p) + 1] for s, p in zip(seqs, positions)]
+        assert count.floor == T.trie_nodes(need) == len({tuple(s[:k]) for s in need for k in range(1, len(s) + 1)})
+        assert count.tokens == (count.floor if cache else sum(map(len, seqs)))
+
+
+def test_prefix_tree_with_a_wrong_cache_gives_wrong_scores(rand_llama, monkeypatch):
+    """The equality test above can fail: rows that attend to another row's prefix change the scores."""
+    import transformers
+
+    from persona_kernels.evaluation import tasks as T
+
+    def rolled(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:  # the assembled past: each row gets the previous row's prefix
+            key_states, value_states = key_states.roll(1, 0), value_states.roll(1, 0)
+        return update(self, key_states, value_states, *args, **kwargs)
+
+    seqs, positions, targets = _tree_cases()
+    ref = T._position_logprobs(rand_llama, _Tok(), seqs, positions, targets, batch_size=4, prefix_cache=False)
+    update = transformers.cache_utils.DynamicLayer.update
+    monkeypatch.setattr(transformers.cache_utils.DynamicLayer, "update", rolled)
+    got = T._position_logprobs(rand_llama, _Tok(), seqs, positions, targets, batch_size=4)
+    assert max(float((g - r).abs().max()) for g, r in zip(got, ref)) > 1e-2
+
+
+def test_prefix_tree_is_the_trie():
+    from persona_kernels.evaluation.tasks import _preorder, _prefix_tree, trie_nodes
+
+    g = torch.Generator().manual_seed(2)
+    for trial in range(30):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        vocab = int(torch.randint(2, 5, (1,), generator=g))  # few symbols: many shared prefixes
+        seqs = [torch.randint(0, vocab, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+        root, ends = _prefix_tree(seqs)
+        nodes = _preorder(root)[1:]
+        assert sum(x.end - x.start for x in nodes) == trie_nodes(seqs)
+        for i, s in enumerate(seqs):  # each sequence's path spells it
+            path, x = [], ends[i]
+            while x is not root:
+                path = seqs[x.seq][x.start : x.end] + path
+                assert x.end > x.start and x.parent.end == x.start
+                x = x.parent
+            assert path == s, (trial, seqs)
+        for x in nodes:  # branches differ in their first token
+            firsts = [seqs[c.seq][c.start] for c in x.children]
+            assert len(firsts) == len(set(firsts))
+
+
+def test_scores_do_not_depend_on_the_padding_side(tiny):
+    from transformers import AutoTokenizer
+
+    model, _ = tiny
+    from persona_kernels.evaluation.tasks import ResponsePair
+
+    items = [ResponsePair("Tell me a story.", "They ran and laughed.", "She sat alone."),
+             ResponsePair("Say hi.", "Hi there, friend!", "Hi.")]
+    scores = []
+    for side in ("left", "right"):
+        tok = AutoTokenizer.from_pretrained(model.name_or_path, padding_side=side)
+        scores.append(score_items(model, tok, _task("pairs", items), batch_size=3)["margin"])
+    torch.testing.assert_close(scores[0], scores[1], atol=0, rtol=0)
+
+
+def test_position_logprobs_checks_its_arguments(tiny):
     from persona_kernels.evaluation.tasks import _position_logprobs
 
     model, tok = tiny
-    with pytest.raises(ValueError, match="partition"):
-        _position_logprobs(model, tok, [[1, 2, 3], [1, 2, 4]], [[1], [1]], batch_size=2, groups=[[0]])
+    with pytest.raises(ValueError, match="sequence 1 .*positions"):
+        _position_logprobs(model, tok, [[1, 2, 3], [1, 2, 4]], [[1], [3]], [[[2]], [[2]]], batch_size=2)
+    with pytest.raises(ValueError, match="differ in length"):
+        _position_logprobs(model, tok, [[1, 2, 3]], [[1], [1]], [[[2]]], batch_size=2)
+
+
+def test_prefix_tree_keeps_a_bounded_kv(rand_llama, monkeypatch):
+    """Many items under one header: the KV alive at any forward stays within the window, not the item count."""
+    from persona_kernels.evaluation import tasks as T
+
+    g = torch.Generator().manual_seed(9)
+    rnd = lambda n: torch.randint(1, 61, (n,), generator=g).tolist()  # noqa: E731
+    head = rnd(6)
+    seqs = []
+    for _ in range(60):  # an item: a stem shared by two continuations (an A/B question in both orders)
+        stem = head + rnd(5)
+        seqs += [stem + rnd(3), stem + rnd(4)]
+    positions = [[len(s) - 1] for s in seqs]
+    targets = [[[1, 2]] for _ in seqs]
+    seen, live = {}, []
+    tree, forward = T._prefix_tree, T._forward
+
+    def spy_tree(need):
+        seen["root"], ends = tree(need)
+        return seen["root"], ends
+
+    def spy_forward(*args, **kwargs):
+        live.append(sum(n.kv is not None for n in T._preorder(seen["root"])))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_prefix_tree", spy_tree)
+    monkeypatch.setattr(T, "_forward", spy_forward)
+    with T.count_forward_tokens() as count:
+        got = T._position_logprobs(rand_llama, _Tok(), seqs, positions, targets, batch_size=4)
+    assert count.tokens == count.floor <= len(head) + 60 * (5 + 3 + 4)  # less where random tokens coincide
+    assert 1 < max(live) <= 2 * T._WINDOW * 4 + 1  # the header and at most the stems of two windows
+    want = _by_hand(rand_llama, seqs[:6], positions[:6], targets[:6])
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_.double(), w, atol=2e-5, rtol=0)

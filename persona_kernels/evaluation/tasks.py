@@ -19,10 +19,12 @@ Task kinds and their per-item scores (all float64 tensors, one value per evaluat
 This is the one log-prob engine of the package (the runner, the sweep and the demo use it). A sequence is
 always ``[BOS] + tokens(context) + tokens(continuation)`` (context and continuation tokenised separately). The
 output layer runs only at the scored positions; when every choice is a single token (answer letters, Yes/No)
-one sequence per item scores all choices at once. Shared prefixes run once (KV cache expanded to each
-continuation, see :func:`_position_logprobs`): the chat header common to a batch, the prompt of an E/I pair's
-two responses, the question start of an A/B item's two option orders. The cache is built under the condition
-being scored; results equal the whole-sequence forward up to float rounding (``prefix_cache=False``).
+one sequence per item scores all choices at once. Every token prefix shared by sequences of one scoring call
+runs once (a prefix tree whose nodes attend to their ancestors' KV cache, see :func:`_position_logprobs`): the
+chat header and system prompt common to the whole task, the prompt and common start of an E/I pair's two
+responses, the question start of an A/B item's two option orders, a question stem several items share. The
+cache is built under the condition being scored; results equal the whole-sequence forward up to float32
+rounding (``prefix_cache=False``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from persona_kernels.utils.devices import model_device
 __all__ = [
     "TaskDataError", "ResponsePair", "YesNoItem", "MCItem", "Task", "Split", "TASK_SPECS", "load_ab_file", "load_yesno_file",
     "load_pairs_file", "load_mmlu2_file", "load_mmlu4_file", "load_hellaswag_file", "load_task", "split_items",
-    "score_items", "choice_logprobs", "sequence_logprobs",
+    "score_items", "choice_logprobs", "sequence_logprobs", "count_forward_tokens", "ForwardCount", "prefix_caching", "trie_nodes",
 ]
 
 
@@ -381,10 +383,36 @@ def _split_model(model: nn.Module):
     return None
 
 
-#: forward tokens of the scorer (real, non-padding tokens run through the decoder), for benchmarks and tests
-FORWARD_TOKENS = {"tokens": 0}
+@dataclass
+class ForwardCount:
+    """Tokens run by the scorers inside :func:`count_forward_tokens` (benchmarks and tests)."""
+
+    tokens: int = 0  #: real (non-padding) tokens through the decoder
+    padded: int = 0  #: rows x width of every forward chunk: what the matrix products run on
+    floor: int = 0  #: per scoring call, the distinct nodes of the token trie of its sequences (each up to its
+    #: last scored position): the fewest tokens any exact prefix-reusing scorer needs
+    sequences: list = field(default_factory=list)  #: those sequences, one list per scoring call
+
+
+_COUNTERS: list[ForwardCount] = []
 #: whether scoring reuses shared prefixes when a caller does not say (see :func:`prefix_caching`)
 _PREFIX_CACHE = {"enabled": True}
+#: nodes of the prefix tree taken per step of the cached scorer, as a multiple of ``batch_size``; bounds the KV
+#: kept alive (see :func:`_chunks`)
+_WINDOW = 2
+#: the fixed cost of one forward chunk (call overhead, KV assembly) in tokens, for :func:`_chunks`
+_CHUNK_COST = 32
+
+
+@contextlib.contextmanager
+def count_forward_tokens() -> Iterator[ForwardCount]:
+    """Count the tokens of every scoring forward inside the block (see :class:`ForwardCount`)."""
+    count = ForwardCount()
+    _COUNTERS.append(count)
+    try:
+        yield count
+    finally:
+        _COUNTERS.remove(count)
 
 
 @contextlib.contextmanager
@@ -399,6 +427,22 @@ def prefix_caching(enabled: bool):
         _PREFIX_CACHE["enabled"] = old
 
 
+def trie_nodes(seqs: Sequence[Sequence[int]]) -> int:
+    """Distinct nodes of the token trie of ``seqs`` (= distinct non-empty prefixes): the fewest tokens a
+    forward that shares every common prefix needs to run them all."""
+    root: dict = {}
+    n = 0
+    for s in seqs:
+        node = root
+        for t in s:
+            nxt = node.get(t)
+            if nxt is None:
+                nxt = node[t] = {}
+                n += 1
+            node = nxt
+    return n
+
+
 def _rows(seqs: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``(input_ids, attention_mask)`` of token lists."""
     width = max(len(x) for x in seqs)
@@ -407,13 +451,36 @@ def _rows(seqs: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, to
     for r, x in enumerate(seqs):
         ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
         att[r, : len(x)] = 1
-    FORWARD_TOKENS["tokens"] += sum(len(x) for x in seqs)
+    for count in _COUNTERS:
+        count.tokens += sum(len(x) for x in seqs)
+        count.padded += len(seqs) * width
     return ids.to(device), att.to(device)
 
 
-def _gather_logprobs(model, split, hidden_or_logits, rows, cols) -> torch.Tensor:
-    logits = split[1](hidden_or_logits[rows, cols]) if split is not None else hidden_or_logits[rows, cols]
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+def _read(split, hidden_or_logits: torch.Tensor, asks: Sequence[tuple[int, int, int, int]],
+          targets: Sequence[Sequence[Sequence[int]]], offsets: Sequence[list[int]], out: list[torch.Tensor]) -> None:
+    """For each ask ``(row, col, i, k)``: ``out[i][offsets[i][k] + j] = log P(targets[i][k][j] | row up to col)``.
+    The output layer runs once per distinct (row, col)."""
+    if not asks:
+        return
+    where: dict[tuple[int, int], int] = {}
+    rows, cols, pick_row, pick_tok = [], [], [], []
+    for r, c, i, k in asks:
+        u = where.setdefault((r, c), len(where))
+        if u == len(rows):
+            rows.append(r)
+            cols.append(c)
+        pick_row.extend([u] * len(targets[i][k]))
+        pick_tok.extend(targets[i][k])
+    at = hidden_or_logits[torch.tensor(rows, device=hidden_or_logits.device), torch.tensor(cols, device=hidden_or_logits.device)]
+    logits = (split[1](at) if split is not None else at).float()
+    pick = torch.tensor(pick_row, device=logits.device)
+    vals = (logits[pick, torch.tensor(pick_tok, device=logits.device)] - torch.logsumexp(logits, dim=-1)[pick]).cpu()
+    start = 0
+    for _, _, i, k in asks:
+        n = len(targets[i][k])
+        out[i][offsets[i][k] : offsets[i][k] + n] = vals[start : start + n]
+        start += n
 
 
 def _forward(model, split, ids, att, *, pos=None, cache=None, use_cache=False):
@@ -449,133 +516,252 @@ def _can_cache(model: nn.Module, split) -> bool:
     return "position_ids" in params and bool(params & {"cache", "past_key_values"})
 
 
+def _cache_layers(cache) -> list | None:
+    """The layers of a plain full-attention ``DynamicCache`` (keys/values ``[batch, heads, seq, dim]``, all of one
+    shape), else None: the prefix tree needs to cut and reassemble the cache along the sequence."""
+    from transformers import DynamicCache
+
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or not layers:
+        return None
+    if any(type(layer).__name__ != "DynamicLayer" for layer in layers):  # sliding-window, quantised, ... layers
+        return None
+    shapes = {(tuple(layer.keys.shape), tuple(layer.values.shape), layer.keys.dtype) for layer in layers}
+    return list(layers) if len(shapes) == 1 else None
+
+
+class _NoTreeCache(Exception):
+    """The model's KV cache cannot be reassembled: score whole sequences instead."""
+
+
+class _Node:
+    """A node of the prefix tree: tokens ``need[seq][start:end]``, shared by every sequence below it."""
+
+    __slots__ = ("start", "end", "seq", "parent", "children", "rank", "kv", "asks")
+
+    def __init__(self, start: int, end: int, seq: int, parent: "_Node | None") -> None:
+        self.start, self.end, self.seq, self.parent = start, end, seq, parent
+        self.children: list[_Node] = []
+        self.rank = 0
+        self.kv: torch.Tensor | None = None  # [layers, 2, heads, end - start, dim] while children still need it
+        self.asks: list[tuple[int, int, int]] = []  # (col, i, k): position start + col, k-th of sequence i
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def _prefix_tree(need: Sequence[list[int]]) -> tuple[_Node, list[_Node]]:
+    """The radix tree (compressed trie) of non-empty token lists: its empty root and the node where each list
+    ends. Its token count is :func:`trie_nodes`. Children are in lexicographic order; ``rank`` is the pre-order."""
+    order = sorted(range(len(need)), key=lambda i: need[i])
+    root = _Node(0, 0, order[0], None)
+    ends = [root] * len(need)
+    stack, prev = [root], []
+    for i in order:
+        s = need[i]
+        shared = _lcp(prev, s)
+        while stack[-1].end > shared:
+            top = stack[-1]
+            if top.start >= shared:  # wholly past the shared part: finished
+                stack.pop()
+                continue
+            mid = _Node(top.start, shared, top.seq, top.parent)  # split: s branches off inside top
+            siblings = top.parent.children
+            siblings[next(j for j, c in enumerate(siblings) if c is top)] = mid
+            mid.children.append(top)
+            top.start, top.parent = shared, mid
+            stack[-1] = mid
+        if len(s) > shared:
+            leaf = _Node(shared, len(s), i, stack[-1])
+            stack[-1].children.append(leaf)
+            stack.append(leaf)
+            ends[i] = leaf
+        else:  # s equals the previous list
+            ends[i] = stack[-1]
+        prev = s
+    for rank, node in enumerate(_preorder(root)):
+        node.rank = rank
+    return root, ends
+
+
+def _preorder(root: _Node) -> list[_Node]:
+    order, todo = [], [root]
+    while todo:
+        order.append(todo.pop())
+        todo.extend(reversed(order[-1].children))
+    return order
+
+
 @torch.no_grad()
 def _position_logprobs(model: nn.Module, tokenizer, seqs: Sequence[list[int]], positions: Sequence[list[int]],
-                       *, batch_size: int, progress: bool = False, desc: str = "scoring",
-                       groups: Sequence[Sequence[int]] | None = None, prefix_cache: bool | None = None) -> list[torch.Tensor]:
-    """For each sequence, the log-softmax rows ``[len(positions[i]), vocab]`` (float32, CPU) at the given
-    positions (the distribution of the token that follows each position).
+                       targets: Sequence[Sequence[Sequence[int]]], *, batch_size: int, progress: bool = False,
+                       desc: str = "scoring", prefix_cache: bool | None = None) -> list[torch.Tensor]:
+    """Log-probs of target tokens: for sequence ``i``, float32 ``[sum_k len(targets[i][k])]``, the log-probs
+    ``log P(t | seqs[i][: positions[i][k] + 1])`` for ``t`` in ``targets[i][k]``, in that order.
 
-    ``prefix_cache`` (default): shared prefixes run once and their KV cache is expanded to the sequences that
-    share them, at two levels: the prefix common to a whole batch (chat header, system prompt) and, within a
-    ``group`` of sequences (one item: its choices, both option orders), the group's common prefix. Only the
-    tokens up to the first scored position are shared, so every scored position is computed in the last
-    chunk. Same numbers as ``prefix_cache=False`` (one forward per whole sequence) up to float rounding; the
-    cache is computed under the model's current persona/condition and never reused across calls.
+    ``prefix_cache`` (default): every token prefix that sequences share runs once. The sequences (each up to
+    its last scored position; later tokens are never needed) form a prefix tree; its nodes run in chunks of at
+    most ``batch_size`` rows, each attending to the KV cache of its ancestors, so the decoder sees exactly the
+    tree's tokens (:func:`trie_nodes`, the floor of any exact prefix-reusing scorer). Nodes are taken in
+    depth-first order, a window of ``2 * batch_size`` at a time sorted by length, and a node's KV is dropped
+    once its whole subtree ran, which bounds memory. The cache is computed under the model's current
+    persona/condition within this call and never reused across calls. A model whose cache is not a plain
+    full-attention ``DynamicCache`` (sliding-window or quantised layers) runs whole sequences.
+    ``prefix_cache=False``: one forward per whole sequence, the reference; both give the same numbers up to
+    float32 rounding.
     """
+    if not (len(seqs) == len(positions) == len(targets)):
+        raise ValueError(f"persona_kernels.evaluation: 'seqs', 'positions' and 'targets' differ in length "
+                         f"({len(seqs)}, {len(positions)}, {len(targets)})")
+    for i, (s, p, t) in enumerate(zip(seqs, positions, targets)):
+        if not p or len(p) != len(t) or min(p) < 0 or max(p) >= len(s):
+            raise ValueError(f"persona_kernels.evaluation: sequence {i} (length {len(s)}): expected one or more "
+                             f"positions in [0, {len(s)}) with one target list each, got positions {list(p)}")
+    if not seqs:
+        return []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    split = _split_model(model)
+    offsets = []
+    for t in targets:
+        offsets.append([0])
+        for k in t[:-1]:
+            offsets[-1].append(offsets[-1][-1] + len(k))
+    need = [list(s[: max(p) + 1]) for s, p in zip(seqs, positions)]
+    for count in _COUNTERS:
+        count.floor += trie_nodes(need)
+        count.sequences.append(need)
+    if prefix_cache is None:
+        prefix_cache = _PREFIX_CACHE["enabled"]
+    args = (model, split, seqs, positions, targets, offsets, pad, batch_size, progress, desc)
+    if prefix_cache and _can_cache(model, split):  # a model without a KV cache runs whole sequences
+        try:
+            return _tree_logprobs(*args, need=need)
+        except _NoTreeCache:
+            pass
+    return _whole_logprobs(*args)
+
+
+def _whole_logprobs(model, split, seqs, positions, targets, offsets, pad, batch_size, progress, desc) -> list[torch.Tensor]:
+    """The reference: each whole sequence in one forward (batches of similar length)."""
     from tqdm.auto import tqdm
 
     device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    split = _split_model(model)
-    out: list[torch.Tensor | None] = [None] * len(seqs)
-    if prefix_cache is None:
-        prefix_cache = _PREFIX_CACHE["enabled"]
-    if not prefix_cache or not _can_cache(model, split):  # a model without a KV cache runs whole sequences
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            idx = order[b : b + batch_size]
-            ids, att = _rows([seqs[i] for i in idx], pad, device)
-            rows = torch.tensor([r for r, i in enumerate(idx) for _ in positions[i]], dtype=torch.long, device=device)
-            cols = torch.tensor([p for i in idx for p in positions[i]], dtype=torch.long, device=device)
-            lp = _gather_logprobs(model, split, _forward(model, split, ids, att)[0], rows, cols)
-            _scatter(out, idx, positions, lp)
-        return out  # type: ignore[return-value]
-
-    groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(len(seqs))]
-    if sorted(i for g in groups for i in g) != list(range(len(seqs))):
-        raise ValueError("persona_kernels.evaluation: 'groups' must partition the sequences")
-    # per group: the shared length P (common prefix, never past the first scored position)
-    shared = [min(_common(seqs[i] for i in g), min(min(positions[i]) for i in g)) for g in groups]
-    order = sorted(range(len(groups)), key=lambda k: max(len(seqs[i]) for i in groups[k]))
-    batches, cur, n = [], [], 0
-    for k in order:
-        cur.append(k)
-        n += len(groups[k])
-        if n >= batch_size:
-            batches.append(cur)
-            cur, n = [], 0
-    if cur:
-        batches.append(cur)
-    for ks in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        members = [i for k in ks for i in groups[k]]
-        owner = torch.tensor([j for j, k in enumerate(ks) for _ in groups[k]], dtype=torch.long, device=device)
-        p_grp = [shared[k] for k in ks]
-        # level 1: the batch's common prefix, strictly shorter than every group's P so that every level-2 row
-        # keeps a real token (a fully masked attention row would give NaN)
-        g_len = min(_common(seqs[i] for i in members), min(p_grp) - 1) if min(p_grp) > 1 else 0
-        if min(p_grp) == 0:  # a group with nothing to share: one plain forward for the batch
-            p_grp = [0] * len(ks)
-        cache, past_att = None, torch.zeros((1, 0), dtype=torch.long, device=device)
-        if g_len > 0:
-            ids, att = _rows([seqs[members[0]][:g_len]], pad, device)
-            _, cache = _forward(model, split, ids, att, use_cache=True)
-            past_att = att
-        # level 2: each group's own shared part, after the batch prefix
-        select = torch.zeros(len(members), dtype=torch.long, device=device)  # cache row of each sequence
-        if max(p_grp) > g_len:
-            select = owner
-            parts = [seqs[groups[k][0]][g_len:p] for k, p in zip(ks, p_grp)]
-            ids, att = _rows(parts, pad, device)
-            if cache is not None:
-                cache.batch_select_indices(torch.zeros(len(ks), dtype=torch.long, device=device))
-            past_att = past_att.expand(len(ks), -1)
-            pos = g_len + torch.arange(ids.shape[1], device=device).expand(len(ks), -1)
-            _, cache = _forward(model, split, ids, torch.cat([past_att, att], 1), pos=pos, cache=cache, use_cache=True)
-            past_att = torch.cat([past_att, att], 1)
-            base = list(p_grp)
-        else:
-            base = [g_len] * len(ks)
-        # level 3: every sequence's rest, attending to its group's cached prefix
-        if cache is not None:
-            cache.batch_select_indices(select)
-        rests = [seqs[i][base[j]:] for j, k in enumerate(ks) for i in groups[k]]
-        ids, att = _rows(rests, pad, device)
-        offs = torch.tensor([base[j] for j, k in enumerate(ks) for _ in groups[k]], dtype=torch.long, device=device)
-        pos = offs[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
-        hidden, _ = _forward(model, split, ids, torch.cat([past_att[select], att], 1), pos=pos, cache=cache)
-        rows = torch.tensor([r for r, i in enumerate(members) for _ in positions[i]], dtype=torch.long, device=device)
-        cols = torch.tensor([p - int(offs[r]) for r, i in enumerate(members) for p in positions[i]], dtype=torch.long,
-                            device=device)
-        _scatter(out, members, positions, _gather_logprobs(model, split, hidden, rows, cols))
-    return out  # type: ignore[return-value]
+    out = [torch.empty(o[-1] + len(t[-1])) for o, t in zip(offsets, targets)]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        idx = order[b : b + batch_size]
+        ids, att = _rows([seqs[i] for i in idx], pad, device)
+        asks = [(r, p, i, k) for r, i in enumerate(idx) for k, p in enumerate(positions[i])]
+        _read(split, _forward(model, split, ids, att)[0], asks, targets, offsets, out)
+    return out
 
 
-def _common(items) -> int:
-    """Length of the longest common prefix of token lists."""
-    items = list(items)
-    first, n = items[0], min(len(x) for x in items)
-    for other in items[1:]:
-        k = 0
-        while k < n and other[k] == first[k]:
-            k += 1
-        n = k
-    return n
+def _tree_logprobs(model, split, seqs, positions, targets, offsets, pad, batch_size, progress, desc, *,
+                   need) -> list[torch.Tensor]:
+    """The prefix-tree scorer (see :func:`_position_logprobs`)."""
+    import heapq
+
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    root, ends = _prefix_tree(need)
+    for i, ps in enumerate(positions):
+        for k, p in enumerate(ps):
+            node = ends[i]
+            while node.start > p:
+                node = node.parent
+            node.asks.append((p - node.start, i, k))
+    out = [torch.empty(o[-1] + len(t[-1])) for o, t in zip(offsets, targets)]
+    left = {}  # nodes below each node that have not run yet: its KV is needed until that reaches 0
+    for node in reversed(_preorder(root)):
+        left[id(node)] = sum(1 + left[id(c)] for c in node.children)
+    ready = [(c.rank, c) for c in root.children]
+    heapq.heapify(ready)
+    bar = tqdm(total=None, desc=desc, unit="node", disable=not progress, leave=False)
+    while ready:
+        take = [heapq.heappop(ready)[1] for _ in range(min(len(ready), _WINDOW * batch_size))]
+        take.sort(key=lambda n: (n.end - n.start, n.start))
+        for chunk in _chunks(take, [n.end - n.start for n in take], batch_size):
+            ids, att = _rows([need[n.seq][n.start : n.end] for n in chunk], pad, device)
+            starts = torch.tensor([n.start for n in chunk], dtype=torch.long, device=device)
+            past = int(starts.max())
+            cache = None
+            if past:
+                kv = None
+                for r, n in enumerate(chunk):
+                    a = n.parent
+                    while a is not root:
+                        if kv is None:
+                            kv = a.kv.new_zeros((a.kv.shape[0], 2, len(chunk), a.kv.shape[2], past, a.kv.shape[4]))
+                        kv[:, :, r, :, a.start : a.end] = a.kv
+                        a = a.parent
+                cache = DynamicCache()
+                for layer in range(kv.shape[0]):
+                    cache.update(kv[layer, 0], kv[layer, 1], layer)
+                att = torch.cat([(torch.arange(past, device=device)[None, :] < starts[:, None]).long(), att], 1)
+            pos = starts[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
+            keep = [r for r, n in enumerate(chunk) if n.children]
+            hidden, new_cache = _forward(model, split, ids, att, pos=pos, cache=cache, use_cache=bool(keep))
+            if keep:
+                layers = _cache_layers(new_cache)
+                if layers is None:
+                    raise _NoTreeCache
+                for r in keep:
+                    n = chunk[r]
+                    n.kv = torch.stack([torch.stack([layer.keys[r, :, past : past + n.end - n.start],
+                                                     layer.values[r, :, past : past + n.end - n.start]])
+                                        for layer in layers])
+            _read(split, hidden, [(r, col, i, k) for r, n in enumerate(chunk) for col, i, k in n.asks], targets,
+                  offsets, out)
+            bar.update(len(chunk))
+        for n in take:
+            for ch in n.children:
+                heapq.heappush(ready, (ch.rank, ch))
+            a = n.parent
+            while a is not None:
+                left[id(a)] -= 1
+                if not left[id(a)]:
+                    a.kv = None  # its whole subtree ran: free the KV
+                a = a.parent
+    bar.close()
+    return out
 
 
-def _scatter(out: list, idx: Sequence[int], positions: Sequence[list[int]], lp: torch.Tensor) -> None:
-    start = 0
-    for i in idx:
-        k = len(positions[i])
-        out[i] = lp[start : start + k]
-        start += k
+def _chunks(items: list, lengths: Sequence[int], rows: int) -> list[list]:
+    """Cut ``items`` (sorted by ascending ``lengths``) into runs of at most ``rows`` that minimise the padded
+    tokens (rows x the longest) plus :data:`_CHUNK_COST` per run (dynamic programming over the cut points)."""
+    best, cut = [0] * (len(items) + 1), [0] * (len(items) + 1)
+    for j in range(1, len(items) + 1):  # best[j]: the cost of items[:j]; cut[j]: where its last run starts
+        best[j], cut[j] = min((best[i] + (j - i) * lengths[j - 1] + _CHUNK_COST, i) for i in range(max(0, j - rows), j))
+    runs, j = [], len(items)
+    while j:
+        runs.append(items[cut[j] : j])
+        j = cut[j]
+    return runs[::-1]
 
 
 def choice_logprobs(model: nn.Module, tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]], *,
                     batch_size: int = 16, max_length: int = 1024, progress: bool = False, desc: str = "choices",
-                    groups: Sequence[Sequence[int]] | None = None, prefix_cache: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    prefix_cache: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per item: (summed log-prob, token count) of each choice as a continuation of its context, as float64
-    and int64 tensors ``[n_choices]``. Items whose choices are all single tokens take one forward pass.
-    Sequences longer than ``max_length`` lose tokens from the left (context first).
-
-    ``groups``: lists of item indices whose contexts share a long prefix (e.g. both option orders of one A/B
-    question); with ``prefix_cache`` their shared tokens run once (see :func:`_position_logprobs`)."""
+    and int64 tensors ``[n_choices]``. Items whose choices are all single tokens take one forward position.
+    Sequences longer than ``max_length`` lose tokens from the left (context first). Token prefixes shared
+    by any sequences (a chat header, a prompt with several continuations) run once with ``prefix_cache``
+    (see :func:`_position_logprobs`)."""
     if max_length < 2:
         raise ValueError(f"persona_kernels.evaluation: argument 'max_length': expected >= 2, got {max_length}")
     if len(contexts) != len(choices):
         raise ValueError(f"persona_kernels.evaluation: 'contexts' and 'choices' differ in length ({len(contexts)} vs {len(choices)})")
     pre = _prefix(tokenizer)
-    seqs, pos, plan = [], [], []  # plan[i] = ("single", seq index, token ids) | ("multi", [(seq index, n)])
+    seqs, pos, tgt, plan = [], [], [], []  # plan[i] = ("single", seq index) | ("multi", [seq index per choice])
+    counts = []
     for ctx, chs in zip(contexts, choices):
         c_ids = pre + _encode(tokenizer, ctx)
         if not c_ids:
@@ -584,32 +770,27 @@ def choice_logprobs(model: nn.Module, tokenizer, contexts: Sequence[str], choice
         if any(not c for c in ch_ids):
             raise ValueError(f"persona_kernels.evaluation: a choice has no tokens: {list(chs)!r}")
         if all(len(c) == 1 for c in ch_ids):
-            plan.append(("single", len(seqs), [c[0] for c in ch_ids]))
+            plan.append(("single", len(seqs)))
             seqs.append(c_ids[-(max_length - 1):])
             pos.append([len(seqs[-1]) - 1])
+            tgt.append([[c[0] for c in ch_ids]])
+            counts.append(torch.ones(len(ch_ids), dtype=torch.int64))
         else:
-            entries = []
+            entries, n = [], []
             for c in ch_ids:
                 seq = (c_ids + c)[-max_length:]
                 c = c[-(len(seq) - 1):]
-                entries.append((len(seqs), c))
+                entries.append(len(seqs))
                 seqs.append(seq)
                 pos.append(list(range(len(seq) - len(c) - 1, len(seq) - 1)))
+                tgt.append([[t] for t in c])
+                n.append(len(c))
             plan.append(("multi", entries))
-    seq_of_item = [[p[1]] if p[0] == "single" else [e[0] for e in p[1]] for p in plan]
-    item_groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(len(plan))]
-    lps = _position_logprobs(model, tokenizer, seqs, pos, batch_size=batch_size, progress=progress, desc=desc,
-                             groups=[[s for i in g for s in seq_of_item[i]] for g in item_groups], prefix_cache=prefix_cache)
-    totals, counts = [], []
-    for p in plan:
-        if p[0] == "single":
-            row = lps[p[1]][0]
-            totals.append(row[p[2]].double())
-            counts.append(torch.ones(len(p[2]), dtype=torch.int64))
-        else:
-            t = [float(lps[s].gather(1, torch.tensor(c)[:, None]).sum()) for s, c in p[1]]
-            totals.append(torch.tensor(t, dtype=torch.float64))
-            counts.append(torch.tensor([len(c) for _, c in p[1]], dtype=torch.int64))
+            counts.append(torch.tensor(n, dtype=torch.int64))
+    lps = _position_logprobs(model, tokenizer, seqs, pos, tgt, batch_size=batch_size, progress=progress, desc=desc,
+                             prefix_cache=prefix_cache)
+    totals = [lps[p[1]].double() if p[0] == "single" else torch.stack([lps[s].double().sum() for s in p[1]])
+              for p in plan]
     return totals, counts
 
 
@@ -620,10 +801,13 @@ def sequence_logprobs(model: nn.Module, tokenizer, texts: Sequence[str], *, batc
     if not pre:
         raise ValueError("persona_kernels.evaluation: the capability proxy needs a tokenizer with a BOS token")
     seqs = [pre + _encode(tokenizer, t) for t in texts]
+    for t, s in zip(texts, seqs):
+        if len(s) < 2:
+            raise ValueError(f"persona_kernels.evaluation: argument 'texts': {t!r} has no tokens to score")
     pos = [list(range(0, len(s) - 1)) for s in seqs]
-    lps = _position_logprobs(model, tokenizer, seqs, pos, batch_size=batch_size, progress=progress, desc="text")
-    return torch.tensor([float(lp.gather(1, torch.tensor(s[1:])[:, None]).mean()) for lp, s in zip(lps, seqs)],
-                        dtype=torch.float64)
+    lps = _position_logprobs(model, tokenizer, seqs, pos, [[[t] for t in s[1:]] for s in seqs], batch_size=batch_size,
+                             progress=progress, desc="text")
+    return torch.stack([lp.double().mean() for lp in lps]) if lps else torch.zeros(0, dtype=torch.float64)
 
 
 def _ab_context(tokenizer, question: str, chat: bool, system: str | None) -> str:
@@ -648,12 +832,8 @@ def score_items(model: nn.Module, tokenizer, task: Task, *, system_prompt: str |
             for v in vs:
                 ctxs.append(_ab_context(tokenizer, v.question, chat, system_prompt))
                 chs.append((v.matching, v.not_matching))
-        groups, k = [], 0
-        for vs in variants:  # both option orders of an item share the question's start
-            groups.append(list(range(k, k + len(vs))))
-            k += len(vs)
         totals, _ = choice_logprobs(model, tokenizer, ctxs, chs, batch_size=batch_size, max_length=max_length,
-                                    progress=progress, desc=task.name, groups=groups, prefix_cache=prefix_cache)
+                                    progress=progress, desc=task.name, prefix_cache=prefix_cache)
         lo = [float(t[0] - t[1]) for t in totals]
         per, k = [], 0
         for vs in variants:
