@@ -45,37 +45,15 @@ WALL_PASS = "--wall" in sys.argv  # also time a wall-clock pass (the wall column
 # cache): persona_kernels.bench.calibration.CALL_KWARGS, added to each batch by make_batches.
 
 # ------------------------------------------------------------------------------------------------ texts
-_PERSONAS = {
-    "extraverted": {
-        "subjects": ["I", "My friends and I", "Our whole team", "Everyone at the party", "My neighbours and I",
-                     "The new colleagues and I", "My cousins and I", "A crowd of us"],
-        "verbs": ["love meeting", "can't wait to chat with", "always invite", "get energised by",
-                  "enjoy dancing with", "like organising games for", "spend weekends with", "keep calling"],
-        "objects": ["new people at the market", "strangers on the train", "the whole neighbourhood",
-                    "everyone from the office", "a big group at the beach", "friends late into the night",
-                    "the guests at the festival", "people we just met"],
-        "endings": ["!", " because it feels amazing.", ", the louder the better.", " every single week.",
-                    " and it never gets old.", " - who wants to join?"],
-    },
-    "introverted": {
-        "subjects": ["I", "My sister and I", "On quiet evenings I", "After work I", "Most mornings I",
-                     "When it rains I", "On Sundays I", "Alone at home I"],
-        "verbs": ["prefer reading", "quietly write about", "like thinking about", "recharge by studying",
-                  "enjoy listening to", "spend hours sketching", "slowly reflect on", "keep a journal about"],
-        "objects": ["an old novel by the window", "the sound of the rain", "a single close friend",
-                    "my small garden", "a long walk in the woods", "the notes from a calm day",
-                    "a cup of tea and silence", "the stars from the balcony"],
-        "endings": [".", ", far from the noise.", " and that is enough.", " without any hurry.",
-                    ", just me and my thoughts.", " before the day begins."],
-    },
-}
+# Sentence templates of two personas (subjects x verbs x objects x endings), data kept beside the benchmark.
+TEMPLATES = Path(__file__).resolve().parent / "data" / "calibration_templates.json"
 
 
 def persona_texts(per_persona: int = 64, seed: int = 0) -> dict[str, list[str]]:
     """``per_persona`` varied short sentences for each of two personas (templates, deterministic)."""
     rng = random.Random(seed)
     out = {}
-    for name, parts in _PERSONAS.items():
+    for name, parts in json.loads(TEMPLATES.read_text(encoding="utf-8")).items():
         combos = list(itertools.product(parts["subjects"], parts["verbs"], parts["objects"], parts["endings"]))
         rng.shuffle(combos)
         out[name] = [f"{s} {v} {o}{e}" for s, v, o, e in combos[:per_persona]]

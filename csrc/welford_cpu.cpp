@@ -72,6 +72,18 @@ using TileFn = void (*)(const void* x, int64_t k, const bool* mask, int64_t r0, 
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// Calls ROWS<T, Partial, Seeded>(args...) with the run-time flags `partial` (fewer than kLanes channels) and
+// `seeded` (every lane already has a shift) as template arguments: the SIMD tile functions are specialised on
+// both. A macro, not a template, so that the call stays inside the caller's target("avx...") function.
+#define PK_TILE_ROWS(ROWS, partial, seeded, ...) \
+  do { \
+    if (partial) { \
+      if (seeded) ROWS<T, true, true>(__VA_ARGS__); else ROWS<T, true, false>(__VA_ARGS__); \
+    } else { \
+      if (seeded) ROWS<T, false, true>(__VA_ARGS__); else ROWS<T, false, false>(__VA_ARGS__); \
+    } \
+  } while (0)
+
 // ---------------------------------------------------------------------------------------------- portable
 template <typename T>
 void tile_portable(const void* xp, int64_t k, const bool* mask, int64_t r0, int64_t r1, int64_t j, int lanes,
@@ -176,21 +188,14 @@ PK_AVX512 inline void tile_avx512_rows(const T* x, int64_t k, const bool* mask, 
   fold16(sc.q + off, q);
 }
 
-template <typename T, bool Partial>
-PK_AVX512 void tile_avx512_impl(const T* x, int64_t k, const bool* mask, int64_t r0, int64_t r1, int64_t j,
-                                int lanes, Scratch& sc, int off) {
-  const __mmask16 lm = Partial ? static_cast<__mmask16>((1u << lanes) - 1u) : static_cast<__mmask16>(0xffff);
-  const __mmask16 unseeded =
-      _mm512_mask_cmp_ps_mask(lm, _mm512_load_ps(sc.n + off), _mm512_setzero_ps(), _CMP_EQ_OQ);
-  if (unseeded == 0) tile_avx512_rows<T, Partial, true>(x, k, mask, r0, r1, j, lm, sc, off);
-  else tile_avx512_rows<T, Partial, false>(x, k, mask, r0, r1, j, lm, sc, off);
-}
-
 template <typename T>
 PK_AVX512 void tile_avx512(const void* x, int64_t k, const bool* mask, int64_t r0, int64_t r1, int64_t j, int lanes,
                            Scratch& sc, int off) {
-  if (lanes == kLanes) tile_avx512_impl<T, false>(static_cast<const T*>(x), k, mask, r0, r1, j, lanes, sc, off);
-  else tile_avx512_impl<T, true>(static_cast<const T*>(x), k, mask, r0, r1, j, lanes, sc, off);
+  const bool partial = lanes != kLanes;
+  const __mmask16 lm = partial ? static_cast<__mmask16>((1u << lanes) - 1u) : static_cast<__mmask16>(0xffff);
+  const __mmask16 unseeded =
+      _mm512_mask_cmp_ps_mask(lm, _mm512_load_ps(sc.n + off), _mm512_setzero_ps(), _CMP_EQ_OQ);
+  PK_TILE_ROWS(tile_avx512_rows, partial, unseeded == 0, static_cast<const T*>(x), k, mask, r0, r1, j, lm, sc, off);
 }
 
 // ---------------------------------------------------------------------------------------------- AVX2
@@ -289,20 +294,12 @@ PK_AVX2 inline void tile_avx2_rows(const T* x, int64_t k, const bool* mask, int6
   store_acc8(hi, sc, off + 8);
 }
 
-template <typename T, bool Partial>
-PK_AVX2 void tile_avx2_impl(const T* x, int64_t k, const bool* mask, int64_t r0, int64_t r1, int64_t j, int lanes,
-                            Scratch& sc, int off) {
-  bool seeded = true;
-  for (int l = 0; l < lanes; ++l) seeded &= sc.n[off + l] > 0.0f;
-  if (seeded) tile_avx2_rows<T, Partial, true>(x, k, mask, r0, r1, j, lanes, sc, off);
-  else tile_avx2_rows<T, Partial, false>(x, k, mask, r0, r1, j, lanes, sc, off);
-}
-
 template <typename T>
 PK_AVX2 void tile_avx2(const void* x, int64_t k, const bool* mask, int64_t r0, int64_t r1, int64_t j, int lanes,
                        Scratch& sc, int off) {
-  if (lanes == kLanes) tile_avx2_impl<T, false>(static_cast<const T*>(x), k, mask, r0, r1, j, lanes, sc, off);
-  else tile_avx2_impl<T, true>(static_cast<const T*>(x), k, mask, r0, r1, j, lanes, sc, off);
+  bool seeded = true;
+  for (int l = 0; l < lanes; ++l) seeded &= sc.n[off + l] > 0.0f;
+  PK_TILE_ROWS(tile_avx2_rows, lanes != kLanes, seeded, static_cast<const T*>(x), k, mask, r0, r1, j, lanes, sc, off);
 }
 #endif
 

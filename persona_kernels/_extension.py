@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
+from typing import Any, Callable
 
 import torch  # noqa: F401  (libc10 must be loaded before the extension)
 
@@ -43,3 +44,18 @@ def ops():
             "`pip install --no-build-isolation .` (or use backend='torch')"
         )
     return torch.ops.persona_kernels_C
+
+
+def kernel(op: str, module: str) -> Callable[..., Any]:
+    """The backend function of the extension operator ``persona_kernels_C::<op>``, a member of ``module``.
+
+    The backends ``"cpu"`` and ``"cuda"`` are these bindings: the operator schema converts the scalar
+    arguments (``gamma``, ``seq_len``), and the extension is looked up on each call (it loads lazily).
+    """
+    def call(*args: Any) -> Any:
+        return getattr(ops(), op)(*args)
+
+    call.__name__ = call.__qualname__ = op
+    call.__module__ = module
+    call.__doc__ = f"``torch.ops.persona_kernels_C.{op}`` (see docs/DESIGN.md for the backend contract)."
+    return call

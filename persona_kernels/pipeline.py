@@ -84,6 +84,18 @@ def encode_texts(
     return encoded
 
 
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` int64 [B, T] of B token lists, right-padded to the longest (T):
+    real tokens keep their positions; the mask is 1 on them and 0 on padding."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        att[r, : len(s)] = 1
+    return ids, att
+
+
 def iter_batches(encoded: Sequence[EncodedText], batch_size: int, pad_id: int, device: torch.device) -> Iterator[dict]:
     """Right-padded batches with ``attention_mask`` and ``stats_mask`` (bool, padding False)."""
     if batch_size < 1:
@@ -92,15 +104,10 @@ def iter_batches(encoded: Sequence[EncodedText], batch_size: int, pad_id: int, d
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     for b in range(0, len(order), batch_size):
         chunk = [encoded[i] for i in order[b : b + batch_size]]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        att = torch.zeros((len(chunk), width), dtype=torch.long)
-        smask = torch.zeros((len(chunk), width), dtype=torch.bool)
+        ids, att = pad_right([e.input_ids for e in chunk], pad_id)
+        smask = torch.zeros(ids.shape, dtype=torch.bool)
         for r, e in enumerate(chunk):
-            n = len(e.input_ids)
-            ids[r, :n] = torch.tensor(e.input_ids)
-            att[r, :n] = 1
-            smask[r, :n] = torch.tensor(e.stats_mask)
+            smask[r, : len(e.stats_mask)] = torch.tensor(e.stats_mask)
         yield {"input_ids": ids.to(device), "attention_mask": att.to(device), "stats_mask": smask.to(device)}
 
 

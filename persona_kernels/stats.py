@@ -80,6 +80,17 @@ def _has_fused_op() -> bool:
     return _has_merge_op() and _fused_op_built()
 
 
+def _row_view(state: str, row: int) -> property:
+    """A stored statistic: row ``row`` of the state tensor ``state``, a [K] view that follows later updates."""
+    return property(lambda self: getattr(self, state)[row], doc=f"{state[1:]}[{row}] of the running state (a view)")
+
+
+def _row_variance(row: int) -> property:
+    """The population variance of summary ``row``: M2 / count (0 where the count is 0), a new [K] tensor."""
+    return property(lambda self: self._m2[row] / self._n[row].clamp_min(1).to(_F64),
+                    doc=f"population variance of summary {row} (computed when read)")
+
+
 class ActivationStats:
     """Per-channel running statistics of a layer's input ``x[..., K]``.
 
@@ -123,25 +134,15 @@ class ActivationStats:
     def device(self) -> torch.device:
         return self._n.device
 
-    @property
-    def count(self) -> torch.Tensor:
-        return self._n[0]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self._mean[0]
-
-    @property
-    def var(self) -> torch.Tensor:
-        return self._m2[0] / self._n[0].clamp_min(1).to(_F64)
-
-    @property
-    def abs_mean(self) -> torch.Tensor:
-        return self._mean[1]
-
-    @property
-    def abs_var(self) -> torch.Tensor:
-        return self._m2[1] / self._n[1].clamp_min(1).to(_F64)
+    # the three Welford summaries (rows of the state, see _ROW): stored views, derived variances
+    count = _row_view("_n", 0)
+    mean = _row_view("_mean", 0)
+    var = _row_variance(0)
+    abs_mean = _row_view("_mean", 1)
+    abs_var = _row_variance(1)
+    seq_count = _row_view("_n", 2)
+    seq_l2_mean = _row_view("_mean", 2)
+    seq_l2_var = _row_variance(2)
 
     @property
     def sq_mean(self) -> torch.Tensor:
@@ -150,18 +151,6 @@ class ActivationStats:
     @property
     def l2_norm(self) -> torch.Tensor:
         return _sqrt(self._m2[0] + self._n[0].to(_F64) * self._mean[0] * self._mean[0])
-
-    @property
-    def seq_count(self) -> torch.Tensor:
-        return self._n[2]
-
-    @property
-    def seq_l2_mean(self) -> torch.Tensor:
-        return self._mean[2]
-
-    @property
-    def seq_l2_var(self) -> torch.Tensor:
-        return self._m2[2] / self._n[2].clamp_min(1).to(_F64)
 
     @property
     def nonfinite(self) -> torch.Tensor:

@@ -17,6 +17,7 @@ from persona_kernels.calibration import (
     collect_stats,
     resolve_target_modules,
 )
+from persona_kernels.pipeline import pad_right
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,13 +45,8 @@ def _sequences(n: int = 4, seed: int = 5, vocab: int = VOCAB) -> list[list[int]]
 
 
 def _pad(seqs: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right padding (real tokens keep their positions)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    """Right padding (real tokens keep their positions), the package's own padding."""
+    ids, mask = pad_right(seqs, pad_id)
     return {"input_ids": ids, "attention_mask": mask}
 
 

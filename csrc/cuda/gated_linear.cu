@@ -64,6 +64,23 @@ __device__ __forceinline__ void warp_sum_store(float (&acc)[MAXM], int lane, int
   }
 }
 
+// The vector path of the gemv kernels: body(k, wv) for each V-element vector of the W row `wrow` that this lane
+// owns (vectors lane, lane + 32, ...), wv = W[n, k : k + V] in fp32. K % V == 0 and 16-byte aligned rows (checked
+// on the host); V in {4, 8} divides 32, so the V mask bits of one vector never straddle two mask words. Two vectors
+// in flight while the accumulators leave room (MAXM <= 4); one otherwise (no spills at 16).
+template <typename T, int MAXM, class Body>
+__device__ __forceinline__ void for_each_w_vec(const T* wrow, int64_t k_in, int lane, Body&& body) {
+  constexpr int V = Elem<T>::kVec;
+  const int64_t n_vec = k_in / V;
+#pragma unroll(MAXM <= 4 ? 2 : 1)
+  for (int64_t v = lane; v < n_vec; v += 32) {
+    const int64_t k = v * V;
+    float wv[V];
+    load_vec(wrow + k, wv);
+    body(k, wv);
+  }
+}
+
 template <typename T, int MAXM, bool VEC>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gated_gemv_kernel(const T* __restrict__ x, const T* __restrict__ w, const uint32_t* __restrict__ mask,
@@ -80,16 +97,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
 
   if constexpr (VEC) {
-    // K % V == 0 and 16-byte aligned rows (checked on the host). V in {4, 8} divides 32, so the V bits of
-    // one vector never straddle two mask words.
-    constexpr int V = Elem<T>::kVec;
-    const int64_t n_vec = k_in / V;
-    // Two vectors in flight while the accumulators leave room (MAXM <= 4); one otherwise (no spills at 16).
-#pragma unroll(MAXM <= 4 ? 2 : 1)
-    for (int64_t v = lane; v < n_vec; v += 32) {
-      const int64_t k = v * V;
-      float wv[V];
-      load_vec(wrow + k, wv);
+    for_each_w_vec<T, MAXM>(wrow, k_in, lane, [&](int64_t k, float(&wv)[Elem<T>::kVec]) {
+      constexpr int V = Elem<T>::kVec;
       const uint32_t bits = __ldg(mrow + (k >> 5)) >> (k & 31);
 #pragma unroll
       for (int i = 0; i < V; ++i) wv[i] = gate(wv[i], (bits >> i) & 1u, gamma);
@@ -102,7 +111,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
           for (int i = 0; i < V; ++i) acc[m] = fmaf(xv[i], wv[i], acc[m]);
         }
       }
-    }
+    });
   } else {
     // Ragged K or unaligned pointers: one element per lane per step (still coalesced across the warp).
     for (int64_t k = lane; k < k_in; k += 32) {
@@ -143,13 +152,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   }
 
   if constexpr (VEC) {
-    constexpr int V = Elem<T>::kVec;  // divides 32: the V bits of one vector lie in one mask word
-    const int64_t n_vec = k_in / V;
-#pragma unroll(MAXM <= 4 ? 2 : 1)
-    for (int64_t v = lane; v < n_vec; v += 32) {
-      const int64_t k = v * V;
-      float wv[V];
-      load_vec(wrow + k, wv);
+    for_each_w_vec<T, MAXM>(wrow, k_in, lane, [&](int64_t k, float(&wv)[Elem<T>::kVec]) {
+      constexpr int V = Elem<T>::kVec;
 #pragma unroll
       for (int m = 0; m < MAXM; ++m) {
         if (m < m_rows) {
@@ -160,7 +164,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
           for (int i = 0; i < V; ++i) acc[m] = fmaf(xv[i], gate(wv[i], (bits >> i) & 1u, gam[m]), acc[m]);
         }
       }
-    }
+    });
   } else {
     for (int64_t k = lane; k < k_in; k += 32) {
       const float wk = Elem<T>::to_float(wrow[k]);

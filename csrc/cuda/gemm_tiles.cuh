@@ -101,6 +101,17 @@ struct PersonaTiles {
   }
 };
 
+// This block's M tile (``tiles.tile``): false when the block has none (block-uniform: the caller returns before
+// any barrier); otherwise rows[r] = x row of tile row r (0 past the tile's rows), visible to the whole block.
+template <int BM, class Tiles>
+__device__ __forceinline__ bool stage_tile_rows(const Tiles& tiles, TileSpec& ts, int64_t* rows) {
+  if (!tiles.tile(BM, ts)) return false;
+  const int tid = threadIdx.x;
+  if (tid < BM) rows[tid] = tid < ts.count ? ts.row(tid) : 0;
+  __syncthreads();
+  return true;
+}
+
 // No statistics: the GEMM only.
 struct NoStats {
   static constexpr bool kOn = false;
@@ -125,10 +136,8 @@ __global__ void __launch_bounds__(kSimtThreads, PK_SIMT_MIN_BLOCKS)
   __shared__ float ws[kSimtBK][kSimtBN + 4];
   __shared__ int64_t rows[kSimtBM];  // x row of each tile row
   TileSpec ts;
-  if (!tiles.tile(kSimtBM, ts)) return;  // block-uniform
+  if (!stage_tile_rows<kSimtBM>(tiles, ts, rows)) return;  // block-uniform
   const int tid = threadIdx.x;
-  if (tid < kSimtBM) rows[tid] = tid < ts.count ? ts.row(tid) : 0;
-  __syncthreads();
   const int tx = tid & 15, ty = tid >> 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSimtBN;
 
@@ -211,10 +220,8 @@ __global__ void __launch_bounds__(kMmaThreads)
   __shared__ int64_t rows[kMmaBM];  // x row of each tile row
 
   TileSpec ts;
-  if (!tiles.tile(kMmaBM, ts)) return;  // block-uniform
+  if (!stage_tile_rows<kMmaBM>(tiles, ts, rows)) return;  // block-uniform
   const int tid = threadIdx.x;
-  if (tid < kMmaBM) rows[tid] = tid < ts.count ? ts.row(tid) : 0;
-  __syncthreads();
   const int warp = tid >> 5;
   const int wm = warp >> 1, wn = warp & 1;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kMmaBN;

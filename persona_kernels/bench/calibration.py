@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from persona_kernels.bench.common import Case, Config, linear_modules, load_default_model, run_cases
+from persona_kernels.pipeline import pad_right
 
 TITLE = "Calibration statistics: plain forward vs collect_stats vs per-Linear hooks"
 CALL_KWARGS = {"logits_to_keep": 1, "use_cache": False}
@@ -39,13 +40,7 @@ def make_batches(token_lists: list[list[int]], batch_size: int, pad_id: int, dev
     ordered = sorted(token_lists, key=len)
     out = []
     for i in range(0, len(ordered), batch_size):
-        chunk = ordered[i:i + batch_size]
-        t = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), t), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), t, dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
+        ids, mask = pad_right(ordered[i:i + batch_size], pad_id)
         out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), **CALL_KWARGS})
     return out
 

@@ -37,42 +37,55 @@ def _ratio_cell(row: Mapping[str, Any], name: str) -> str:
     return "-" if r is None else f"{r['value']:.3g}x ±{100 * r['noise'] / 2:.0f}%"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table: the header cells, the separator, one line per row of cells."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *map(line, rows)]
+
+
 def _gated_md(sec: Mapping[str, Any]) -> list[str]:
     backends = sec.get("backends", [])
     small = sec.get("small_m", 16)
     cols = ["plain", "dense", *backends]
-    lines = ["| N x K | dtype | M | γ | " + " | ".join(f"{c} ms" for c in cols) + " | dense / plain | "
-             + " | ".join(f"{b} / plain" for b in backends) + " | " + " | ".join(f"{b} / dense" for b in backends)
-             + " | throughput plain → " + "/".join(backends) + " |",
-             "|" + "---|" * (4 + len(cols) + 1 + 2 * len(backends) + 1)]
+    header = ["N x K", "dtype", "M", "γ", *(f"{c} ms" for c in cols), "dense / plain",
+              *(f"{b} / plain" for b in backends), *(f"{b} / dense" for b in backends),
+              "throughput plain → " + "/".join(backends)]
+    rows = []
     for row in sec["rows"]:
         p = row["params"]
-        times = " | ".join(_ms(row["times"][c]["median_s"]) if c in row["times"] else "-" for c in cols)
         unit, key = ("GB/s", "gb_per_s") if p["M"] <= small else ("GFLOP/s", "gflop_per_s")
         met = row.get("metrics", {})
         thr = " → ".join(f"{met[c][key]:.3g}" for c in ["plain", *backends] if c in met) + f" {unit}"
-        lines.append(f"| {p['N']}x{p['K']} | {p['dtype']} | {p['M']} | {p['gamma']:g} | {times} | "
-                     f"{_ratio_cell(row, 'dense/plain')} | "
-                     + " | ".join(_ratio_cell(row, f"{b}/plain") for b in backends) + " | "
-                     + " | ".join(_ratio_cell(row, f"{b}/dense") for b in backends) + f" | {thr} |")
-    return lines
+        rows.append([f"{p['N']}x{p['K']}", p["dtype"], f"{p['M']}", f"{p['gamma']:g}",
+                     *(_ms(row["times"][c]["median_s"]) if c in row["times"] else "-" for c in cols),
+                     *(_ratio_cell(row, f"{b}/plain") for b in ["dense", *backends]),
+                     *(_ratio_cell(row, f"{b}/dense") for b in backends), thr])
+    return _table(header, rows)
 
 
 def _calibration_md(sec: Mapping[str, Any]) -> list[str]:
-    lines = ["| model | batch | texts | tokens (padded) | plain s | whole s | stats s | hooks s (1 text at a time) | "
-             "stats overhead, whole / plain (≤ 3 %) | hooks / stats (≥ 3x) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["model", "batch", "texts", "tokens (padded)", "plain s", "whole s", "stats s",
+              "hooks s (1 text at a time)", "stats overhead, whole / plain (≤ 3 %)", "hooks / stats (≥ 3x)"]
+    rows = []
     for row in sec["rows"]:
         p, t = row["params"], row["times"]
         over, sp = row["ratios"]["whole/plain"], row["ratios"]["stats/hooks"]
-        lines.append(f"| {p['model']} | {p['batch_size']} | {p['texts']} | {p['tokens']} ({p['padded_tokens']}) | "
-                     f"{t['plain']['median_s']:.3f} | {t['whole']['median_s']:.3f} | {t['stats']['median_s']:.3f} | "
-                     f"{t['hooks']['median_s']:.3f} | "
-                     f"{100 * (over['value'] - 1):+.1f} % | {1 / sp['value']:.2f}x |")
+        rows.append([f"{p['model']}", f"{p['batch_size']}", f"{p['texts']}", f"{p['tokens']} ({p['padded_tokens']})",
+                     *(f"{t[m]['median_s']:.3f}" for m in ("plain", "whole", "stats", "hooks")),
+                     f"{100 * (over['value'] - 1):+.1f} %", f"{1 / sp['value']:.2f}x"])
+    lines = _table(header, rows)
     if sec.get("check"):
         lines += ["", f"Cross-check: max relative difference of per-channel RMS, collect_stats vs hooks: "
                       f"{sec['check'].get('max_rel_diff_rms', float('nan')):.1e}."]
     return lines
+
+
+def _ratio_or(row: Mapping[str, Any], name: str, fmt: str, invert: bool = False) -> str | None:
+    """``fmt % value`` of a ratio (``1 / value`` with ``invert``), None when the row has no such ratio."""
+    r = row["ratios"].get(name)
+    return None if r is None else fmt % (1 / r["value"] if invert else r["value"])
 
 
 def _scoring_md(sec: Mapping[str, Any]) -> list[str]:
@@ -80,11 +93,10 @@ def _scoring_md(sec: Mapping[str, Any]) -> list[str]:
     for row in sec["rows"]:
         p = row["params"]
         lines += [f"{p['modules']} modules ({p['layers']} layers), {p['weights'] / 1e6:.1f}M weights, sparsity {p['sparsity']}.",
-                  "", "| method | seconds | speed-up vs per-row loop |", "|---|---|---|"]
-        for m, t in row["times"].items():
-            r = row["ratios"].get(f"{m}/loop_wanda_x2")
-            speed = "1x" if r is None else "%.1fx" % (1 / r["value"])
-            lines.append(f"| {m} | {t['median_s']:.3f} | {speed} |")
+                  ""]
+        lines += _table(["method", "seconds", "speed-up vs per-row loop"],
+                        [[m, f"{t['median_s']:.3f}", _ratio_or(row, f"{m}/loop_wanda_x2", "%.1fx", invert=True) or "1x"]
+                         for m, t in row["times"].items()])
         lines += ["", f"Wanda weights differing from the loop (exact ties only): "
                       f"{row['metrics'].get('wanda_weights_differing_from_loop')}."]
     return lines
@@ -94,32 +106,27 @@ def _switching_md(sec: Mapping[str, Any]) -> list[str]:
     lines = []
     for row in sec["rows"]:
         if "times" in row:
-            lines += ["| switch method | ms per switch | set_persona / method |", "|---|---|---|"]
-            for m, t in row["times"].items():
-                r = row["ratios"].get(f"set_persona/{m}")
-                rel = "-" if r is None else "%.2e" % r["value"]
-                lines.append(f"| {m} | {t['median_s'] * 1e3:.4g} | {rel} |")
-            lines.append("")
+            lines += _table(["switch method", "ms per switch", "set_persona / method"],
+                            [[m, f"{t['median_s'] * 1e3:.4g}", _ratio_or(row, f"set_persona/{m}", "%.2e") or "-"]
+                             for m, t in row["times"].items()])
         else:
-            lines += ["| storage per persona | bytes | MiB | bits / weight | bank file / this |", "|---|---|---|---|---|"]
-            for m, v in row["values"].items():
-                r = row["ratios"].get(f"bank_file/{m}")
-                rel = "-" if r is None else "%.3f" % r["value"]
-                bits = row["metrics"][m + "_bits_per_weight"]
-                lines.append(f"| {m} | {v} | {v / 2**20:.2f} | {bits:.3f} | {rel} |")
-            lines.append("")
+            lines += _table(["storage per persona", "bytes", "MiB", "bits / weight", "bank file / this"],
+                            [[m, f"{v}", f"{v / 2**20:.2f}", f"{row['metrics'][m + '_bits_per_weight']:.3f}",
+                              _ratio_or(row, f"bank_file/{m}", "%.3f") or "-"] for m, v in row["values"].items()])
+        lines.append("")
     return lines
 
 
 def _e2e_md(sec: Mapping[str, Any]) -> list[str]:
-    lines = ["| batch | new tokens | unpatched tok/s | patched tok/s | merged tok/s | patched / unpatched time | "
-             "patched / merged time |", "|---|---|---|---|---|---|---|"]
+    header = ["batch", "new tokens", "unpatched tok/s", "patched tok/s", "merged tok/s", "patched / unpatched time",
+              "patched / merged time"]
+    rows = []
     for row in sec["rows"]:
         p, m = row["params"], row["metrics"]
-        lines.append(f"| {p['batch_size']} | {p['new_tokens']} | {m['unpatched']['tokens_per_s']:.1f} | "
-                     f"{m['patched']['tokens_per_s']:.1f} | {m['merged']['tokens_per_s']:.1f} | "
-                     f"{_ratio_cell(row, 'patched/unpatched')} | {_ratio_cell(row, 'patched/merged')} |")
-    return lines
+        rows.append([f"{p['batch_size']}", f"{p['new_tokens']}",
+                     *(f"{m[c]['tokens_per_s']:.1f}" for c in ("unpatched", "patched", "merged")),
+                     _ratio_cell(row, "patched/unpatched"), _ratio_cell(row, "patched/merged")])
+    return _table(header, rows)
 
 
 _SECTION_MD = {"gated": _gated_md, "calibration": _calibration_md, "scoring": _scoring_md,

@@ -499,42 +499,46 @@ def write_figures(rep: dict, out: Path) -> list[str]:
 
 
 def _bar_figures(plt, s: dict, methods, conds, tasks, out: Path) -> list[str]:
-    written = []
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
-    width = 0.8 / max(len(conds), 1)
-    for i, (label, cname) in enumerate(conds):
-        ys = []
-        for p, t in tasks:
+    def rate(cname):
+        def estimate(p, t):
             row = s["pairs"][p]["tasks"][t]["conditions"].get(cname)
-            e = row and (row.get("accuracy_paper") or row.get("persona_rate"))
-            ys.append(100 * e["mean"] if e else float("nan"))
-        ax.bar([j + i * width for j in range(len(tasks))], ys, width, label=label)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t for _, t in tasks], rotation=20, fontsize=8)
-    ax.axhline(50, color="grey", lw=0.5)
-    ax.set_ylabel("persona-matching rate of + condition (%)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    written.append(_save(fig, out / "accuracy.png"))
+            return row and (row.get("accuracy_paper") or row.get("persona_rate"))
+        return estimate
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
-    groups = ["prompt"] + methods
-    width = 0.8 / max(len(groups), 1)
-    for i, g in enumerate(groups):
-        ys, lo, hi = [], [], []
-        for p, t in tasks:
+    def switch(g):
+        def estimate(p, t):
             sw = s["pairs"][p]["tasks"][t]["switch"].get(g)
-            e = sw["switch"] if sw else None
-            ys.append(e["mean"] if e else float("nan"))
-            lo.append(e["mean"] - e["low"] if e else 0)
-            hi.append(e["high"] - e["mean"] if e else 0)
-        ax.bar([j + i * width for j in range(len(tasks))], ys, width, yerr=[lo, hi], label=g, capsize=2)
+            return sw["switch"] if sw else None
+        return estimate
+
+    return [
+        _grouped_bars(plt, tasks, [(label, rate(cname)) for label, cname in conds], 50,
+                      "persona-matching rate of + condition (%)", out / "accuracy.png", scale=100),
+        _grouped_bars(plt, tasks, [(g, switch(g)) for g in ["prompt"] + methods], 0,
+                      "switch effect (+ minus −), bias-free", out / "switch.png", errors=True),
+    ]
+
+
+def _grouped_bars(plt, tasks, groups, baseline: float, ylabel: str, path: Path, *, scale: float = 1.0,
+                  errors: bool = False) -> str:
+    """One bar per (group, task), grouped by task: ``groups`` = [(label, estimate(pair, task))] where an
+    estimate is ``{"mean", "low", "high"}`` or empty (a NaN bar); ``errors`` draws the low/high interval."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    width = 0.8 / max(len(groups), 1)
+    for i, (label, estimate) in enumerate(groups):
+        es = [estimate(p, t) for p, t in tasks]
+        ys = [scale * e["mean"] if e else float("nan") for e in es]
+        bars = {}
+        if errors:
+            bars = {"yerr": [[e["mean"] - e["low"] if e else 0 for e in es],
+                             [e["high"] - e["mean"] if e else 0 for e in es]], "capsize": 2}
+        ax.bar([j + i * width for j in range(len(tasks))], ys, width, label=label, **bars)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t for _, t in tasks], rotation=20, fontsize=8)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_ylabel("switch effect (+ minus −), bias-free")
+    ax.axhline(baseline, color="grey", lw=0.5)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    written.append(_save(fig, out / "switch.png"))
-    return written
+    return _save(fig, path)
 
 
 def _sweep_figures(plt, rep: dict, out: Path, written: list[str]) -> None:

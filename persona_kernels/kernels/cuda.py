@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
-
 import torch
 
 from persona_kernels import _extension
@@ -38,41 +36,12 @@ def is_available(device: torch.device) -> bool:
     return device.type == "cuda" and _extension.has_cuda_kernels() and torch.cuda.is_available()
 
 
-def gated_linear(
-    x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], gamma: float
-) -> torch.Tensor:
-    """``x @ (weight * G).T + bias`` for x [M, K], weight [N, K], packed int32 [N, ceil(K/32)]."""
-    return _extension.ops().gated_linear_cuda(x, weight, packed, bias, float(gamma))
-
-
-def gated_linear_multi(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bank: torch.Tensor,
-    index: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    gamma: list[float],
-) -> torch.Tensor:
-    """``y[i] = x[i] @ (W * G_{index[i]}).T + b``; bank int32 [P, N, ceil(K/32)], index [M] in [-1, P)."""
-    return _extension.ops().gated_linear_multi_cuda(x, weight, bank, index, bias, [float(g) for g in gamma])
-
-
-def welford_partials(
-    x: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(count, mean, m2, abs_mean, abs_m2, seq_sumsq)`` of x [R, K] (see docs/DESIGN.md)."""
-    return tuple(_extension.ops().welford_partials_cuda(x, row_mask, int(seq_len)))
-
-
-def linear_with_stats(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    row_mask: Optional[torch.Tensor],
-    seq_len: int,
-) -> tuple[torch.Tensor, ...]:
-    """``(F.linear(x, weight, bias), *welford_partials(x, row_mask, seq_len))`` in one fused pass over x."""
-    return tuple(_extension.ops().linear_with_stats_cuda(x, weight, bias, row_mask, int(seq_len)))
+# Each op is the binding of the C++ operator ``persona_kernels_C::<op>_cuda`` (the backend contract's
+# signatures, see persona_kernels.kernels.cpu); inputs arrive validated, 2-D and contiguous.
+gated_linear = _extension.kernel("gated_linear_cuda", __name__)
+gated_linear_multi = _extension.kernel("gated_linear_multi_cuda", __name__)
+welford_partials = _extension.kernel("welford_partials_cuda", __name__)
+linear_with_stats = _extension.kernel("linear_with_stats_cuda", __name__)
 
 
 def registration_problems() -> list[str]:

@@ -23,12 +23,15 @@ def check_gated_linear_args(
     weight: torch.Tensor,
     packed_mask: torch.Tensor,
     bias: Optional[torch.Tensor],
-    gamma: float,
-    backend: str,
+    *,
+    op: str = "gated_linear",
+    mask_name: str = "packed_mask",
 ) -> None:
-    """Raise a clear error naming the offending argument; returns None when everything fits."""
+    """Check the tensor arguments of a gated linear op: raise a clear error naming ``op`` and the offending
+    argument (the mask as ``mask_name``); returns None when everything fits. ``gamma`` and ``backend`` are
+    checked by the op itself (:func:`persona_kernels.utils.errors.check_gamma`, :func:`check_backend`)."""
     def fail(arg: str, msg: str, exc=ValueError):
-        errors.fail("gated_linear", arg, msg, exc)
+        errors.fail(op, mask_name if arg == "packed_mask" else arg, msg, exc)
 
     for name, t in (("x", x), ("weight", weight), ("packed_mask", packed_mask)):
         if not isinstance(t, torch.Tensor):
@@ -61,8 +64,6 @@ def check_gated_linear_args(
             fail("bias", f"dtype {bias.dtype} does not match weight's dtype {weight.dtype}", TypeError)
         if bias.device != weight.device:
             fail("bias", f"device {bias.device} does not match weight's device {weight.device}")
-    errors.check_gamma("gated_linear", gamma)
-    check_backend("gated_linear", backend)
 
 
 def run_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], call) -> torch.Tensor:
@@ -158,7 +159,9 @@ def gated_linear(
     Returns:
         ``x @ (weight * G).T + bias`` in x's dtype, accumulated in fp32.
     """
-    check_gated_linear_args(x, weight, packed_mask, bias, gamma, backend)
+    check_gated_linear_args(x, weight, packed_mask, bias)
+    errors.check_gamma("gated_linear", gamma)
+    check_backend("gated_linear", backend)
     if backend != "auto" and not torch.compiler.is_compiling():
         get_kernel("gated_linear", backend, x.device)  # raise now if unavailable, with the backend's message
     return _gated_linear_op(x, weight, packed_mask, bias, float(gamma), backend)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from persona_kernels.dispatch import get_kernel, reference_kernel, register_device_kernels
+from persona_kernels.dispatch import check_backend, get_kernel, reference_kernel, register_device_kernels
 from persona_kernels.ops.gated_linear import _contiguous, check_gated_linear_args, run_rows
 from persona_kernels.ops.packing import packed_words
 from persona_kernels.utils.errors import fail
@@ -21,7 +21,6 @@ from persona_kernels.utils.errors import fail
 __all__ = ["gated_linear_multi", "check_gated_linear_multi_args"]
 
 GammaArg = Union[float, Sequence[float], torch.Tensor]
-_PREFIX = "persona_kernels.gated_linear_multi"
 
 
 def _fail(arg: str, msg: str, exc=ValueError):
@@ -70,13 +69,10 @@ def check_gated_linear_multi_args(
         _fail("packed_bank", f"expected a torch.Tensor, got {type(packed_bank).__name__}", TypeError)
     if packed_bank.dim() != 3:
         _fail("packed_bank", f"expected shape [P, N, ceil(K/32)], got {tuple(packed_bank.shape)}")
-    # x / weight / bias / backend checks of the single-persona op, with one persona's slice as the mask
+    # x / weight / bias checks of the single-persona op, with one persona's slice as the mask
     dummy = packed_bank[0] if packed_bank.shape[0] > 0 else packed_bank.new_empty(packed_bank.shape[1:])
-    try:
-        check_gated_linear_args(x, weight, dummy, bias, 0.0, backend)
-    except (TypeError, ValueError) as e:
-        msg = str(e).replace("persona_kernels.gated_linear:", f"{_PREFIX}:").replace("'packed_mask'", "'packed_bank'")
-        raise type(e)(msg) from None
+    check_gated_linear_args(x, weight, dummy, bias, op="gated_linear_multi", mask_name="packed_bank")
+    check_backend("gated_linear_multi", backend)
     n, k = weight.shape
     if tuple(packed_bank.shape[1:]) != (n, packed_words(k)):
         _fail("packed_bank", f"expected shape [P, N, ceil(K/32)] = [P, {n}, {packed_words(k)}], got {tuple(packed_bank.shape)}")

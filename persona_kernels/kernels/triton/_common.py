@@ -59,3 +59,18 @@ def load_x_w_tiles(x_ptrs, w_ptrs, row_ok, n_ok, offs_k, k3, k0, K, UPCAST: tl.c
 def keep_bits(words, offs_b):
     """Keep-mask [BLOCK_N, WORDS, 32] of packed int32 mask words [BLOCK_N, WORDS] (bit j = column 32w + j)."""
     return ((words[:, :, None] >> offs_b[None, None, :]) & 1) != 0
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of this program over a 1-D grid in grouped order: ``GROUP_M`` consecutive row tiles
+    walk the column tiles together, so consecutive programs share W column tiles (L2 reuse for prefill)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+    return pid_m, pid_n

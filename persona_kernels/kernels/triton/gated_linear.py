@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, keep_bits, kernel_out_dtype, load_x_w_tiles, m_bucket
+from ._common import (
+    INTERPRET, dot_precision, grouped_tile, keep_bits, kernel_out_dtype, load_x_w_tiles, m_bucket,
+)
 
 #: Meta-parameters under the CPU interpreter (one config: autotuning needs a GPU). Large tiles keep the
 #: number of interpreted programs small; SWAP_AB is chosen per call (see :func:`gated_linear`).
@@ -105,14 +107,7 @@ def _gated_linear_kernel(
     SWAP_AB: tl.constexpr,
 ):
     # grouped program order: consecutive programs share W column tiles (L2 reuse for prefill)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     WORDS: tl.constexpr = BLOCK_K // 32  # BLOCK_K is a multiple of 32: K tiles start on word boundaries
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

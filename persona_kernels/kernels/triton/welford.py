@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, kernel_out_dtype
+from ._common import INTERPRET, dot_precision, grouped_tile, kernel_out_dtype
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
 
@@ -80,6 +80,17 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def _store_partials(cnt_ptr, mean_ptr, m2_ptr, amean_ptr, am2_ptr, sq_ptr, at, ok, n, mean, m2, amean, am2, sq):
+    """Store one [BLOCK_K] row of partial statistics (count, mean, M2, |x| mean, |x| M2, Σx²) at offsets ``at``."""
+    tl.store(cnt_ptr + at, n, mask=ok)
+    tl.store(mean_ptr + at, mean, mask=ok)
+    tl.store(m2_ptr + at, m2, mask=ok)
+    tl.store(amean_ptr + at, amean, mask=ok)
+    tl.store(am2_ptr + at, am2, mask=ok)
+    tl.store(sq_ptr + at, sq, mask=ok)
+
+
+@triton.jit
 def _valid_rows(mask_ptr, rows, R, HAS_MASK: tl.constexpr):
     ok = rows < R
     if HAS_MASK:
@@ -116,13 +127,8 @@ def _partials_kernel(
         _, amean, am2 = _chan(n, amean, am2, cb, amb, am2b)
         n = n_new
         sq += sqb
-    out = pid_r * K + offs_k
-    tl.store(cnt_ptr + out, n, mask=k_ok)
-    tl.store(mean_ptr + out, mean, mask=k_ok)
-    tl.store(m2_ptr + out, m2, mask=k_ok)
-    tl.store(amean_ptr + out, amean, mask=k_ok)
-    tl.store(am2_ptr + out, am2, mask=k_ok)
-    tl.store(sq_ptr + out, sq, mask=k_ok)
+    _store_partials(cnt_ptr, mean_ptr, m2_ptr, amean_ptr, am2_ptr, sq_ptr, pid_r * K + offs_k, k_ok,
+                    n, mean, m2, amean, am2, sq)
 
 
 @triton.jit
@@ -202,14 +208,7 @@ def _linear_stats_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -232,12 +231,8 @@ def _linear_stats_kernel(
             valid = r_ok[:, None] & k_ok[None, :] & (tl.abs(xf) <= _FLT_MAX)
             shift = tl.load(shift_ptr + k0 + offs_k, mask=k_ok, other=0.0)
             cnt, mean, m2, amean, am2, sq = _tile_moments(xf, valid, shift)
-            tl.store(cnt_ptr + stat_ptrs, cnt, mask=k_ok)
-            tl.store(mean_ptr + stat_ptrs, mean, mask=k_ok)
-            tl.store(m2_ptr + stat_ptrs, m2, mask=k_ok)
-            tl.store(amean_ptr + stat_ptrs, amean, mask=k_ok)
-            tl.store(am2_ptr + stat_ptrs, am2, mask=k_ok)
-            tl.store(sq_ptr + stat_ptrs, sq, mask=k_ok)
+            _store_partials(cnt_ptr, mean_ptr, m2_ptr, amean_ptr, am2_ptr, sq_ptr, stat_ptrs, k_ok,
+                            cnt, mean, m2, amean, am2, sq)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
