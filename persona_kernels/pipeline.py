@@ -16,6 +16,7 @@ from persona_kernels.methods import BASES as METHODS  # noqa: F401  (the base me
 from persona_kernels.methods import MethodSpec, in_scope, pair_masks, persona_mask, resolve
 from persona_kernels.operating_point import DEFAULT as OPERATING_POINT
 from persona_kernels.personas import PersonaText, render
+from persona_kernels.utils.batching import pad_right
 from persona_kernels.utils.devices import model_device
 TOKEN_MODES = ("auto", "all", "response")
 
@@ -82,18 +83,6 @@ def encode_texts(
             continue  # nothing of this text survived truncation
         encoded.append(EncodedText(ids, keep))
     return encoded
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` int64 [B, T] of B token lists, right-padded to the longest (T):
-    real tokens keep their positions; the mask is 1 on them and 0 on padding."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-        att[r, : len(s)] = 1
-    return ids, att
 
 
 def iter_batches(encoded: Sequence[EncodedText], batch_size: int, pad_id: int, device: torch.device) -> Iterator[dict]:

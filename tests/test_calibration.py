@@ -17,7 +17,7 @@ from persona_kernels.calibration import (
     collect_stats,
     resolve_target_modules,
 )
-from persona_kernels.pipeline import pad_right
+from persona_kernels.utils.batching import pad_right
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from persona_kernels.bench.common import Case, Config, linear_modules, load_default_model, run_cases
-from persona_kernels.pipeline import pad_right
+from persona_kernels.utils.batching import pad_right
 
 TITLE = "Calibration statistics: plain forward vs collect_stats vs per-Linear hooks"
 CALL_KWARGS = {"logits_to_keep": 1, "use_cache": False}

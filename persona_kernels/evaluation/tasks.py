@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from persona_kernels.evaluation.ab import ABItem, format_context, swap_options
+from persona_kernels.utils.batching import pad_right
 from persona_kernels.utils.devices import model_device
 
 __all__ = [
@@ -444,16 +445,11 @@ def trie_nodes(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def _rows(seqs: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask)`` of token lists."""
-    width = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    att = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, x in enumerate(seqs):
-        ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
-        att[r, : len(x)] = 1
+    """Right-padded ``(input_ids, attention_mask)`` of token lists, counted by the active token counters."""
+    ids, att = pad_right(seqs, pad)
     for count in _COUNTERS:
         count.tokens += sum(len(x) for x in seqs)
-        count.padded += len(seqs) * width
+        count.padded += ids.numel()
     return ids.to(device), att.to(device)
 
 
