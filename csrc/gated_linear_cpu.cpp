@@ -24,8 +24,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
-#include <thread>
 #include <cstdlib>
 #include <cstring>
 
@@ -404,45 +402,25 @@ BlockTable bf16dot_table() {
 }
 #endif
 
-// Runs body(i0, i1) over [0, n) in chunks claimed from a shared counter. The calling thread works
-// through the chunks itself; helper tasks on torch's inter-op pool (one per extra intra-op thread)
-// claim chunks if and when the OS schedules them, and the caller waits only for chunks a helper has
-// actually started. On a busy machine this is never slower than one thread, unlike a fork-join
-// region whose barrier waits for every worker to be scheduled; on an idle one all cores stream W.
-struct ChunkQueue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> active{0};
-};
-
+// Runs body(i0, i1) over [0, n) in chunks claimed from a shared counter by the threads of one
+// parallel region of torch's intra-op pool (the threads F.linear and every other op use, so they are
+// awake and spinning when a model calls us between its other ops). Claiming chunks dynamically keeps
+// both threads busy to the end even when one of them starts late or runs slower.
 template <typename F>
 void run_chunks(int64_t n, int64_t chunk, const F& body) {
-  const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, (n + chunk - 1) / chunk - 1);
-  if (helpers <= 0 || at::in_parallel_region()) {
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  if (workers <= 1 || at::in_parallel_region()) {
     body(0, n);
     return;
   }
-  auto queue = std::make_shared<ChunkQueue>();
-  const F* fn = &body;
-  for (int64_t h = 0; h < helpers; ++h) {
-    at::launch([queue, fn, n, chunk]() {
-      for (;;) {
-        queue->active.fetch_add(1);
-        const int64_t i0 = queue->next.fetch_add(chunk);
-        if (i0 >= n) {  // all work claimed: the caller may be gone, touch nothing but the queue
-          queue->active.fetch_sub(1);
-          return;
-        }
-        (*fn)(i0, std::min(n, i0 + chunk));  // the caller waits for us (active > 0)
-        queue->active.fetch_sub(1);
-      }
-    });
-  }
-  for (;;) {
-    const int64_t i0 = queue->next.fetch_add(chunk);
-    if (i0 >= n) break;
-    body(i0, std::min(n, i0 + chunk));
-  }
-  while (queue->active.load() != 0) std::this_thread::yield();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t i0 = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (i0 >= n) break;
+      body(i0, std::min(n, i0 + chunk));
+    }
+  });
 }
 
 // Runs the block kernels over all of y. x: [M, K] rows of the type the table expects.
@@ -583,6 +561,24 @@ void gate_rows_bf16(bool vector, const BFloat16* w, const uint32_t* bits, int64_
   gate_bf16_portable(w, bits, rows, K, words, gamma, out);
 }
 
+// `bytes` bytes of 64-byte aligned scratch owned by the calling thread and reused by its later calls
+// (the GEMM path would otherwise allocate a panel per call and thread).
+void* thread_scratch(size_t bytes) {
+  struct Scratch {
+    void* ptr = nullptr;
+    size_t size = 0;
+    ~Scratch() { std::free(ptr); }
+  };
+  thread_local Scratch s;
+  if (s.size < bytes) {
+    std::free(s.ptr);
+    s.size = (bytes + 63) / 64 * 64;
+    s.ptr = std::aligned_alloc(64, s.size);
+    TORCH_CHECK(s.ptr != nullptr, "persona_kernels: gated_linear could not allocate ", s.size, " bytes of scratch");
+  }
+  return s.ptr;
+}
+
 // Large M: the threads of one parallel region claim panels of W rows one at a time, gate each into
 // their own buffer and multiply it with the GEMM torch uses (inside the parallel region MKL / oneDNN
 // run single-threaded), writing straight into the panel's column slice of y. One parallel region
@@ -597,13 +593,12 @@ torch::Tensor gated_linear_gemm(const torch::Tensor& x, const torch::Tensor& wei
   const c10::optional<torch::Tensor> bg = bias.has_value() ? c10::optional<torch::Tensor>(bias->to(gtype)) : bias;
   const int64_t P = std::min<int64_t>(panel_rows(K, bf16_gemm ? 2 : 4), N);
   const int64_t panels = (N + P - 1) / P;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    torch::Tensor panel = torch::empty({P, K}, x.options().dtype(gtype));  // this thread's buffer
-    for (;;) {
-      const int64_t p = next.fetch_add(1);
-      if (p >= panels) break;
+  run_chunks(panels, 1, [&](int64_t p0, int64_t p1) {
+    // this thread's gated panel, reused across calls
+    const torch::Tensor panel =
+        torch::from_blob(thread_scratch(static_cast<size_t>(P * K) * (bf16_gemm ? 2 : 4)), {P * K},
+                         torch::TensorOptions().dtype(gtype).device(torch::kCPU));
+    for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * P, np = std::min<int64_t>(P, N - n0);
       const uint32_t* b = bits + n0 * words;
       if (bf16_gemm) {
@@ -616,7 +611,7 @@ torch::Tensor gated_linear_gemm(const torch::Tensor& x, const torch::Tensor& wei
       } else {
         gate_rows_f32(isa, weight.data_ptr<BFloat16>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
       }
-      const torch::Tensor wp = panel.narrow(0, 0, np);
+      const torch::Tensor wp = panel.narrow(0, 0, np * K).view({np, K});
       torch::Tensor yp = y.narrow(1, n0, np);
       if (bg.has_value()) {
         at::addmm_out(yp, bg->narrow(0, n0, np), xg, wp.t());
