@@ -2,15 +2,22 @@
 
 Compares, in one run and interleaved repeat by repeat:
 
-* ``gated_linear`` with the ``cpu`` backend (C++ kernels) and the ``torch`` reference backend,
-* dense masking ``F.linear(x, W * G)``: a dense gate ``G`` (weight dtype, built once) multiplied into the
-  weight every call (the ``torch`` backend instead rebuilds ``G`` from the packed bits every call),
-* plain ``F.linear(x, W)`` (the baseline every ratio refers to; for bf16 it is torch's bf16 linear).
+* ``gated_linear`` with the ``cpu`` backend (C++ kernels),
+* plain ``F.linear(x, W)`` (the baseline every ratio refers to; for bf16 it is torch's bf16 linear),
+* with ``--all-methods`` also the ``torch`` reference backend and dense masking ``F.linear(x, W * G)`` (a dense
+  gate ``G`` in the weight dtype, built once, multiplied into the weight every call). They stream large
+  temporaries that evict the caches the next method then refills, so they are off by default.
+
+Each ratio is the median of the per-repeat ratios ours / plain (persona_kernels.bench.timing); one sample lasts
+at least ``--min-time`` seconds. The first pass uses ``--threads`` torch threads (the wall clock with more than
+one thread, process CPU time with one); ``--also-single-thread`` adds a 1-thread pass timed by process CPU
+time. Every pass names its clock and thread count. Targets (issue 17): bf16 M = 1, 16, 128 at <= 1.10x with
+2 threads; bf16 M = 16 and fp32 M = 1 at <= 1.06x with 1 thread.
 
 Writes ``benchmarks/results/gated_linear_cpu.{json,md}`` (``--quick``: a subset, printed only unless
-``--output`` is given) and prints the markdown table.
+``--output`` is given) and prints the markdown table. The committed results come from
 
-    python benchmarks/bench_gated_linear.py [--quick] [--repeats 9] [--threads N] [--cpu-time]
+    OMP_NUM_THREADS=2 python benchmarks/bench_gated_linear.py --threads 2 --also-single-thread
 """
 
 from __future__ import annotations
@@ -30,17 +37,24 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import persona_kernels as pk  # noqa: E402
 from persona_kernels import _extension  # noqa: E402
-from persona_kernels.bench.timing import time_interleaved, timing_context  # noqa: E402
+from persona_kernels.bench.timing import clock_for_threads, ratio, time_interleaved, timing_context  # noqa: E402
 from persona_kernels.kernels import torch_ref  # noqa: E402
 from persona_kernels.utils.atomic import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHAPES = [(4096, 4096), (11008, 4096)]  # (N, K) = (out_features, in_features)
-ROWS = [1, 16, 512]
+SHAPES = [(4096, 4096), (1024, 4096), (11008, 4096)]  # (N, K) = (out_features, in_features)
+QUICK_SHAPES = SHAPES[:2]
+ROWS = [1, 16, 128]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GAMMAS = [0.0, 0.5]
-TARGETS = {1: 1.15, 16: 1.15, 512: 1.10}  # max ratio cpu / plain
 METHODS = ("plain", "cpu", "torch", "dense")
+
+
+def target(dtype: str, m: int, threads: int) -> float | None:
+    """Issue 17's bound on cpu / plain for this configuration (None: no target)."""
+    if threads == 1:
+        return 1.06 if (dtype, m) in (("bfloat16", 16), ("float32", 1)) else None
+    return 1.10 if dtype == "bfloat16" and m in (1, 16, 128) else None
 
 
 def machine_info() -> dict:
@@ -71,29 +85,37 @@ def machine_info() -> dict:
     }
 
 
-def make_fns(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor, gamma: float) -> dict[str, Callable[[], object]]:
-    g = torch_ref.gate(packed, w.shape[1], gamma, w.dtype)  # dense gate, built once
-    return {
+def make_fns(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor, gamma: float,
+             all_methods: bool) -> dict[str, Callable[[], object]]:
+    fns: dict[str, Callable[[], object]] = {
         "plain": lambda: F.linear(x, w),
         "cpu": lambda: pk.gated_linear(x, w, packed, None, gamma, backend="cpu"),
-        "torch": lambda: pk.gated_linear(x, w, packed, None, gamma, backend="torch"),
-        "dense": lambda: F.linear(x, w * g),
     }
+    if all_methods:
+        g = torch_ref.gate(packed, w.shape[1], gamma, w.dtype)  # dense gate, built once
+        fns["torch"] = lambda: pk.gated_linear(x, w, packed, None, gamma, backend="torch")
+        fns["dense"] = lambda: F.linear(x, w * g)
+    return fns
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: int, clock: str) -> dict:
-    """Median seconds per method through the suite's one timing helper (interleaved, rotating order)."""
-    res = time_interleaved(fns, repeats, clock=clock)
-    return {n: {"median_s": t.median, "min_s": min(t.samples), "all_s": list(t.samples)} for n, t in res.items()}
+def timed(fns: dict[str, Callable[[], object]], repeats: int, clock: str, min_time: float) -> dict:
+    """Per method: median seconds and the samples; per baseline method: the median per-repeat ratio to plain."""
+    res = time_interleaved(fns, repeats, warmup=2, clock=clock, min_time=min_time)
+    out = {n: {"median_s": t.median, "min_s": min(t.samples), "all_s": list(t.samples)} for n, t in res.items()}
+    for n, t in res.items():
+        r = ratio(t, res["plain"])
+        out[n]["ratio"], out[n]["ratio_noise"] = r.value, r.noise
+    return out
 
 
-def run(args: argparse.Namespace, threads: int, cpu_time: bool) -> dict:
-    """One pass over every configuration with ``threads`` torch threads (0: unchanged)."""
+def run(args: argparse.Namespace, threads: int, cpu_time: bool | None = None) -> dict:
+    """One pass over every configuration with ``threads`` torch threads (0: unchanged); the clock is process
+    CPU time with one thread and the wall clock with more, unless ``cpu_time`` says otherwise."""
     if threads:
         torch.set_num_threads(threads)
-    clock = "process" if cpu_time else "wall"
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    gammas = [0.5] if args.quick else GAMMAS
+    clock = clock_for_threads(torch.get_num_threads()) if cpu_time is None else ("process" if cpu_time else "wall")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    gammas = GAMMAS
     info = machine_info()
     info.update(timing_context(clock))
     info["clock"] = info.pop("clock_name")
@@ -103,28 +125,28 @@ def run(args: argparse.Namespace, threads: int, cpu_time: bool) -> dict:
         for dname, dtype in DTYPES.items():
             w = torch.randn(n, k).to(dtype)
             packed = pk.pack_mask(torch.rand(n, k) < 0.5)
-            for m in ROWS:
+            for m in args.rows:
                 x = torch.randn(m, k).to(dtype)
                 for gamma in gammas:
-                    fns = make_fns(x, w, packed, gamma)
-                    if m == ROWS[-1] and args.skip_slow_reference:
-                        fns.pop("torch")
-                    res = timed(fns, args.repeats, clock)
-                    plain = res["plain"]["median_s"]
-                    row = {"N": n, "K": k, "dtype": dname, "M": m, "gamma": gamma, "target": TARGETS.get(m)}
+                    fns = make_fns(x, w, packed, gamma, args.all_methods)
+                    res = timed(fns, args.repeats, clock, args.min_time)
+                    row = {"N": n, "K": k, "dtype": dname, "M": m, "gamma": gamma,
+                           "target": target(dname, m, torch.get_num_threads())}
                     for name in METHODS:
                         if name in res:
                             row[f"{name}_ms"] = res[name]["median_s"] * 1e3
-                            row[f"{name}_ratio"] = res[name]["median_s"] / plain
+                            row[f"{name}_ratio"] = res[name]["ratio"]
+                            row[f"{name}_ratio_noise"] = res[name]["ratio_noise"]
                             row[f"{name}_all_ms"] = [t * 1e3 for t in res[name]["all_s"]]
                     rows.append(row)
                     print(format_row(row), flush=True)
     info["load_average_end"] = os.getloadavg()
-    return {"machine": info, "repeats": args.repeats, "quick": args.quick, "results": rows}
+    return {"machine": info, "repeats": args.repeats, "min_time_s": args.min_time, "quick": args.quick,
+            "all_methods": args.all_methods, "results": rows}
 
 
 def run_all(args: argparse.Namespace) -> dict:
-    passes = [run(args, args.threads, args.cpu_time)]
+    passes = [run(args, args.threads, True if args.cpu_time else None)]
     if args.also_single_thread:
         print("\nsingle thread, process CPU time:")
         passes.append(run(args, 1, True))
@@ -134,7 +156,7 @@ def run_all(args: argparse.Namespace) -> dict:
 def _cell(row: dict, name: str) -> str:
     if f"{name}_ms" not in row:
         return "-"
-    return f"{row[f'{name}_ms']:.2f} ({row[f'{name}_ratio']:.2f}x)"
+    return f"{row[f'{name}_ms']:.2f} ({row[f'{name}_ratio']:.2f}x ±{row[f'{name}_ratio_noise'] * 50:.0f}%)"
 
 
 def format_row(row: dict) -> str:
@@ -150,7 +172,7 @@ def format_row(row: dict) -> str:
 def markdown_pass(report: dict) -> list[str]:
     info = report["machine"]
     return [
-        f"## {info['torch_threads']} thread(s), {info['clock']}",
+        f"## {info['threads']} thread(s), {info['clock']}",
         "",
         f"Load average {info['load_average_start']} at start, {info['load_average_end']} at end "
         f"({info['date_utc']}).",
@@ -170,13 +192,18 @@ def markdown(full: dict) -> str:
         f"Machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs, torch {info['torch_version']} "
         f"(MKL {info['mkl']}), kernel ISA {info['kernel_isa']}, AVX512_BF16 {info['avx512_bf16']}.",
         "",
-        f"Median of {full['passes'][0]['repeats']} interleaved repeats, milliseconds (ratio to plain "
-        "`F.linear(x, W)` in the same run; for bf16 that is torch's bf16 linear). `cpu` / `torch`: "
-        "`persona_kernels.gated_linear` backends (`torch` rebuilds the gate from the packed bits each call); "
-        "`dense`: `F.linear(x, W * G)` with a dense gate G built once and multiplied into W each call. "
-        "Weight N x K, x M x K, no bias, half of the weights kept. On a machine shared with "
-        "other jobs, wall-clock times with several threads mostly measure scheduling; the single-thread "
-        "CPU-time pass (when present) compares the kernels themselves.",
+        f"Median of {full['passes'][0]['repeats']} interleaved repeats (each sample at least "
+        f"{full['passes'][0]['min_time_s'] * 1e3:.0f} ms of calls), milliseconds per call; in brackets the median "
+        "of the per-repeat ratios to plain `F.linear(x, W)` in the same run (for bf16 torch's bf16 linear) and "
+        "half its inter-quartile range. `cpu`: `persona_kernels.gated_linear` with the C++ backend"
+        + ("; `torch`: the reference backend (rebuilds the gate from the packed bits each call); `dense`: "
+           "`F.linear(x, W * G)` with a dense gate G built once and multiplied into W each call"
+           if full["passes"][0]["all_methods"] else "")
+        + ". Weight N x K, x M x K, no bias, half of the weights kept. Each section names its torch thread "
+        "count and clock (wall clock with 2 threads, process CPU time with 1). On a machine shared with other "
+        "jobs, wall-clock times with several threads mostly measure scheduling: check the load averages.",
+        "",
+        f"Command: `{full['command']}`",
         "",
     ]
     for report in full["passes"]:
@@ -186,15 +213,20 @@ def markdown(full: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="4096x4096 only, gamma 0.5 only")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats per configuration")
+    parser.add_argument("--quick", action="store_true", help="4096x4096 and 1024x4096 only")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved repeats per configuration")
+    parser.add_argument("--min-time", type=float, default=0.02,
+                        help="seconds of calls per sample at least (short calls are repeated within a sample)")
+    parser.add_argument("--rows", type=lambda v: [int(r) for r in v.split(",")], default=ROWS,
+                        help="comma-separated rows M of x (default: 1,16,128)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with process CPU time instead of wall clock (robust on a shared machine with "
                              "--threads 1)")
     parser.add_argument("--also-single-thread", action="store_true",
                         help="add a second pass with one thread timed by process CPU time")
-    parser.add_argument("--skip-slow-reference", action="store_true", help="skip the torch backend at M=512")
+    parser.add_argument("--all-methods", action="store_true",
+                        help="also time the torch reference backend and dense masking (slow; evict caches)")
     parser.add_argument("--output", type=Path, default=None,
                         help="path stem for .json/.md (default: benchmarks/results/gated_linear_cpu; "
                              "--quick writes nothing unless given)")
@@ -204,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("| W (N x K) | dtype | M | gamma | plain ms | cpu | torch | dense | target (cpu) | met |")
     report = run_all(args)
+    omp = os.environ.get("OMP_NUM_THREADS")
+    report["command"] = " ".join([*([f"OMP_NUM_THREADS={omp}"] if omp else []), "python benchmarks/bench_gated_linear.py",
+                                  *(argv if argv is not None else sys.argv[1:])])
     text = markdown(report)
     print()
     print(text)

@@ -24,8 +24,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
-#include <thread>
 #include <cstdlib>
 #include <cstring>
 
@@ -176,6 +174,47 @@ PK_TARGET_AVX512 inline __m512 gated16_avx512(const WT* p, __mmask16 keep, __mma
   return _mm512_mask_mul_ps(v, static_cast<__mmask16>(~keep), v, g);
 }
 
+// Accumulator set of an AVX-512 block kernel: NR weight rows x MR rows of x, one zmm each (shared by
+// the fp32-lane and the bf16-dot kernels; inlined into both targets).
+template <int NR, int MR>
+struct Acc512 {
+  __m512 v[NR][MR];
+  PK_TARGET_AVX512 inline void zero() {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) v[r][i] = _mm512_setzero_ps();
+  }
+  PK_TARGET_AVX512 inline void store(float* sums) const {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) sums[i * NR + r] = _mm512_reduce_add_ps(v[r][i]);
+  }
+};
+
+// One 16-lane step at column k of the fp32-lane block kernel (Full: all 16 lanes valid, so the
+// masked loads compile away).
+template <typename WT, int NR, int MR, bool Full>
+PK_TARGET_AVX512 inline void step_avx512(Acc512<NR, MR>& acc, const float* x, int64_t ldx, const WT* w, int64_t K,
+                                         const uint32_t* bits, int64_t words, __m512 g, const WT* wp, int64_t k) {
+  const __mmask16 valid = Full ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+  __m512 wr[NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    const __mmask16 keep = static_cast<__mmask16>(bits[r * words + (k >> 5)] >> (k & 16));
+    wr[r] = gated16_avx512<WT>(w + r * K + k, keep, valid, g);
+    if (Full && (k * sizeof(WT)) % 64 == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), _MM_HINT_T1);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const __m512 xi = load16_avx512<float>(x + i * ldx + k, valid);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc.v[r][i] = _mm512_fmadd_ps(wr[r], xi, acc.v[r][i]);
+  }
+}
+
 template <typename WT, int NR, int MR>
 PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
                                    int64_t words, float gamma, float* sums, const void* pf) {
@@ -183,53 +222,24 @@ PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, 
   const WT* w = static_cast<const WT*>(wv);
   const WT* wp = static_cast<const WT*>(pf);
   const __m512 g = _mm512_set1_ps(gamma);
-  __m512 acc[NR][MR];
-#pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) acc[r][i] = _mm512_setzero_ps();
+  Acc512<NR, MR> acc;
+  acc.zero();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wr[NR];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      const __mmask16 keep = static_cast<__mmask16>(bits[r * words + (k >> 5)] >> (k & 16));
-      wr[r] = gated16_avx512<WT>(w + r * K + k, keep, 0xFFFF, g);
-      if ((k * sizeof(WT)) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), _MM_HINT_T1);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xi = _mm512_loadu_ps(x + i * ldx + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_fmadd_ps(wr[r], xi, acc[r][i]);
-    }
-  }
-  if (k < K) {
-    const __mmask16 valid = static_cast<__mmask16>((1u << (K - k)) - 1u);
-    __m512 wr[NR];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      const __mmask16 keep = static_cast<__mmask16>(bits[r * words + (k >> 5)] >> (k & 16));
-      wr[r] = gated16_avx512<WT>(w + r * K + k, keep, valid, g);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xi = _mm512_maskz_loadu_ps(valid, x + i * ldx + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_fmadd_ps(wr[r], xi, acc[r][i]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) sums[i * NR + r] = _mm512_reduce_add_ps(acc[r][i]);
+  for (; k + 16 <= K; k += 16) step_avx512<WT, NR, MR, true>(acc, x, ldx, w, K, bits, words, g, wp, k);
+  if (k < K) step_avx512<WT, NR, MR, false>(acc, x, ldx, w, K, bits, words, g, wp, k);
+  acc.store(sums);
 }
 
 // ---- AVX512_BF16: 32 bf16 lanes per vector, one __mmask32 per mask word; x stays bf16 ----
+// Loads 32 bf16 lanes (lanes outside `valid` read as zero).
+PK_TARGET_AVX512 inline __m512i load32_bf16(const BFloat16* p, __mmask32 valid) {
+  return valid == ~0u ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(valid, p);
+}
+
 PK_TARGET_AVX512BF16 inline __m512i gated32_bf16(const BFloat16* p, __mmask32 keep, __mmask32 valid, __m512 g) {
   // 32 bf16 lanes -> two fp32 halves, pruned lanes times gamma, rounded back to bf16 (exact for
   // gamma 0 and 1). A 16-bit zeroing blend would be enough for gamma = 0 but is slower on AMD Zen.
-  __m512i v = valid == ~0u ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(valid, p);
+  __m512i v = load32_bf16(p, valid);
   PK_OPAQUE(v);
   __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
   __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
@@ -239,6 +249,26 @@ PK_TARGET_AVX512BF16 inline __m512i gated32_bf16(const BFloat16* p, __mmask32 ke
   return (__m512i)(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
+// One 32-lane step at column k of the bf16-dot block kernel (x in bf16; Full as for step_avx512).
+template <int NR, int MR, bool Full>
+PK_TARGET_AVX512BF16 inline void step_bf16dot(Acc512<NR, MR>& acc, const BFloat16* x, int64_t ldx, const BFloat16* w,
+                                              int64_t K, const uint32_t* bits, int64_t words, __m512 g,
+                                              const BFloat16* wp, int64_t k) {
+  const __mmask32 valid = Full ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
+  __m512i wr[NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], valid, g);
+    if (Full) _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), PK_PF_HINT);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const __m512i xi = load32_bf16(x + i * ldx + k, valid);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc.v[r][i] = _mm512_dpbf16_ps(acc.v[r][i], (__m512bh)(wr[r]), (__m512bh)(xi));
+  }
+}
+
 template <int NR, int MR>
 PK_TARGET_AVX512BF16 void block_bf16dot(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
                                         int64_t words, float gamma, float* sums, const void* pf) {
@@ -246,44 +276,12 @@ PK_TARGET_AVX512BF16 void block_bf16dot(const void* xv, int64_t ldx, const void*
   const BFloat16* w = static_cast<const BFloat16*>(wv);
   const BFloat16* wp = static_cast<const BFloat16*>(pf);
   const __m512 g = _mm512_set1_ps(gamma);
-  __m512 acc[NR][MR];
-#pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) acc[r][i] = _mm512_setzero_ps();
+  Acc512<NR, MR> acc;
+  acc.zero();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512i wr[NR];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], ~0u, g);
-      _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), PK_PF_HINT);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512i xi = _mm512_loadu_si512(x + i * ldx + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r)
-        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)(wr[r]), (__m512bh)(xi));
-    }
-  }
-  if (k < K) {
-    const __mmask32 valid = static_cast<__mmask32>((1ull << (K - k)) - 1u);
-    __m512i wr[NR];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], valid, g);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512i xi = _mm512_maskz_loadu_epi16(valid, x + i * ldx + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r)
-        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)(wr[r]), (__m512bh)(xi));
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) sums[i * NR + r] = _mm512_reduce_add_ps(acc[r][i]);
+  for (; k + 32 <= K; k += 32) step_bf16dot<NR, MR, true>(acc, x, ldx, w, K, bits, words, g, wp, k);
+  if (k < K) step_bf16dot<NR, MR, false>(acc, x, ldx, w, K, bits, words, g, wp, k);
+  acc.store(sums);
 }
 
 // ---- AVX2: 8 fp32 lanes; 8 mask bits expanded to a lane mask with a compare ----
@@ -404,45 +402,25 @@ BlockTable bf16dot_table() {
 }
 #endif
 
-// Runs body(i0, i1) over [0, n) in chunks claimed from a shared counter. The calling thread works
-// through the chunks itself; helper tasks on torch's inter-op pool (one per extra intra-op thread)
-// claim chunks if and when the OS schedules them, and the caller waits only for chunks a helper has
-// actually started. On a busy machine this is never slower than one thread, unlike a fork-join
-// region whose barrier waits for every worker to be scheduled; on an idle one all cores stream W.
-struct ChunkQueue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> active{0};
-};
-
+// Runs body(i0, i1) over [0, n) in chunks claimed from a shared counter by the threads of one
+// parallel region of torch's intra-op pool (the threads F.linear and every other op use, so they are
+// awake and spinning when a model calls us between its other ops). Claiming chunks dynamically keeps
+// both threads busy to the end even when one of them starts late or runs slower.
 template <typename F>
 void run_chunks(int64_t n, int64_t chunk, const F& body) {
-  const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, (n + chunk - 1) / chunk - 1);
-  if (helpers <= 0 || at::in_parallel_region()) {
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  if (workers <= 1 || at::in_parallel_region()) {
     body(0, n);
     return;
   }
-  auto queue = std::make_shared<ChunkQueue>();
-  const F* fn = &body;
-  for (int64_t h = 0; h < helpers; ++h) {
-    at::launch([queue, fn, n, chunk]() {
-      for (;;) {
-        queue->active.fetch_add(1);
-        const int64_t i0 = queue->next.fetch_add(chunk);
-        if (i0 >= n) {  // all work claimed: the caller may be gone, touch nothing but the queue
-          queue->active.fetch_sub(1);
-          return;
-        }
-        (*fn)(i0, std::min(n, i0 + chunk));  // the caller waits for us (active > 0)
-        queue->active.fetch_sub(1);
-      }
-    });
-  }
-  for (;;) {
-    const int64_t i0 = queue->next.fetch_add(chunk);
-    if (i0 >= n) break;
-    body(i0, std::min(n, i0 + chunk));
-  }
-  while (queue->active.load() != 0) std::this_thread::yield();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t i0 = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (i0 >= n) break;
+      body(i0, std::min(n, i0 + chunk));
+    }
+  });
 }
 
 // Runs the block kernels over all of y. x: [M, K] rows of the type the table expects.
@@ -516,12 +494,16 @@ PK_TARGET_AVX512 void gate_f32_avx512(const WT* w, const uint32_t* bits, int64_t
     const WT* wr = w + r * K;
     const uint32_t* br = bits + r * words;
     float* o = out + r * K;
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 valid =
-          K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    // Full vectors with plain stores (masked stores are slow on AMD Zen 4), then the masked tail.
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
       const __mmask16 keep = static_cast<__mmask16>(br[k >> 5] >> (k & 16));
-      const __m512 v = gated16_avx512<WT>(wr + k, keep, valid, g);
-      _mm512_mask_storeu_ps(o + k, valid, v);
+      _mm512_storeu_ps(o + k, gated16_avx512<WT>(wr + k, keep, static_cast<__mmask16>(0xFFFF), g));
+    }
+    if (k < K) {
+      const __mmask16 valid = static_cast<__mmask16>((1u << (K - k)) - 1u);
+      const __mmask16 keep = static_cast<__mmask16>(br[k >> 5] >> (k & 16));
+      _mm512_mask_storeu_ps(o + k, valid, gated16_avx512<WT>(wr + k, keep, valid, g));
     }
   }
 }
@@ -533,8 +515,10 @@ PK_TARGET_AVX512BF16 void gate_bf16_avx512(const BFloat16* w, const uint32_t* bi
     const BFloat16* wr = w + r * K;
     const uint32_t* br = bits + r * words;
     BFloat16* o = out + r * K;
-    for (int64_t k = 0; k < K; k += 32) {
-      const __mmask32 valid = K - k >= 32 ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) _mm512_storeu_si512(o + k, gated32_bf16(wr + k, br[k >> 5], ~0u, g));
+    if (k < K) {
+      const __mmask32 valid = static_cast<__mmask32>((1ull << (K - k)) - 1u);
       _mm512_mask_storeu_epi16(o + k, valid, gated32_bf16(wr + k, br[k >> 5], valid, g));
     }
   }
@@ -583,6 +567,24 @@ void gate_rows_bf16(bool vector, const BFloat16* w, const uint32_t* bits, int64_
   gate_bf16_portable(w, bits, rows, K, words, gamma, out);
 }
 
+// `bytes` bytes of 64-byte aligned scratch owned by the calling thread and reused by its later calls
+// (the GEMM path would otherwise allocate a panel per call and thread).
+void* thread_scratch(size_t bytes) {
+  struct Scratch {
+    void* ptr = nullptr;
+    size_t size = 0;
+    ~Scratch() { std::free(ptr); }
+  };
+  thread_local Scratch s;
+  if (s.size < bytes) {
+    std::free(s.ptr);
+    s.size = (bytes + 63) / 64 * 64;
+    s.ptr = std::aligned_alloc(64, s.size);
+    TORCH_CHECK(s.ptr != nullptr, "persona_kernels: gated_linear could not allocate ", s.size, " bytes of scratch");
+  }
+  return s.ptr;
+}
+
 // Large M: the threads of one parallel region claim panels of W rows one at a time, gate each into
 // their own buffer and multiply it with the GEMM torch uses (inside the parallel region MKL / oneDNN
 // run single-threaded), writing straight into the panel's column slice of y. One parallel region
@@ -597,13 +599,12 @@ torch::Tensor gated_linear_gemm(const torch::Tensor& x, const torch::Tensor& wei
   const c10::optional<torch::Tensor> bg = bias.has_value() ? c10::optional<torch::Tensor>(bias->to(gtype)) : bias;
   const int64_t P = std::min<int64_t>(panel_rows(K, bf16_gemm ? 2 : 4), N);
   const int64_t panels = (N + P - 1) / P;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    torch::Tensor panel = torch::empty({P, K}, x.options().dtype(gtype));  // this thread's buffer
-    for (;;) {
-      const int64_t p = next.fetch_add(1);
-      if (p >= panels) break;
+  run_chunks(panels, 1, [&](int64_t p0, int64_t p1) {
+    // this thread's gated panel, reused across calls
+    const torch::Tensor panel =
+        torch::from_blob(thread_scratch(static_cast<size_t>(P * K) * (bf16_gemm ? 2 : 4)), {P * K},
+                         torch::TensorOptions().dtype(gtype).device(torch::kCPU));
+    for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * P, np = std::min<int64_t>(P, N - n0);
       const uint32_t* b = bits + n0 * words;
       if (bf16_gemm) {
@@ -616,7 +617,7 @@ torch::Tensor gated_linear_gemm(const torch::Tensor& x, const torch::Tensor& wei
       } else {
         gate_rows_f32(isa, weight.data_ptr<BFloat16>() + n0 * K, b, np, K, words, gamma, panel.data_ptr<float>());
       }
-      const torch::Tensor wp = panel.narrow(0, 0, np);
+      const torch::Tensor wp = panel.narrow(0, 0, np * K).view({np, K});
       torch::Tensor yp = y.narrow(1, n0, np);
       if (bg.has_value()) {
         at::addmm_out(yp, bg->narrow(0, n0, np), xg, wp.t());

@@ -168,6 +168,28 @@ def test_cpu_many_row_chunks_and_concurrent_callers(dtype):
         assert_close(y, ref, dtype, 64)
 
 
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thread")
+def torch_threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_thread_split_boundaries(dtype, torch_threads, monkeypatch):
+    # The row blocks (small M) and GEMM panels (large M) are shared out among torch's threads in
+    # chunks: N of 1, of one chunk, of many chunks with a partial last block and a partial last panel.
+    monkeypatch.setenv("PERSONA_KERNELS_GATED_LINEAR_PANEL", "16")  # many panels with a short last one
+    for n in (1, 2, 5, 64, 199, 1001):
+        for m_shape in ((0,), (1,), (9,), (2, 15), (40,)):  # 40 rows: GEMM path (default threshold)
+            check("cpu", m_shape, n, 67, dtype, 0.3, bias=n % 2 == 1)
+    # non-contiguous x through both paths
+    check("cpu", (33, 2), 199, 40, dtype, 0.0, x_transform=lambda x: x.transpose(0, 1))
+    check("cpu", (3, 40), 199, 40, dtype, 0.5, x_transform=lambda x: x.transpose(0, 1))
+
+
 @needs_cpu
 def test_cpu_op_checks_its_arguments():
     op = torch.ops.persona_kernels_C.gated_linear_cpu

@@ -101,8 +101,9 @@ def make_case(model: str, n: int, k: int, m: int, dtype_name: str, gamma: float,
     ratios = [("dense/plain", "dense", "plain", False)]
     for b in backend_names:
         ratios += [(f"{b}/plain", b, "plain", True), (f"{b}/dense", b, "dense", False)]
-    # Fast small calls: several calls per sample so timer resolution and launch jitter do not dominate.
-    min_time = 0.02 if dev.type == "cuda" else 0.0
+    # Fast small calls: several calls per sample (>= 20 ms) so timer resolution, launch jitter and, with
+    # several CPU threads, the wake-up of the thread pool do not dominate (a bf16 M=1 call takes ~0.3 ms).
+    min_time = 0.02
     return Case(key=f"{n}x{k}|{dtype_name}|M={m}|gamma={gamma:g}",
                 params={"model": model, "N": n, "K": k, "M": m, "dtype": dtype_name, "gamma": gamma},
                 setup=setup, ratios=ratios, metrics=metrics, teardown=teardown, min_time=min_time)
