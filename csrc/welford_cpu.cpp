@@ -516,10 +516,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   PK_CHECK_ARG(weight.scalar_type() == x.scalar_type(), "weight", "dtype ", weight.scalar_type(),
                " does not match x's dtype ", x.scalar_type());
   PK_CHECK_ARG(weight.device().is_cpu(), "weight", "expected a CPU tensor");
-  // GEMM first, then the statistics pass over x, which the GEMM has just streamed through the caches
-  // (measured cheaper than the other order: benchmarks/bench_welford.py).
-  at::Tensor y = at::linear(x, weight, bias);
+  // Statistics pass first, while x is still in the caches from the op that produced it, then the GEMM.
+  // Measured on a freshly produced x (as in a forward), 1 thread, SmolLM2 shapes: +1.2..3.8 % over the
+  // plain GEMM in this order vs +2.7..7.3 % in the other (the GEMM's packing evicts x).
   auto stats = welford_partials_cpu(x, row_mask, seq_len);
+  at::Tensor y = at::linear(x, weight, bias);
   return {y, std::get<0>(stats), std::get<1>(stats), std::get<2>(stats), std::get<3>(stats), std::get<4>(stats),
           std::get<5>(stats)};
 }
