@@ -7,6 +7,7 @@
 
 #include <torch/extension.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #define PK_CHECK_ARG(cond, name, ...) TORCH_CHECK(cond, "persona_kernels: argument '", name, "': ", __VA_ARGS__)
@@ -37,5 +38,22 @@ inline bool cpu_has_avx512() {
 // PERSONA_KERNELS_CPU_ISA=portable|avx2|avx512 caps the instruction set used (for testing fallbacks).
 enum class Isa { Portable = 0, Avx2 = 1, Avx512 = 2 };
 Isa cpu_isa();
+
+// `bytes` bytes of 64-byte aligned memory owned by the calling thread, one buffer per slot, reused by the
+// thread's later calls (a forward's kernel calls then allocate no scratch). module.cpp.
+enum class ScratchSlot { GatedPanel = 0, WelfordChunks = 1, BatchPartials = 2, Count = 3 };
+void* thread_scratch(ScratchSlot slot, size_t bytes);
+
+// welford_cpu.cpp. Per-channel batch partials of a contiguous 2-D CPU x [R, K], written into caller-owned
+// buffers: count[K], mean/m2/abs_mean/abs_m2[K] and seq_sumsq[R / seq_len, K] (seq_len > 0); every entry
+// is written. `mask`: nullptr or R bools. The arguments must have passed check_linear_with_stats_args.
+struct PartialsView {
+  int64_t* count;
+  float *mean, *m2, *abs_mean, *abs_m2, *seq_sumsq;
+};
+void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out);
+// The argument checks of linear_with_stats_cpu (x, weight, row_mask, seq_len), with its messages.
+void check_linear_with_stats_args(const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& row_mask, int64_t seq_len);
 
 }  // namespace persona_kernels

@@ -567,24 +567,6 @@ void gate_rows_bf16(bool vector, const BFloat16* w, const uint32_t* bits, int64_
   gate_bf16_portable(w, bits, rows, K, words, gamma, out);
 }
 
-// `bytes` bytes of 64-byte aligned scratch owned by the calling thread and reused by its later calls
-// (the GEMM path would otherwise allocate a panel per call and thread).
-void* thread_scratch(size_t bytes) {
-  struct Scratch {
-    void* ptr = nullptr;
-    size_t size = 0;
-    ~Scratch() { std::free(ptr); }
-  };
-  thread_local Scratch s;
-  if (s.size < bytes) {
-    std::free(s.ptr);
-    s.size = (bytes + 63) / 64 * 64;
-    s.ptr = std::aligned_alloc(64, s.size);
-    TORCH_CHECK(s.ptr != nullptr, "persona_kernels: gated_linear could not allocate ", s.size, " bytes of scratch");
-  }
-  return s.ptr;
-}
-
 // Large M: the threads of one parallel region claim panels of W rows one at a time, gate each into
 // their own buffer and multiply it with the GEMM torch uses (inside the parallel region MKL / oneDNN
 // run single-threaded), writing straight into the panel's column slice of y. One parallel region
@@ -601,9 +583,9 @@ torch::Tensor gated_linear_gemm(const torch::Tensor& x, const torch::Tensor& wei
   const int64_t panels = (N + P - 1) / P;
   run_chunks(panels, 1, [&](int64_t p0, int64_t p1) {
     // this thread's gated panel, reused across calls
+    void* scratch = thread_scratch(ScratchSlot::GatedPanel, static_cast<size_t>(P * K) * (bf16_gemm ? 2 : 4));
     const torch::Tensor panel =
-        torch::from_blob(thread_scratch(static_cast<size_t>(P * K) * (bf16_gemm ? 2 : 4)), {P * K},
-                         torch::TensorOptions().dtype(gtype).device(torch::kCPU));
+        torch::from_blob(scratch, {P * K}, torch::TensorOptions().dtype(gtype).device(torch::kCPU));
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * P, np = std::min<int64_t>(P, N - n0);
       const uint32_t* b = bits + n0 * words;

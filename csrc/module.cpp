@@ -22,6 +22,26 @@ Isa cpu_isa() {
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;
 }
 
+void* thread_scratch(ScratchSlot slot, size_t bytes) {
+  struct Buffer {
+    void* ptr = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(ptr); }
+  };
+  thread_local Buffer slots[static_cast<int>(ScratchSlot::Count)];
+  Buffer& s = slots[static_cast<int>(slot)];
+  if (s.size < bytes) {
+    std::free(s.ptr);
+    s.ptr = nullptr;
+    s.size = 0;
+    const size_t size = (bytes + 63) / 64 * 64;
+    s.ptr = std::aligned_alloc(64, size);
+    TORCH_CHECK(s.ptr != nullptr, "persona_kernels: could not allocate ", size, " bytes of scratch");
+    s.size = size;
+  }
+  return s.ptr;
+}
+
 }  // namespace persona_kernels
 
 namespace {

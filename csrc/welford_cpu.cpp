@@ -413,33 +413,43 @@ void build_chunks(int64_t rows, int64_t seq_len, std::vector<Chunk>& chunks, std
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> welford_partials_cpu(
-    const at::Tensor& x_in, const c10::optional<at::Tensor>& row_mask, int64_t seq_len) {
-  PK_CHECK_ARG(x_in.dim() == 2, "x", "expected a 2-D tensor [R, K], got ", x_in.dim(), " dims");
-  PK_CHECK_ARG(x_in.device().is_cpu(), "x", "expected a CPU tensor");
-  const auto dtype = x_in.scalar_type();
+void check_partials_args(const at::Tensor& x, const c10::optional<at::Tensor>& row_mask, int64_t seq_len) {
+  PK_CHECK_ARG(x.dim() == 2, "x", "expected a 2-D tensor [R, K], got ", x.dim(), " dims");
+  PK_CHECK_ARG(x.device().is_cpu(), "x", "expected a CPU tensor");
+  const auto dtype = x.scalar_type();
   PK_CHECK_ARG(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "x",
                "expected dtype float32, float16 or bfloat16, got ", dtype);
   PK_CHECK_ARG(seq_len >= 0, "seq_len", "expected a non-negative integer, got ", seq_len);
-  const int64_t rows = x_in.size(0), k = x_in.size(1);
-  at::Tensor mask;
   if (row_mask.has_value() && row_mask->defined()) {
-    mask = *row_mask;
+    const at::Tensor& mask = *row_mask;
     PK_CHECK_ARG(mask.scalar_type() == at::kBool, "row_mask", "expected dtype torch.bool, got ", mask.scalar_type());
-    PK_CHECK_ARG(mask.dim() == 1 && mask.size(0) == rows, "row_mask", "expected shape [R] = [", rows, "], got ",
-                 mask.sizes());
+    PK_CHECK_ARG(mask.dim() == 1 && mask.size(0) == x.size(0), "row_mask", "expected shape [R] = [", x.size(0),
+                 "], got ", mask.sizes());
     PK_CHECK_ARG(mask.device().is_cpu(), "row_mask", "expected a CPU tensor");
-    mask = mask.contiguous();
   }
-  const at::Tensor x = x_in.contiguous();
-  const int64_t nseq = seq_len > 0 ? rows / seq_len : 0;
-  auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor count = at::zeros({k}, x.options().dtype(at::kLong));
-  at::Tensor mean = at::zeros({k}, f32), m2 = at::zeros({k}, f32);
-  at::Tensor amean = at::zeros({k}, f32), am2 = at::zeros({k}, f32);
-  at::Tensor seq = at::zeros({nseq, k}, f32);
-  if (rows == 0 || k == 0) return {count, mean, m2, amean, am2, seq};
+}
 
+}  // namespace
+
+void check_linear_with_stats_args(const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& row_mask, int64_t seq_len) {
+  check_partials_args(x, row_mask, seq_len);
+  PK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1), "weight", "expected shape [N, ", x.size(1),
+               "], got ", weight.sizes());
+  PK_CHECK_ARG(weight.scalar_type() == x.scalar_type(), "weight", "dtype ", weight.scalar_type(),
+               " does not match x's dtype ", x.scalar_type());
+  PK_CHECK_ARG(weight.device().is_cpu(), "weight", "expected a CPU tensor");
+}
+
+void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  if (rows == 0 || k == 0) {
+    const int64_t nseq = seq_len > 0 ? rows / seq_len : 0;
+    std::fill(out.count, out.count + k, int64_t{0});
+    for (float* p : {out.mean, out.m2, out.abs_mean, out.abs_m2}) std::fill(p, p + k, 0.0f);
+    std::fill(out.seq_sumsq, out.seq_sumsq + nseq * k, 0.0f);
+    return;
+  }
   std::vector<Chunk> chunks;
   std::vector<Segment> segs;
   build_chunks(rows, seq_len, chunks, segs);
@@ -447,12 +457,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t ngroups = (k + kGroupChannels - 1) / kGroupChannels;
   bool any_split = false;
   for (const auto& c : chunks) any_split |= c.split_seq >= 0;
-  at::Tensor part = at::empty({nchunks, 5, k}, x.options().dtype(at::kDouble));
-  at::Tensor split_q = at::zeros({any_split ? nchunks : 0, k}, x.options().dtype(at::kDouble));
+  // chunk partials [nchunks, 5, K] then split pieces [nchunks, K]: each entry written by its task (split
+  // pieces read only where written)
+  double* part = static_cast<double*>(thread_scratch(
+      ScratchSlot::WelfordChunks, static_cast<size_t>(nchunks * (any_split ? 6 : 5) * k) * sizeof(double)));
+  double* split_q = any_split ? part + nchunks * 5 * k : nullptr;
 
-  Ctx ctx{x.data_ptr(), rows, k, mask.defined() ? mask.data_ptr<bool>() : nullptr, chunks.data(), segs.data(),
-          nchunks, ngroups, pick_tile(dtype), seq.data_ptr<float>(), part.data_ptr<double>(),
-          any_split ? split_q.data_ptr<double>() : nullptr};
+  Ctx ctx{x.data_ptr(), rows, k, mask, chunks.data(), segs.data(), nchunks, ngroups, pick_tile(x.scalar_type()),
+          out.seq_sumsq, part, split_q};
   // The pass runs at ~0.2 ns per value on one core: each thread gets at least kMinElementsPerThread values,
   // since waking the thread pool costs more than small batches (and far more on a busy host).
   const int64_t ntasks = nchunks * ngroups;
@@ -467,12 +479,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   // Deterministic merge of the chunk partials (Chan et al.), chunk order, fp64.
-  int64_t* cnt_p = count.data_ptr<int64_t>();
-  float *mean_p = mean.data_ptr<float>(), *m2_p = m2.data_ptr<float>();
-  float *amean_p = amean.data_ptr<float>(), *am2_p = am2.data_ptr<float>();
-  const double* pp = part.data_ptr<double>();
-  const double* sq = any_split ? split_q.data_ptr<double>() : nullptr;
-  float* seq_p = seq.data_ptr<float>();
+  int64_t* cnt_p = out.count;
+  float *mean_p = out.mean, *m2_p = out.m2, *amean_p = out.abs_mean, *am2_p = out.abs_m2, *seq_p = out.seq_sumsq;
+  const double* pp = part;
+  const double* sq = split_q;
   auto merge = [&](int64_t c0, int64_t c1) {
     for (int64_t j = c0; j < c1; ++j) {
       double n = 0, mu = 0, m = 0, amu = 0, am = 0, qacc = 0;
@@ -504,18 +514,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   };
   if (nchunks * k < kMinElementsPerThread / 4) merge(0, k);
   else at::parallel_for(0, k, 64, merge);
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> welford_partials_cpu(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& row_mask, int64_t seq_len) {
+  check_partials_args(x_in, row_mask, seq_len);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor mask = row_mask.has_value() && row_mask->defined() ? row_mask->contiguous() : at::Tensor();
+  const int64_t rows = x.size(0), k = x.size(1), nseq = seq_len > 0 ? rows / seq_len : 0;
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor count = at::empty({k}, x.options().dtype(at::kLong));
+  at::Tensor mean = at::empty({k}, f32), m2 = at::empty({k}, f32);
+  at::Tensor amean = at::empty({k}, f32), am2 = at::empty({k}, f32);
+  at::Tensor seq = at::empty({nseq, k}, f32);
+  welford_partials_into(x, mask.defined() ? mask.data_ptr<bool>() : nullptr, seq_len,
+                        PartialsView{count.data_ptr<int64_t>(), mean.data_ptr<float>(), m2.data_ptr<float>(),
+                                     amean.data_ptr<float>(), am2.data_ptr<float>(), seq.data_ptr<float>()});
   return {count, mean, m2, amean, am2, seq};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_with_stats_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& row_mask, int64_t seq_len) {
-  PK_CHECK_ARG(x.dim() == 2, "x", "expected a 2-D tensor [R, K], got ", x.dim(), " dims");
-  PK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1), "weight", "expected shape [N, ", x.size(1),
-               "], got ", weight.sizes());
-  PK_CHECK_ARG(weight.scalar_type() == x.scalar_type(), "weight", "dtype ", weight.scalar_type(),
-               " does not match x's dtype ", x.scalar_type());
-  PK_CHECK_ARG(weight.device().is_cpu(), "weight", "expected a CPU tensor");
+  check_linear_with_stats_args(x, weight, row_mask, seq_len);
   // Statistics pass first, while x is still in the caches from the op that produced it, then the GEMM.
   // Measured on a freshly produced x (as in a forward), 1 thread, SmolLM2 shapes: +1.2..3.8 % over the
   // plain GEMM in this order vs +2.7..7.3 % in the other (the GEMM's packing evicts x).

@@ -306,3 +306,60 @@ def test_fused_linear_and_merge_equals_two_step(monkeypatch):
     ref = ref[:, [j for j in range(37) if j != 5]]
     got = fused.mean[[j for j in range(37) if j != 5]]
     torch.testing.assert_close(got, ref.mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_linear_and_merge_scratch_reuse_and_threads(monkeypatch):
+    """The fused CPU call keeps its batch partials in per-thread scratch reused across calls: shapes that grow
+    and shrink (a sequence split over several chunks, 2-D input, one row) and four Python threads calling at
+    once must each give exactly the state of the two-step path."""
+    import threading
+
+    import persona_kernels.stats as stats_mod
+    from persona_kernels.ops.welford import linear_with_stats
+
+    if not stats_mod._has_fused_op():
+        pytest.skip("compiled extension not built")
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(4, 9, 37), (2, 700, 300), (1, 1, 5), (900, 129), (3, 33, 64), (6, 5, 300)]
+    cases = []
+    for shape in shapes:
+        x = torch.randn(*shape, generator=gen) * 2 + 1
+        w = torch.randn(11, shape[-1], generator=gen)
+        mask = (torch.rand(shape[:-1], generator=gen) < 0.8) if len(shape) == 3 else None
+        cases.append((x, w, mask))
+
+    def two_step(x, w, mask):
+        st = ActivationStats(x.shape[-1])
+        with monkeypatch.context() as m:
+            m.setattr(stats_mod, "_fused_op_built", lambda: False)
+            y = linear_with_stats(x, w, None, st, mask)
+        return y, st.state_dict()
+
+    expected = [two_step(*c) for c in cases]
+
+    def fused(x, w, mask):
+        st = ActivationStats(x.shape[-1])
+        return linear_with_stats(x, w, None, st, mask), st.state_dict()
+
+    def check(got, want):
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        for key, value in got[1].items():
+            torch.testing.assert_close(value, want[1][key], rtol=1e-12, atol=0, msg=key)
+
+    for case, want in zip(cases, expected):  # serial: every shape after a different one
+        check(fused(*case), want)
+    results: dict[int, list] = {}
+
+    def worker(i: int) -> None:
+        order = cases[i:] + cases[:i]
+        results[i] = [fused(*c) for c in order * 3]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        want = expected[i:] + expected[:i]
+        for got, w_ in zip(results[i], want * 3):
+            check(got, w_)
