@@ -84,6 +84,7 @@ def _random_llama(vocab: int) -> nn.Module:
 # suite (persona-kernels bench), so both report the same measurements
 from persona_kernels.bench.calibration import make_batches as _make_batches  # noqa: E402
 from persona_kernels.bench.calibration import run_hooks, run_plain, run_singles, run_stats  # noqa: E402
+from persona_kernels.bench.report import markdown_table  # noqa: E402
 from persona_kernels.bench.timing import time_interleaved  # noqa: E402
 from persona_kernels.utils.atomic import atomic_write  # noqa: E402
 
@@ -263,34 +264,34 @@ def _markdown(report: dict[str, Any]) -> str:
         "more). (b')/(a) - 1 compares whole runs timed seconds apart and moves by several percent with the load "
         "of the shared host.",
         "",
-        "| model | params | threads | batch | tokens (padded) | (a) plain s | (b') whole s | (b) stats s | (c) hooks s "
-        "| (d) singles s | (b')/(a) - 1 | statistics overhead, paired [95 % CI] (<= 3 %) | hooks / stats (c)/(b) "
-        "(>= 3x) | (d)/(a) | wall: (b')/(a) - 1, hooks / stats |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ["model", "params", "threads", "batch", "tokens (padded)", "(a) plain s", "(b') whole s", "(b) stats s",
+              "(c) hooks s", "(d) singles s", "(b')/(a) - 1", "statistics overhead, paired [95 % CI] (<= 3 %)",
+              "hooks / stats (c)/(b) (>= 3x)", "(d)/(a)", "wall: (b')/(a) - 1, hooks / stats"]
+    rows = []
     for r in report["results"]:
         m, p = r["median_cpu_s"], r["stats_overhead_paired"]
-        lines.append(
-            f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['threads']} | {r['batch_size']} | "
-            f"{r['tokens']} ({r['padded_tokens']}) | "
-            f"{m['plain']:.3f} | {m['whole']:.3f} | {m['stats']:.3f} | {m['hooks']:.3f} | {m['singles']:.3f} | "
-            f"{100 * r['stats_overhead_whole_mode']:+.1f} % | {100 * p['overhead']:+.1f} % "
-            f"[{100 * p['low']:+.1f}, {100 * p['high']:+.1f}], {p['clock']} "
-            f"{'ok' if r['overhead_target_met'] else 'MISSED'} | {r['hooks_over_stats']:.2f}x "
-            f"{'ok' if r['speedup_target_met'] else 'MISSED'} | {r['singles_over_plain']:.2f}x | "
-            f"{100 * r['stats_overhead_wall']:+.1f} %, "
-            f"{r['hooks_over_stats_wall']:.2f}x |"
-        )
+        rows.append([
+            r["model"], f"{r['parameters'] / 1e6:.1f}M", str(r["threads"]), str(r["batch_size"]),
+            f"{r['tokens']} ({r['padded_tokens']})",
+            *(f"{m[k]:.3f}" for k in ("plain", "whole", "stats", "hooks", "singles")),
+            f"{100 * r['stats_overhead_whole_mode']:+.1f} %",
+            f"{100 * p['overhead']:+.1f} % [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}], {p['clock']} "
+            f"{'ok' if r['overhead_target_met'] else 'MISSED'}",
+            f"{r['hooks_over_stats']:.2f}x {'ok' if r['speedup_target_met'] else 'MISSED'}",
+            f"{r['singles_over_plain']:.2f}x",
+            f"{100 * r['stats_overhead_wall']:+.1f} %, {r['hooks_over_stats_wall']:.2f}x",
+        ])
+    lines += markdown_table(header, rows)
     if report.get("per_call_us"):
         lines += ["", "Where (b)'s overhead comes from, per call at SmolLM2's recording shapes (CPU microseconds, "
                   "1 thread, mean of the faster half of 30 calls); `linear_with_stats` adds the argument checks, the "
-                  "custom-op dispatch and the float64 merge into ActivationStats to the fused kernel:", "",
-                  "| x @ W^T | F.linear | fused kernel | linear_with_stats | kernel over F.linear | rest per call |",
-                  "|---|---|---|---|---|---|"]
-        for row in report["per_call_us"]:
-            f, k, full = row["F.linear"], row["fused kernel"], row["linear_with_stats"]
-            lines.append(f"| {row['shape']} | {f:.0f} | {k:.0f} | {full:.0f} | {100 * (k / f - 1):+.1f} % | "
-                         f"{full - k:.0f} us |")
+                  "custom-op dispatch and the float64 merge into ActivationStats to the fused kernel:", ""]
+        lines += markdown_table(
+            ["x @ W^T", "F.linear", "fused kernel", "linear_with_stats", "kernel over F.linear", "rest per call"],
+            [[row["shape"], f"{row['F.linear']:.0f}", f"{row['fused kernel']:.0f}", f"{row['linear_with_stats']:.0f}",
+              f"{100 * (row['fused kernel'] / row['F.linear'] - 1):+.1f} %",
+              f"{row['linear_with_stats'] - row['fused kernel']:.0f} us"] for row in report["per_call_us"]])
     lines += [
         "",
         "Notes: on a CPU, `.cpu()` of a CPU tensor copies nothing, so (c) is a lower bound of the hook approach's "

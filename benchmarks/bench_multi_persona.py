@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import persona_kernels as pk  # noqa: E402
 from persona_kernels import _extension  # noqa: E402
+from persona_kernels.bench.report import markdown_table  # noqa: E402
 from persona_kernels.bench.timing import clock_for_threads, time_interleaved, timing_context  # noqa: E402
 from persona_kernels.utils.atomic import atomic_write  # noqa: E402
 
@@ -102,19 +103,17 @@ def markdown(report: dict) -> str:
         f"{report['date']}, {m['processor']}, {m['threads']} threads, ISA {m['cpu_isa']}, torch {m['torch']}; "
         f"clock: {report['timing']['clock_name']}; fp32, median of {report['repeats']} interleaved repeats. Ratios are to plain `F.linear` on the whole batch.",
         "",
-        "| rows x tokens | personas | N x K | plain ms | multi ms (ratio) | multi, rows sorted ms (ratio) "
-        "| separate ms (ratio) | dense ms (ratio) | multi vs separate | multi vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ["rows x tokens", "personas", "N x K", "plain ms", "multi ms (ratio)", "multi, rows sorted ms (ratio)",
+              "separate ms (ratio)", "dense ms (ratio)", "multi vs separate", "multi vs dense"]
+    rows = []
     for c in report["cases"]:
         ms, r = c["median_ms"], c["ratio_to_plain"]
-        lines.append(
-            f"| {c['rows']} x {c['tokens_per_row']} | {c['personas']} | {c['n']} x {c['k']} | {ms['plain']:.2f} "
-            f"| {ms['multi']:.2f} ({r['multi']:.2f}) | {ms['multi_sorted']:.2f} ({r['multi_sorted']:.2f}) "
-            f"| {ms['separate']:.2f} ({r['separate']:.2f}) "
-            f"| {ms['dense']:.2f} ({r['dense']:.2f}) | {c['multi_speedup_vs_separate']:.2f}x "
-            f"| {c['multi_speedup_vs_dense']:.2f}x |"
-        )
+        rows.append([f"{c['rows']} x {c['tokens_per_row']}", str(c["personas"]), f"{c['n']} x {c['k']}",
+                     f"{ms['plain']:.2f}",
+                     *(f"{ms[k]:.2f} ({r[k]:.2f})" for k in ("multi", "multi_sorted", "separate", "dense")),
+                     f"{c['multi_speedup_vs_separate']:.2f}x", f"{c['multi_speedup_vs_dense']:.2f}x"])
+    lines += markdown_table(header, rows)
     lines += [
         "",
         "`multi`: one `gated_linear_multi` call (rows grouped by persona inside, one C++ pass per group; "

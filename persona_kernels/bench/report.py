@@ -37,7 +37,7 @@ def _ratio_cell(row: Mapping[str, Any], name: str) -> str:
     return "-" if r is None else f"{r['value']:.3g}x ±{100 * r['noise'] / 2:.0f}%"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table: the header cells, the separator, one line per row of cells."""
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(cells) + " |"
@@ -62,7 +62,7 @@ def _gated_md(sec: Mapping[str, Any]) -> list[str]:
                      *(_ms(row["times"][c]["median_s"]) if c in row["times"] else "-" for c in cols),
                      *(_ratio_cell(row, f"{b}/plain") for b in ["dense", *backends]),
                      *(_ratio_cell(row, f"{b}/dense") for b in backends), thr])
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _calibration_md(sec: Mapping[str, Any]) -> list[str]:
@@ -75,7 +75,7 @@ def _calibration_md(sec: Mapping[str, Any]) -> list[str]:
         rows.append([f"{p['model']}", f"{p['batch_size']}", f"{p['texts']}", f"{p['tokens']} ({p['padded_tokens']})",
                      *(f"{t[m]['median_s']:.3f}" for m in ("plain", "whole", "stats", "hooks")),
                      f"{100 * (over['value'] - 1):+.1f} %", f"{1 / sp['value']:.2f}x"])
-    lines = _table(header, rows)
+    lines = markdown_table(header, rows)
     if sec.get("check"):
         lines += ["", f"Cross-check: max relative difference of per-channel RMS, collect_stats vs hooks: "
                       f"{sec['check'].get('max_rel_diff_rms', float('nan')):.1e}."]
@@ -94,7 +94,7 @@ def _scoring_md(sec: Mapping[str, Any]) -> list[str]:
         p = row["params"]
         lines += [f"{p['modules']} modules ({p['layers']} layers), {p['weights'] / 1e6:.1f}M weights, sparsity {p['sparsity']}.",
                   ""]
-        lines += _table(["method", "seconds", "speed-up vs per-row loop"],
+        lines += markdown_table(["method", "seconds", "speed-up vs per-row loop"],
                         [[m, f"{t['median_s']:.3f}", _ratio_or(row, f"{m}/loop_wanda_x2", "%.1fx", invert=True) or "1x"]
                          for m, t in row["times"].items()])
         lines += ["", f"Wanda weights differing from the loop (exact ties only): "
@@ -106,11 +106,11 @@ def _switching_md(sec: Mapping[str, Any]) -> list[str]:
     lines = []
     for row in sec["rows"]:
         if "times" in row:
-            lines += _table(["switch method", "ms per switch", "set_persona / method"],
+            lines += markdown_table(["switch method", "ms per switch", "set_persona / method"],
                             [[m, f"{t['median_s'] * 1e3:.4g}", _ratio_or(row, f"set_persona/{m}", "%.2e") or "-"]
                              for m, t in row["times"].items()])
         else:
-            lines += _table(["storage per persona", "bytes", "MiB", "bits / weight", "bank file / this"],
+            lines += markdown_table(["storage per persona", "bytes", "MiB", "bits / weight", "bank file / this"],
                             [[m, f"{v}", f"{v / 2**20:.2f}", f"{row['metrics'][m + '_bits_per_weight']:.3f}",
                               _ratio_or(row, f"bank_file/{m}", "%.3f") or "-"] for m, v in row["values"].items()])
         lines.append("")
@@ -126,7 +126,7 @@ def _e2e_md(sec: Mapping[str, Any]) -> list[str]:
         rows.append([f"{p['batch_size']}", f"{p['new_tokens']}",
                      *(f"{m[c]['tokens_per_s']:.1f}" for c in ("unpatched", "patched", "merged")),
                      _ratio_cell(row, "patched/unpatched"), _ratio_cell(row, "patched/merged")])
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 _SECTION_MD = {"gated": _gated_md, "calibration": _calibration_md, "scoring": _scoring_md,
