@@ -376,8 +376,9 @@ void run_task(const Ctx& c, int64_t task) {
   }
 }
 
-// Chunk size: a function of the row count only, so the result is the same for any thread count.
-int64_t chunk_rows_for(int64_t rows) { return std::max<int64_t>(256, (rows + 63) / 64); }
+// Chunk size: a function of the row count only, so the result is the same for any thread count. At least
+// 1024 rows: a calibration batch (a few hundred rows) is then one chunk, whose partials need no merge.
+int64_t chunk_rows_for(int64_t rows) { return std::max<int64_t>(1024, (rows + 63) / 64); }
 
 void build_chunks(int64_t rows, int64_t seq_len, std::vector<Chunk>& chunks, std::vector<Segment>& segs) {
   const int64_t crows = chunk_rows_for(rows);
@@ -483,6 +484,16 @@ void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_le
   float *mean_p = out.mean, *m2_p = out.m2, *amean_p = out.abs_mean, *am2_p = out.abs_m2, *seq_p = out.seq_sumsq;
   const double* pp = part;
   const double* sq = split_q;
+  if (nchunks == 1) {  // one chunk: its partials are the batch's (no sequence is split over chunks)
+    for (int64_t j = 0; j < k; ++j) {
+      cnt_p[j] = static_cast<int64_t>(pp[j]);
+      mean_p[j] = static_cast<float>(pp[k + j]);
+      m2_p[j] = static_cast<float>(pp[2 * k + j]);
+      amean_p[j] = static_cast<float>(pp[3 * k + j]);
+      am2_p[j] = static_cast<float>(pp[4 * k + j]);
+    }
+    return;
+  }
   auto merge = [&](int64_t c0, int64_t c1) {
     for (int64_t j = c0; j < c1; ++j) {
       double n = 0, mu = 0, m = 0, amu = 0, am = 0, qacc = 0;

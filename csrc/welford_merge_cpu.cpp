@@ -11,97 +11,149 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "common.h"
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The merge loops select per channel (state unchanged where a batch has no values, max(0, v) before sqrt):
+// GCC keeps them scalar unless it may evaluate FP operations whose result is then dropped, i.e. unless FP
+// exceptions do not trap (nothing here reads the exception flags). No contraction into FMA, so that the
+// AVX2/AVX-512 variants round exactly as the portable one.
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
+#endif
+
 namespace persona_kernels {
 namespace {
 
-inline void chan(int64_t& n_a, double& mean_a, double& m2_a, int64_t n_b, double mean_b, double m2_b) {
-  if (n_b <= 0) return;
-  const int64_t n = n_a + n_b;
-  const double w = static_cast<double>(n_b) / static_cast<double>(n);
-  const double d = mean_b - mean_a;
-  mean_a = mean_a + d * w;
-  m2_a = m2_a + m2_b + d * d * (static_cast<double>(n_a) * w);
-  n_a = n;
-}
-
-// dst[j] = sqrt(max(0, src[j])) in float64 (as std::max(0.0, v): NaN -> 0, -0.0 -> +0.0); AVX2 when the CPU
-// has it (GCC does not vectorise the scalar loop), bit-identical to the scalar code (sqrt is exact-rounded).
+// One channel block [j0, j1) of the merge. always_inline, so that each ISA wrapper below compiles it with its
+// own instruction set (GCC inlines a default-target function into a target("...") caller): the loops run
+// over channels, with the same IEEE operations per channel in every variant (no FP contraction in ISO C++
+// mode, exact-rounded sqrt), so the variants agree bit for bit. Per-sequence norms are summed over sequences
+// in order. `l2` holds nseq * (j1 - j0) doubles.
 template <typename P>
-void sqrt_nonneg_scalar(const P* src, double* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = std::sqrt(std::max(0.0, static_cast<double>(src[j])));
-}
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-__attribute__((target("avx2"))) void sqrt_nonneg_avx2(const float* src, double* dst, int64_t n) {
-  const __m256d zero = _mm256_setzero_pd();
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(src + j));
-    _mm256_storeu_pd(dst + j, _mm256_sqrt_pd(_mm256_max_pd(v, zero)));  // max(v, 0): NaN -> 0
+[[gnu::always_inline]] inline void merge_block(int64_t k, int64_t j0, int64_t j1, int64_t* __restrict n,
+                                               double* __restrict mean, double* __restrict m2,
+                                               const int64_t* __restrict cnt, const P* __restrict pmean,
+                                               const P* __restrict pm2, const P* __restrict pamean,
+                                               const P* __restrict pam2, const P* __restrict seq_sumsq, int64_t nseq,
+                                               const char* seq_ok, int64_t n_seq_ok, double* __restrict l2) {
+  const int64_t w = j1 - j0;
+  // Chan's update of summary r (0: x, 1: |x|, 2: per-sequence L2 norms) with (nb, mb, m2b) per channel;
+  // the state is unchanged where nb == 0.
+  auto chan_row = [&](int r, auto nb_of, auto mean_of, auto m2_of) {
+    int64_t* __restrict nr = n + r * k + j0;
+    double* __restrict mr = mean + r * k + j0;
+    double* __restrict sr = m2 + r * k + j0;
+    for (int64_t jj = 0; jj < w; ++jj) {
+      const int64_t na = nr[jj], nb = nb_of(jj), nn = na + nb;
+      const double wgt = static_cast<double>(nb) / static_cast<double>(nn > 0 ? nn : 1);
+      const double d = mean_of(jj) - mr[jj];
+      const double mu = mr[jj] + d * wgt;
+      const double s2 = sr[jj] + m2_of(jj) + d * d * (static_cast<double>(na) * wgt);
+      const bool take = nb > 0;
+      nr[jj] = take ? nn : na;
+      mr[jj] = take ? mu : mr[jj];
+      sr[jj] = take ? s2 : sr[jj];
+    }
+  };
+  const int64_t* c = cnt + j0;
+  chan_row(0, [&](int64_t jj) { return c[jj]; }, [&](int64_t jj) { return static_cast<double>(pmean[j0 + jj]); },
+           [&](int64_t jj) { return static_cast<double>(pm2[j0 + jj]); });
+  chan_row(1, [&](int64_t jj) { return c[jj]; }, [&](int64_t jj) { return static_cast<double>(pamean[j0 + jj]); },
+           [&](int64_t jj) { return static_cast<double>(pam2[j0 + jj]); });
+  if (n_seq_ok == 0) return;
+  // per-sequence L2 norms (max(0, v): NaN -> 0, -0.0 -> +0.0), their mean, then the sum of squared deviations
+  double* __restrict sum = l2 + nseq * w;
+  double* __restrict ss = sum + w;
+  for (int64_t jj = 0; jj < w; ++jj) sum[jj] = 0.0, ss[jj] = 0.0;
+  for (int64_t q = 0; q < nseq; ++q) {
+    const P* __restrict src = seq_sumsq + q * k + j0;
+    double* __restrict dst = l2 + q * w;
+    for (int64_t jj = 0; jj < w; ++jj) {
+      const double v = static_cast<double>(src[jj]);
+      dst[jj] = std::sqrt(v > 0.0 ? v : 0.0);
+    }
+    if (!seq_ok[q]) continue;
+    for (int64_t jj = 0; jj < w; ++jj) sum[jj] += dst[jj];
   }
-  sqrt_nonneg_scalar(src + j, dst + j, n - j);
+  const double cnt_ok = static_cast<double>(n_seq_ok);
+  for (int64_t jj = 0; jj < w; ++jj) sum[jj] /= cnt_ok;  // now the mean
+  for (int64_t q = 0; q < nseq; ++q) {
+    if (!seq_ok[q]) continue;
+    const double* __restrict src = l2 + q * w;
+    for (int64_t jj = 0; jj < w; ++jj) {
+      const double d = src[jj] - sum[jj];
+      ss[jj] += d * d;
+    }
+  }
+  chan_row(2, [&](int64_t) { return n_seq_ok; }, [&](int64_t jj) { return sum[jj]; },
+           [&](int64_t jj) { return ss[jj]; });
 }
-#endif
 
-inline void sqrt_nonneg(const float* src, double* dst, int64_t n) {
+template <typename P>
+using MergeBlockFn = void (*)(int64_t, int64_t, int64_t, int64_t*, double*, double*, const int64_t*, const P*,
+                              const P*, const P*, const P*, const P*, int64_t, const char*, int64_t, double*);
+
+template <typename P>
+void merge_block_portable(int64_t k, int64_t j0, int64_t j1, int64_t* n, double* mean, double* m2, const int64_t* cnt,
+                          const P* pmean, const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq,
+                          int64_t nseq, const char* seq_ok, int64_t n_seq_ok, double* l2) {
+  merge_block<P>(k, j0, j1, n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq, seq_ok, n_seq_ok, l2);
+}
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool avx2 = cpu_isa() != Isa::Portable;
-  if (avx2) return sqrt_nonneg_avx2(src, dst, n);
-#endif
-  sqrt_nonneg_scalar(src, dst, n);
+template <typename P>
+__attribute__((target("avx2,fma"))) void merge_block_avx2(int64_t k, int64_t j0, int64_t j1, int64_t* n,
+                                                          double* mean, double* m2, const int64_t* cnt,
+                                                          const P* pmean, const P* pm2, const P* pamean,
+                                                          const P* pam2, const P* seq_sumsq, int64_t nseq,
+                                                          const char* seq_ok, int64_t n_seq_ok, double* l2) {
+  merge_block<P>(k, j0, j1, n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq, seq_ok, n_seq_ok, l2);
 }
 
-inline void sqrt_nonneg(const double* src, double* dst, int64_t n) { sqrt_nonneg_scalar(src, dst, n); }
+template <typename P>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void merge_block_avx512(
+    int64_t k, int64_t j0, int64_t j1, int64_t* n, double* mean, double* m2, const int64_t* cnt, const P* pmean,
+    const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq, const char* seq_ok,
+    int64_t n_seq_ok, double* l2) {
+  merge_block<P>(k, j0, j1, n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq, seq_ok, n_seq_ok, l2);
+}
+#endif
+
+template <typename P>
+MergeBlockFn<P> pick_merge_block() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  switch (cpu_isa()) {
+    case Isa::Avx512: return &merge_block_avx512<P>;
+    case Isa::Avx2: return &merge_block_avx2<P>;
+    default: break;
+  }
+#endif
+  return &merge_block_portable<P>;
+}
 
 template <typename P>
 void merge_impl(int64_t k, int64_t* n, double* mean, double* m2, const int64_t* cnt, const P* pmean,
                 const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq,
                 const std::vector<char>& seq_ok, int64_t n_seq_ok) {
-  // Channels j0..j1: the per-sequence L2 norms are formed row by row over contiguous channels (vectorised
-  // sqrt; summed over sequences in order, so the float64 results equal the per-channel loop's bit for bit),
-  // then one Chan merge per channel and summary.
-  auto body = [&](int64_t j0, int64_t j1) {
-    const int64_t w = j1 - j0;
-    std::vector<double> l2, sum, ss;
-    if (n_seq_ok > 0) {
-      l2.resize(static_cast<size_t>(nseq * w));
-      sum.assign(static_cast<size_t>(w), 0.0);
-      ss.assign(static_cast<size_t>(w), 0.0);
-      for (int64_t q = 0; q < nseq; ++q) {
-        double* dst = l2.data() + q * w;
-        sqrt_nonneg(seq_sumsq + q * k + j0, dst, w);
-        if (!seq_ok[q]) continue;
-        for (int64_t j = 0; j < w; ++j) sum[j] += dst[j];
-      }
-      const double inv = static_cast<double>(n_seq_ok);
-      for (int64_t j = 0; j < w; ++j) sum[j] /= inv;  // now the mean
-      for (int64_t q = 0; q < nseq; ++q) {
-        if (!seq_ok[q]) continue;
-        const double* src = l2.data() + q * w;
-        for (int64_t j = 0; j < w; ++j) {
-          const double d = src[j] - sum[j];
-          ss[j] += d * d;
-        }
-      }
-    }
-    for (int64_t jj = 0; jj < w; ++jj) {
-      const int64_t j = j0 + jj;
-      chan(n[j], mean[j], m2[j], cnt[j], static_cast<double>(pmean[j]), static_cast<double>(pm2[j]));
-      chan(n[k + j], mean[k + j], m2[k + j], cnt[j], static_cast<double>(pamean[j]), static_cast<double>(pam2[j]));
-      if (n_seq_ok > 0) chan(n[2 * k + j], mean[2 * k + j], m2[2 * k + j], n_seq_ok, sum[jj], ss[jj]);
+  const MergeBlockFn<P> block = pick_merge_block<P>();
+  // blocks of kMergeBlock channels keep the norms' buffer small (per-thread scratch, (nseq + 2) * block)
+  constexpr int64_t kMergeBlock = 256;
+  auto body = [&](int64_t b0, int64_t b1) {
+    const int64_t j0 = b0 * kMergeBlock, j1 = std::min(k, b1 * kMergeBlock);
+    double* l2 = static_cast<double*>(
+        thread_scratch(ScratchSlot::MergeNorms, static_cast<size_t>((nseq + 2) * kMergeBlock) * sizeof(double)));
+    for (int64_t j = j0; j < j1; j += kMergeBlock) {
+      block(k, j, std::min(j1, j + kMergeBlock), n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq,
+            seq_ok.data(), n_seq_ok, l2);
     }
   };
-  if (k * (2 + nseq) < 65536) body(0, k);
-  else at::parallel_for(0, k, 512, body);
+  const int64_t nblocks = (k + kMergeBlock - 1) / kMergeBlock;
+  if (k * (2 + nseq) < 65536) body(0, nblocks);
+  else at::parallel_for(0, nblocks, 1, body);
 }
 
 void check_state(const at::Tensor& n, const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& nonfinite,

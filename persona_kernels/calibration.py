@@ -94,7 +94,8 @@ class _StopForward(Exception):
 class _Slot:
     """Per-module recording state."""
 
-    __slots__ = ("name", "module", "stats", "leader", "attr", "saved", "had_saved", "warned", "checked")
+    __slots__ = ("name", "module", "stats", "leader", "attr", "saved", "had_saved", "warned", "checked", "direct",
+                 "wrapper", "wrapped")
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name
@@ -106,6 +107,9 @@ class _Slot:
         self.had_saved = False
         self.warned = False
         self.checked = None  # (dtype, device) of inputs that passed linear_with_stats' checks
+        self.direct: Optional[Callable] = None  # the one-call CPU merge for such inputs, if it applies
+        self.wrapper: Optional[Callable] = None  # the recording forward, reused by later contexts ...
+        self.wrapped: Any = None  # ... while the forward it wraps is this same one: (attr, function)
 
 
 def _to_bool_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
@@ -313,11 +317,16 @@ class StatsRecorder:
         slot.had_saved = slot.attr in module.__dict__
         slot.saved = module.__dict__.get(slot.attr)
         original = getattr(module, slot.attr)
-        if slot.attr == "forward":
-            fused = type(module).forward is nn.Linear.forward
-        else:
-            fused = getattr(original, "__func__", None) is nn.Linear.forward
-        setattr(module, slot.attr, self._make_forward(slot, original, fused))
+        wrapped = (slot.attr, getattr(original, "__func__", original))
+        if slot.wrapper is None or slot.wrapped != wrapped:
+            if slot.attr == "forward":  # an instance-level forward of the user's is called as it is
+                fused = not slot.had_saved and type(module).forward is nn.Linear.forward
+            else:
+                fused = wrapped[1] is nn.Linear.forward
+            slot.wrapper, slot.wrapped = self._make_forward(slot, original, fused), wrapped
+        # a plain function attribute (not a parameter, buffer or submodule): nn.Module.__setattr__'s
+        # bookkeeping has nothing to do, so the instance dict is written directly (~5 us per Linear)
+        module.__dict__[slot.attr] = slot.wrapper
 
     def _uninstall(self) -> None:
         for handle in self._handles:
@@ -326,9 +335,9 @@ class StatsRecorder:
         for slot in self._slots:
             module = slot.module
             if slot.had_saved:
-                setattr(module, slot.attr, slot.saved)
-            elif slot.attr in module.__dict__:
-                delattr(module, slot.attr)
+                module.__dict__[slot.attr] = slot.saved
+            else:
+                module.__dict__.pop(slot.attr, None)
             slot.saved = None
             slot.had_saved = False
         self._installed = False
@@ -390,6 +399,17 @@ class StatsRecorder:
         self._mask_cache[key] = m
         return m
 
+    def _flat_mask_for(self, slot: _Slot, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """:meth:`_mask_for` flattened to the rows of ``x.reshape(-1, K)`` (cached per forward like it)."""
+        key = (x.device, x.shape[:-1], "flat")
+        flat = self._mask_cache.get(key)
+        if flat is None:
+            m = self._mask_for(slot, x)
+            if m is None:
+                return None
+            flat = self._mask_cache[key] = m.reshape(-1)
+        return flat
+
     def _record_only(self, slot: _Slot, input: torch.Tensor) -> None:
         """Record ``input`` into ``slot``'s statistics without computing the Linear (the forward stops here)."""
         from persona_kernels.ops.welford import welford_update
@@ -399,7 +419,8 @@ class StatsRecorder:
         welford_update(slot.stats, input.detach(), self._mask_for(slot, input), backend=self.backend)
 
     def _make_forward(self, slot: _Slot, original: Callable, fused: bool) -> Callable:
-        from persona_kernels.ops.welford import _linear_with_stats_checked, linear_with_stats, welford_update
+        from persona_kernels.ops.welford import (_linear_with_stats_checked, _one_call_cpu_merge, linear_with_stats,
+                                                 welford_update)
         from persona_kernels.stats import ActivationStats
 
         rec = self
@@ -437,15 +458,25 @@ class StatsRecorder:
                 rec._last_input = input
                 rec._last_version = input._version
                 rec._last_slot = slot
-            mask = rec._mask_for(slot, input)
             if fused and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)):
                 # the argument checks run on a module's first call; later calls with inputs of the same dtype
-                # and device (the recorder builds the mask itself) skip them: ~20 us per call
+                # and device (the recorder builds the mask itself) skip them, and on the CPU go straight to
+                # the one C++ call (GEMM + statistics + merge) resolved on that first call
                 if slot.checked is not None and slot.checked == (input.dtype, input.device, weight.dtype):
-                    return _linear_with_stats_checked(input, weight, bias, slot.stats, mask, rec.backend)
-                y = linear_with_stats(input, weight, bias, slot.stats, mask, backend=rec.backend)
+                    direct = slot.direct
+                    if direct is not None and not torch.compiler.is_compiling():
+                        y = direct(input.reshape(-1, input.shape[-1]), weight, bias, rec._flat_mask_for(slot, input),
+                                   input.shape[-2] if input.dim() >= 3 else 0)
+                        if y is not None:
+                            return y.reshape(*input.shape[:-1], y.shape[-1])
+                    return _linear_with_stats_checked(input, weight, bias, slot.stats, rec._mask_for(slot, input),
+                                                      rec.backend)
+                y = linear_with_stats(input, weight, bias, slot.stats, rec._mask_for(slot, input), backend=rec.backend)
                 slot.checked = (input.dtype, input.device, weight.dtype)
+                slot.direct = None if torch.compiler.is_compiling() else _one_call_cpu_merge(input, slot.stats,
+                                                                                              rec.backend)
                 return y
+            mask = rec._mask_for(slot, input)
             welford_update(slot.stats, input.detach(), mask, backend=rec.backend)
             return F.linear(input, weight, bias) if fused else original(input)
 

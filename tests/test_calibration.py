@@ -363,6 +363,61 @@ def test_existing_instance_forward_is_restored_as_is():
     assert int(rec.stats["0"].count[0]) == 6
 
 
+def test_later_contexts_wrap_the_forward_in_place_then():
+    """A recorder reuses its recording forwards across contexts only while the wrapped forward is the same: a
+    forward assigned between two contexts is the one recorded (and restored) by the next."""
+    lin = nn.Linear(8, 4)
+    model = nn.Sequential(lin)
+    rec = StatsRecorder(model)
+    x = torch.randn(2, 3, 8)
+    with rec:
+        rec.run(x)
+        first = model[0].__dict__["forward"]
+    with rec:
+        assert model[0].__dict__["forward"] is first  # same wrapped forward: the wrapper is reused
+        rec.run(x)
+    assert "forward" not in model[0].__dict__
+    original = lin.forward
+    custom = lambda x: original(x) * 3  # noqa: E731
+    lin.forward = custom
+    with rec:
+        assert model[0].__dict__["forward"] is not first
+        with torch.no_grad():
+            out = model(x)
+    torch.testing.assert_close(out, original(x).detach() * 3)
+    assert model[0].__dict__["forward"] is custom
+    assert int(rec.stats["0"].count[0]) == 18  # three contexts of 6 rows each
+
+
+def test_direct_cpu_path_equals_the_checked_path(tiny):
+    """After a module's first call the recorder goes straight to the one-call C++ merge; forcing it through
+    linear_with_stats' checked path instead must give the same outputs and bit-identical statistics."""
+    batches = [_pad(_sequences(4, seed=s)) for s in (21, 22, 23)]
+    recs, outs = [], []
+    for direct in (True, False):
+        rec = StatsRecorder(tiny)
+        got = []
+        with torch.no_grad(), rec:
+            for b in batches:
+                got.append(rec.run(b).logits)
+                if not direct:
+                    for slot in rec._slots:
+                        slot.direct = None
+        if direct and any(s.stats is not None and s.stats.device.type == "cpu" for s in rec._slots):
+            from persona_kernels.stats import _has_fused_op
+
+            if _has_fused_op():
+                assert any(s.direct is not None for s in rec._slots)
+        recs.append(rec)
+        outs.append(got)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    for name, st in recs[0].stats.items():
+        other = recs[1].stats[name].state_dict()
+        for key, value in st.state_dict().items():
+            assert torch.equal(value, other[key]), (name, key)
+
+
 def test_training_flags_restored():
     model = _tiny_llama().train()
     model.model.layers[0].eval()

@@ -297,6 +297,39 @@ def test_cpu_in_place_merge_equals_tensor_op_merge(pdtype, masked):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.float64])
+def test_cpu_in_place_merge_same_bits_on_every_isa(monkeypatch, pdtype):
+    """The merge's vectorised variants (AVX-512, AVX2) and the portable one give bit-identical states: counts
+    with empty channels, NaN/negative sums of squares, sequences without valid rows, K over several blocks."""
+    gen = torch.Generator().manual_seed(17)
+    k, b, t = 600, 6, 5
+    steps = []
+    for step in range(3):
+        count = torch.randint(0, 4, (k,), generator=gen)
+        count[::7] = 0
+        moments = [torch.randn(k, generator=gen, dtype=torch.float64).to(pdtype) * 10 ** step for _ in range(4)]
+        moments[1] = moments[1].abs()
+        moments[3] = moments[3].abs()
+        seq = (torch.randn(b, k, generator=gen, dtype=torch.float64) * 5).to(pdtype)
+        seq[0, :3] = float("nan")
+        seq[1, 3:6] = -1.0
+        mask = torch.rand(b * t, generator=gen) > 0.3
+        mask[t:2 * t] = False  # sequence 1 has no valid row
+        steps.append(((count, *moments, seq), mask))
+    states = {}
+    for isa in ("portable", "avx2", "avx512"):
+        monkeypatch.setenv("PERSONA_KERNELS_CPU_ISA", isa)
+        st = ActivationStats(k)
+        for partials, mask in steps:
+            assert st._merge_partials_cpu(partials, mask, t, b * t)
+        states[isa] = st.state_dict()
+    for isa in ("avx2", "avx512"):
+        for key, value in states["portable"].items():
+            assert torch.equal(value, states[isa][key]), (isa, key)
+    assert bool(torch.isfinite(states["portable"]["mean"]).all())
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled extension not built")
 def test_cpu_in_place_merge_rejects_bad_state():
     s = ActivationStats(8)
     parts = (torch.ones(8, dtype=torch.int64),) + tuple(torch.rand(8) for _ in range(4)) + (torch.zeros(0, 8),)

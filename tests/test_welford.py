@@ -130,7 +130,8 @@ def test_all_rows_masked(backend):
 def test_cpu_isa_variants(monkeypatch, isa, dtype):
     monkeypatch.setenv("PERSONA_KERNELS_CPU_ISA", isa)  # caps the ISA; read by the kernel at every call
     gen = torch.Generator().manual_seed(3)
-    for rows, k, seq_len in [(300, 172, 0), (40, 17, 5), (600, 33, 300)]:
+    # one chunk; several chunks (above 1024 rows); a sequence split over two chunks (longer than a chunk)
+    for rows, k, seq_len in [(300, 172, 0), (40, 17, 5), (600, 33, 300), (3000, 19, 0), (2600, 21, 1300)]:
         x = _data(rows, k, dtype, gen)
         x[1, 3] = float("nan")
         x[: rows // 2, k // 2] = float("inf")  # first finite value of this channel only in a later tile
@@ -320,7 +321,7 @@ def test_fused_linear_and_merge_scratch_reuse_and_threads(monkeypatch):
     if not stats_mod._has_fused_op():
         pytest.skip("compiled extension not built")
     gen = torch.Generator().manual_seed(12)
-    shapes = [(4, 9, 37), (2, 700, 300), (1, 1, 5), (900, 129), (3, 33, 64), (6, 5, 300)]
+    shapes = [(4, 9, 37), (2, 1300, 40), (1, 1, 5), (2100, 129), (3, 33, 64), (6, 5, 300)]
     cases = []
     for shape in shapes:
         x = torch.randn(*shape, generator=gen) * 2 + 1

@@ -292,19 +292,30 @@ def linear_with_stats(
     return _linear_with_stats_checked(x, weight, bias, stats, token_mask, backend)
 
 
+def _one_call_cpu_merge(x: torch.Tensor, stats: Any, backend: str) -> Optional[Any]:
+    """``stats._linear_merge_cpu`` (GEMM, statistics and merge in one C++ call) when ``backend`` resolves to the
+    C++ kernel on ``x``'s device and ``stats`` has that method, else None. Eager callers only (no autograd
+    graph, not compiling): the recorder resolves it once per module, :func:`_linear_with_stats_checked` per
+    call. The method itself returns None (nothing done) when the state is not on the CPU or the op is missing."""
+    kernel = get_kernel("linear_with_stats", backend, x.device)
+    if kernel is None or kernel is not _cpu_linear_with_stats():
+        return None
+    return getattr(stats, "_linear_merge_cpu", None)
+
+
 def _linear_with_stats_checked(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stats: Any,
                                token_mask: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     """:func:`linear_with_stats` after its argument checks (the recorder calls it directly once a module's
     first call has passed them: the inputs it builds keep their dtype, device and width)."""
     x2, row_mask, seq_len = _layout(x, token_mask)
     eager = _eager_fast_path(x, weight, bias)
-    kernel = get_kernel("linear_with_stats", backend, x.device)
-    if eager and kernel is _cpu_linear_with_stats():
-        # CPU: kernel and merge in one C++ call
-        y = getattr(stats, "_linear_merge_cpu", lambda *a: None)(x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                                    None if row_mask is None else row_mask.contiguous(), seq_len)
+    merge = _one_call_cpu_merge(x, stats, backend) if eager else None
+    if merge is not None:
+        # CPU: kernel and merge in one C++ call (it makes its inputs contiguous itself)
+        y = merge(x2, weight, bias, row_mask, seq_len)
         if y is not None:
             return y.reshape(*x.shape[:-1], weight.shape[0])
+    kernel = get_kernel("linear_with_stats", backend, x.device)
     if eager:
         y, *partials = kernel(
             x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
