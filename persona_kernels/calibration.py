@@ -458,7 +458,8 @@ class StatsRecorder:
                 rec._last_input = input
                 rec._last_version = input._version
                 rec._last_slot = slot
-            if fused and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)):
+            if fused and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
+                                                          (bias is not None and bias.requires_grad))):
                 # the argument checks run on a module's first call; later calls with inputs of the same dtype
                 # and device (the recorder builds the mask itself) skip them, and on the CPU go straight to
                 # the one C++ call (GEMM + statistics + merge) resolved on that first call

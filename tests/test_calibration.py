@@ -231,6 +231,23 @@ def test_recorder_with_grad_enabled_still_records_and_backprops():
         torch.testing.assert_close(rec.stats[n].mean, ref[n].mean, rtol=1e-4, atol=1e-6)
 
 
+def test_recorder_with_only_the_bias_trainable_backprops_every_call():
+    """BitFit-style: frozen weight, trainable bias, grad enabled. Every call (also after the first, when the
+    recorder takes its shortcuts) must keep the bias in the autograd graph and record the same statistics."""
+    lin = nn.Linear(6, 3)
+    lin.weight.requires_grad_(False)
+    model = nn.Sequential(lin)
+    xs = [torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with StatsRecorder(model) as rec:
+        for x in xs:
+            lin.bias.grad = None
+            model(x).sum().backward()
+            assert torch.equal(lin.bias.grad, torch.full((3,), 8.0))
+    ref = torch.cat([x.reshape(-1, 6) for x in xs]).double()
+    assert int(rec.stats["0"].count[0]) == 24
+    torch.testing.assert_close(rec.stats["0"].mean, ref.mean(0), rtol=1e-6, atol=1e-7)
+
+
 def test_logits_skipped_unless_the_head_is_recorded(tiny):
     batch = _pad(_sequences(3))
     T = batch["input_ids"].shape[1]
