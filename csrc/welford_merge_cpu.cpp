@@ -28,18 +28,39 @@
 namespace persona_kernels {
 namespace {
 
+// The merge's inputs and running state (see merge_raw); one struct so that the ISA variants below share a
+// signature.
+template <typename P>
+struct MergeArgs {
+  int64_t k;
+  int64_t* n;
+  double *mean, *m2;
+  const int64_t* cnt;
+  const P *pmean, *pm2, *pamean, *pam2, *seq_sumsq;
+  int64_t nseq;
+  const char* seq_ok;
+  int64_t n_seq_ok;
+};
+
 // One channel block [j0, j1) of the merge. always_inline, so that each ISA wrapper below compiles it with its
 // own instruction set (GCC inlines a default-target function into a target("...") caller): the loops run
-// over channels, with the same IEEE operations per channel in every variant (no FP contraction in ISO C++
-// mode, exact-rounded sqrt), so the variants agree bit for bit. Per-sequence norms are summed over sequences
-// in order. `l2` holds nseq * (j1 - j0) doubles.
+// over channels, with the same IEEE operations per channel in every variant (no FP contraction, see the
+// pragma above; exact-rounded sqrt), so the variants agree bit for bit. Per-sequence norms are summed over
+// sequences in order. `l2` holds (nseq + 2) * (j1 - j0) doubles.
 template <typename P>
-[[gnu::always_inline]] inline void merge_block(int64_t k, int64_t j0, int64_t j1, int64_t* __restrict n,
-                                               double* __restrict mean, double* __restrict m2,
-                                               const int64_t* __restrict cnt, const P* __restrict pmean,
-                                               const P* __restrict pm2, const P* __restrict pamean,
-                                               const P* __restrict pam2, const P* __restrict seq_sumsq, int64_t nseq,
-                                               const char* seq_ok, int64_t n_seq_ok, double* __restrict l2) {
+[[gnu::always_inline]] inline void merge_block(const MergeArgs<P>& args, int64_t j0, int64_t j1,
+                                               double* __restrict l2) {
+  const int64_t k = args.k, nseq = args.nseq, n_seq_ok = args.n_seq_ok;
+  int64_t* __restrict n = args.n;
+  double* __restrict mean = args.mean;
+  double* __restrict m2 = args.m2;
+  const int64_t* __restrict cnt = args.cnt;
+  const P* __restrict pmean = args.pmean;
+  const P* __restrict pm2 = args.pm2;
+  const P* __restrict pamean = args.pamean;
+  const P* __restrict pam2 = args.pam2;
+  const P* __restrict seq_sumsq = args.seq_sumsq;
+  const char* seq_ok = args.seq_ok;
   const int64_t w = j1 - j0;
   // Chan's update of summary r (0: x, 1: |x|, 2: per-sequence L2 norms) with (nb, mb, m2b) per channel;
   // the state is unchanged where nb == 0.
@@ -94,32 +115,25 @@ template <typename P>
 }
 
 template <typename P>
-using MergeBlockFn = void (*)(int64_t, int64_t, int64_t, int64_t*, double*, double*, const int64_t*, const P*,
-                              const P*, const P*, const P*, const P*, int64_t, const char*, int64_t, double*);
+using MergeBlockFn = void (*)(const MergeArgs<P>&, int64_t, int64_t, double*);
 
 template <typename P>
-void merge_block_portable(int64_t k, int64_t j0, int64_t j1, int64_t* n, double* mean, double* m2, const int64_t* cnt,
-                          const P* pmean, const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq,
-                          int64_t nseq, const char* seq_ok, int64_t n_seq_ok, double* l2) {
-  merge_block<P>(k, j0, j1, n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq, seq_ok, n_seq_ok, l2);
+void merge_block_portable(const MergeArgs<P>& args, int64_t j0, int64_t j1, double* l2) {
+  merge_block<P>(args, j0, j1, l2);
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 template <typename P>
-__attribute__((target("avx2,fma"))) void merge_block_avx2(int64_t k, int64_t j0, int64_t j1, int64_t* n,
-                                                          double* mean, double* m2, const int64_t* cnt,
-                                                          const P* pmean, const P* pm2, const P* pamean,
-                                                          const P* pam2, const P* seq_sumsq, int64_t nseq,
-                                                          const char* seq_ok, int64_t n_seq_ok, double* l2) {
-  merge_block<P>(k, j0, j1, n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq, seq_ok, n_seq_ok, l2);
+__attribute__((target("avx2,fma"))) void merge_block_avx2(const MergeArgs<P>& args, int64_t j0, int64_t j1,
+                                                          double* l2) {
+  merge_block<P>(args, j0, j1, l2);
 }
 
 template <typename P>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void merge_block_avx512(
-    int64_t k, int64_t j0, int64_t j1, int64_t* n, double* mean, double* m2, const int64_t* cnt, const P* pmean,
-    const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq, const char* seq_ok,
-    int64_t n_seq_ok, double* l2) {
-  merge_block<P>(k, j0, j1, n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq, seq_ok, n_seq_ok, l2);
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void merge_block_avx512(const MergeArgs<P>& args,
+                                                                                      int64_t j0, int64_t j1,
+                                                                                      double* l2) {
+  merge_block<P>(args, j0, j1, l2);
 }
 #endif
 
@@ -140,16 +154,14 @@ void merge_impl(int64_t k, int64_t* n, double* mean, double* m2, const int64_t* 
                 const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq,
                 const std::vector<char>& seq_ok, int64_t n_seq_ok) {
   const MergeBlockFn<P> block = pick_merge_block<P>();
+  const MergeArgs<P> args{k, n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq, seq_ok.data(), n_seq_ok};
   // blocks of kMergeBlock channels keep the norms' buffer small (per-thread scratch, (nseq + 2) * block)
   constexpr int64_t kMergeBlock = 256;
   auto body = [&](int64_t b0, int64_t b1) {
     const int64_t j0 = b0 * kMergeBlock, j1 = std::min(k, b1 * kMergeBlock);
     double* l2 = static_cast<double*>(
         thread_scratch(ScratchSlot::MergeNorms, static_cast<size_t>((nseq + 2) * kMergeBlock) * sizeof(double)));
-    for (int64_t j = j0; j < j1; j += kMergeBlock) {
-      block(k, j, std::min(j1, j + kMergeBlock), n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq,
-            seq_ok.data(), n_seq_ok, l2);
-    }
+    for (int64_t j = j0; j < j1; j += kMergeBlock) block(args, j, std::min(j1, j + kMergeBlock), l2);
   };
   const int64_t nblocks = (k + kMergeBlock - 1) / kMergeBlock;
   if (k * (2 + nseq) < 65536) body(0, nblocks);
