@@ -56,4 +56,12 @@ void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_le
 void check_linear_with_stats_args(const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& row_mask, int64_t seq_len);
 
+// welford_merge_cpu.cpp. linear_with_stats_cpu then the in-place merge into the running state (n, mean, m2,
+// nonfinite), in one call: the op linear_stats_merge_cpu_, also bound directly in the Python module
+// (module.cpp) for the recorder's eager per-call path, where the dispatcher's boxing showed in profiles.
+at::Tensor linear_stats_merge_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& row_mask, int64_t seq_len, at::Tensor n,
+                                  at::Tensor mean, at::Tensor m2, at::Tensor nonfinite);
+
 }  // namespace persona_kernels

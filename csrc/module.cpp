@@ -77,4 +77,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &isa_name, "Instruction set the CPU kernels use on this machine: avx512, avx2 or portable");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in");
   m.def("openmp_threads", &openmp_threads, "OpenMP thread count seen by the extension");
+  m.def("linear_stats_merge_cpu_", &persona_kernels::linear_stats_merge_cpu, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "The op torch.ops.persona_kernels_C.linear_stats_merge_cpu_ called directly, without the dispatcher (eager "
+        "CPU calls with no autograd graph only): y = x @ weight.T + bias, with x's statistics merged into n, mean, "
+        "m2 and nonfinite in place");
 }

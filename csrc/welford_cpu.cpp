@@ -451,8 +451,11 @@ void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_le
     std::fill(out.seq_sumsq, out.seq_sumsq + nseq * k, 0.0f);
     return;
   }
-  std::vector<Chunk> chunks;
-  std::vector<Segment> segs;
+  // the calling thread's chunk lists, reused (the pool's workers only read them through ctx)
+  thread_local std::vector<Chunk> chunks;
+  thread_local std::vector<Segment> segs;
+  chunks.clear();
+  segs.clear();
   build_chunks(rows, seq_len, chunks, segs);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   const int64_t ngroups = (k + kGroupChannels - 1) / kGroupChannels;

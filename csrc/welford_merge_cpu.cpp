@@ -189,7 +189,8 @@ void merge_raw(at::Tensor& n, at::Tensor& mean, at::Tensor& m2, at::Tensor& nonf
                const P* pmean, const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq,
                const bool* mask, int64_t seq_len, int64_t rows) {
   // valid rows and valid sequences from the row mask
-  std::vector<char> seq_ok(static_cast<size_t>(nseq), 1);
+  thread_local std::vector<char> seq_ok;  // the calling thread's, reused
+  seq_ok.assign(static_cast<size_t>(nseq), 1);
   int64_t valid_rows = rows;
   if (mask != nullptr) {
     valid_rows = 0;
@@ -253,6 +254,8 @@ void welford_merge_cpu(at::Tensor n, at::Tensor mean, at::Tensor m2, at::Tensor 
   }
 }
 
+}  // namespace
+
 // linear_with_stats_cpu followed by the in-place merge, in one call from Python (the recorder's per-Linear
 // path). The batch partials go to per-thread buffers reused across calls, so the only allocation is y: the
 // statistics add no allocator traffic to the forward (a separate pass returning six tensors measured
@@ -277,8 +280,6 @@ at::Tensor linear_stats_merge_cpu(const at::Tensor& x_in, const at::Tensor& weig
                    rows);
   return y;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(persona_kernels_C, m) {
   m.def("linear_stats_merge_cpu_(Tensor x, Tensor weight, Tensor? bias, Tensor? row_mask, int seq_len, "

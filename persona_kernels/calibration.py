@@ -94,7 +94,7 @@ class _StopForward(Exception):
 class _Slot:
     """Per-module recording state."""
 
-    __slots__ = ("name", "module", "stats", "leader", "attr", "saved", "had_saved", "warned", "checked", "direct",
+    __slots__ = ("name", "module", "stats", "leader", "attr", "saved", "had_saved", "warned", "checked", "fast",
                  "wrapper", "wrapped")
 
     def __init__(self, name: str, module: nn.Module):
@@ -106,8 +106,8 @@ class _Slot:
         self.saved: Any = None
         self.had_saved = False
         self.warned = False
-        self.checked = None  # (dtype, device) of inputs that passed linear_with_stats' checks
-        self.direct: Optional[Callable] = None  # the one-call CPU merge for such inputs, if it applies
+        self.checked = None  # (dtype, device, weight dtype) of inputs that passed linear_with_stats' checks
+        self.fast: Optional[tuple] = None  # the lean CPU path's (raw op, input dtype, weight dtype), once it applies
         self.wrapper: Optional[Callable] = None  # the recording forward, reused by later contexts ...
         self.wrapped: Any = None  # ... while the forward it wraps is this same one: (attr, function)
 
@@ -182,10 +182,7 @@ class StatsRecorder:
         self._handles: list[Any] = []
         self._explicit_mask: Optional[torch.Tensor] = None
         self._mask: Optional[torch.Tensor] = None
-        self._mask_cache: dict[Any, torch.Tensor] = {}
-        self._last_input: Optional[torch.Tensor] = None
-        self._last_version = -1
-        self._last_slot: Optional[_Slot] = None
+        self._reset_forward_state()  # the per-forward caches and the last recorded input
         # early stop: None = not learnt yet, False = never, else the slot whose recording ends a forward
         hooked = any(hasattr(m, "_hf_hook") for m in model.modules())
         self._terminal: Any = None if (stop_early and not hooked) else False
@@ -247,12 +244,13 @@ class StatsRecorder:
         Synchronises once per device (call it after the run, not per batch)."""
         leaders = [s for s in self._slots if s.stats is not None and s.leader is None]
         counts: dict[str, int] = {}
-        by_device: dict[torch.device, list[_Slot]] = {}
+        by_device: dict[torch.device, list[tuple[_Slot, torch.Tensor]]] = {}
         for s in leaders:
-            by_device.setdefault(s.stats.nonfinite.device, []).append(s)
-        for slots in by_device.values():
-            values = torch.stack([s.stats.nonfinite.reshape(()) for s in slots]).cpu().tolist()
-            counts.update({s.name: int(v) for s, v in zip(slots, values) if v})
+            count = s.stats.nonfinite  # a 0-d int64 tensor
+            by_device.setdefault(count.device, []).append((s, count))
+        for pairs in by_device.values():
+            values = torch.stack([count for _, count in pairs]).cpu().tolist()
+            counts.update({s.name: int(v) for (s, _), v in zip(pairs, values) if v})
         order = {s.name: i for i, s in enumerate(self._slots)}
         return dict(sorted(counts.items(), key=lambda kv: order[kv[0]]))
 
@@ -324,6 +322,7 @@ class StatsRecorder:
             else:
                 fused = wrapped[1] is nn.Linear.forward
             slot.wrapper, slot.wrapped = self._make_forward(slot, original, fused), wrapped
+            slot.fast = None  # the lean path belongs to the replaced wrapper's forward
         # a plain function attribute (not a parameter, buffer or submodule): nn.Module.__setattr__'s
         # bookkeeping has nothing to do, so the instance dict is written directly (~5 us per Linear)
         module.__dict__[slot.attr] = slot.wrapper
@@ -345,10 +344,13 @@ class StatsRecorder:
         self._mask = None
 
     def _reset_forward_state(self) -> None:
-        self._last_input = None
-        self._last_slot = None
+        self._fast_lead: Optional[torch.Size] = None  # the lean path's mask and sequence length are for this shape
+        self._fast_mask: Optional[torch.Tensor] = None
+        self._fast_seq = 0
+        self._last_input: Optional[torch.Tensor] = None
+        self._last_slot: Optional[_Slot] = None
         self._last_version = -1
-        self._mask_cache = {}
+        self._mask_cache: dict[Any, torch.Tensor] = {}
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._reset_forward_state()
@@ -418,6 +420,13 @@ class StatsRecorder:
             return  # the leader has recorded this same input
         welford_update(slot.stats, input.detach(), self._mask_for(slot, input), backend=self.backend)
 
+    def _set_lean_layout(self, slot: _Slot, x: torch.Tensor, lead: torch.Size) -> None:
+        """The flat row mask and sequence length the lean path passes for inputs with leading shape ``lead``
+        (computed once per forward and shape)."""
+        self._fast_mask = self._flat_mask_for(slot, x)
+        self._fast_seq = int(lead[-1]) if len(lead) >= 2 else 0
+        self._fast_lead = lead
+
     def _make_forward(self, slot: _Slot, original: Callable, fused: bool) -> Callable:
         from persona_kernels.ops.welford import (_linear_with_stats_checked, _one_call_cpu_merge, linear_with_stats,
                                                  welford_update)
@@ -425,11 +434,18 @@ class StatsRecorder:
 
         rec = self
         module = slot.module
+        cls = type(module)
+        # ``module.weight``/``module.bias`` read from the parameter dict directly (nn.Module.__getattr__ is a
+        # Python call per read) while they are plain entries of it and the module's class is unchanged
+        params = module._parameters if fused and _plain_weight_and_bias(module) else None
+        grad_enabled = torch.is_grad_enabled
+        compiling = torch.compiler.is_compiling
 
         def forward(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            # Hot paths first (followers, then leaders on the CPU): they run on every Linear call, so they are
+            # inline, call no Python helper and reach the C++ op without the dispatcher.
             if args or kwargs or not isinstance(input, torch.Tensor):
                 return original(input, *args, **kwargs)
-            weight, bias = module.weight, module.bias
             if rec._in_run and rec._terminal is not False:
                 rec._called.append(slot)
                 # the learnt last Linear, and every other one already ran in this forward: record, then stop
@@ -438,8 +454,35 @@ class StatsRecorder:
                     raise _StopForward
                 if slot is rec._terminal:
                     rec._terminal = False  # this forward took another path: always run whole from now on
+            weight = params.get("weight") if params is not None and type(module) is cls else None
+            if weight is None:
+                weight, bias = module.weight, module.bias
+            else:
+                bias = params.get("bias")
             last = rec._last_input
-            if rec.share_inputs and input is last and input._version == rec._last_version:
+            if input is last:
+                # a follower: same tensor as the previous recording Linear, whose statistics it shares
+                if slot.leader is not None and slot.leader is rec._last_slot and input._version == rec._last_version:
+                    return F.linear(input, weight, bias) if fused else original(input)
+            else:
+                lean = slot.fast
+                if (lean is not None and input.dtype is lean[1] and weight.dtype is lean[2] and input.is_cpu
+                        and weight.is_cpu and not (grad_enabled() and (input.requires_grad or weight.requires_grad or
+                                                                       (bias is not None and bias.requires_grad)))
+                        and not compiling()):
+                    # a leader on the CPU after its first checked call: GEMM + statistics + merge in one C++ call
+                    lead = input.shape[:-1]
+                    if lead != rec._fast_lead:
+                        rec._set_lean_layout(slot, input, lead)
+                    stats = slot.stats
+                    y = lean[0](input.reshape(-1, input.shape[-1]), weight, bias, rec._fast_mask, rec._fast_seq,
+                                stats._n, stats._mean, stats._m2, stats._nonfinite)
+                    rec._last_input = input
+                    rec._last_version = input._version
+                    rec._last_slot = slot
+                    return y.view(lead + y.shape[-1:])
+            # general path: first calls, sharing set-up, other devices and dtypes, autograd, compiling
+            if input is last and rec.share_inputs and input._version == rec._last_version:
                 leader = rec._last_slot
                 if slot.stats is None:  # first call: join the leader's accumulation
                     slot.leader = leader
@@ -458,24 +501,19 @@ class StatsRecorder:
                 rec._last_input = input
                 rec._last_version = input._version
                 rec._last_slot = slot
-            if fused and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
-                                                          (bias is not None and bias.requires_grad))):
+            if fused and not (grad_enabled() and (input.requires_grad or weight.requires_grad or
+                                                 (bias is not None and bias.requires_grad))):
                 # the argument checks run on a module's first call; later calls with inputs of the same dtype
-                # and device (the recorder builds the mask itself) skip them, and on the CPU go straight to
-                # the one C++ call (GEMM + statistics + merge) resolved on that first call
+                # and device (the recorder builds the mask itself) skip them
                 if slot.checked is not None and slot.checked == (input.dtype, input.device, weight.dtype):
-                    direct = slot.direct
-                    if direct is not None and not torch.compiler.is_compiling():
-                        y = direct(input.reshape(-1, input.shape[-1]), weight, bias, rec._flat_mask_for(slot, input),
-                                   input.shape[-2] if input.dim() >= 3 else 0)
-                        if y is not None:
-                            return y.reshape(*input.shape[:-1], y.shape[-1])
                     return _linear_with_stats_checked(input, weight, bias, slot.stats, rec._mask_for(slot, input),
                                                       rec.backend)
                 y = linear_with_stats(input, weight, bias, slot.stats, rec._mask_for(slot, input), backend=rec.backend)
                 slot.checked = (input.dtype, input.device, weight.dtype)
-                slot.direct = None if torch.compiler.is_compiling() else _one_call_cpu_merge(input, slot.stats,
-                                                                                              rec.backend)
+                if slot.fast is None and not compiling():
+                    op = _one_call_cpu_merge(input, slot.stats, rec.backend)
+                    if op is not None:  # the lean path's plan: the raw op and the dtypes of this checked call
+                        slot.fast = (op, input.dtype, weight.dtype)
                 return y
             mask = rec._mask_for(slot, input)
             welford_update(slot.stats, input.detach(), mask, backend=rec.backend)
@@ -483,6 +521,14 @@ class StatsRecorder:
 
         forward.__wrapped__ = original  # type: ignore[attr-defined]
         return forward
+
+
+def _plain_weight_and_bias(module: nn.Module) -> bool:
+    """``module.weight`` and ``module.bias`` are the entries of ``module._parameters`` (no instance attribute or
+    class-level descriptor, e.g. a parametrization, shadows them)."""
+    names = {"weight", "bias"}
+    return (names <= module._parameters.keys() and not names & module.__dict__.keys()
+            and not any(names & vars(c).keys() for c in type(module).__mro__))
 
 
 # ------------------------------------------------------------------------------------------------ batches

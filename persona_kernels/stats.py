@@ -13,7 +13,7 @@ that module never imports this one (it calls :meth:`ActivationStats.merge_batch`
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Optional, Union
 
 import torch
@@ -266,16 +266,22 @@ class ActivationStats:
                                                        amean, am2, seq_sumsq, row_mask, int(seq_len), int(rows))
         return True
 
-    def _linear_merge_cpu(self, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          row_mask: Optional[torch.Tensor], seq_len: int) -> Optional[torch.Tensor]:
-        """``F.linear(x2, weight, bias)`` with this batch's statistics merged in place, in ONE C++ call
-        (``linear_stats_merge_cpu_``: the C++ linear_with_stats kernel, then the C++ merge). For validated,
-        contiguous CPU inputs in eager mode; returns None (nothing done) when the state is not on the CPU or
-        the op is missing."""
+    def _linear_merge_cpu_op(self) -> Optional[Callable[..., torch.Tensor]]:
+        """The C++ op ``linear_stats_merge_cpu_(x2, weight, bias, row_mask, seq_len, n, mean, m2, nonfinite)``,
+        i.e. ``F.linear(x2, weight, bias)`` with the batch's statistics merged into the state passed as
+        ``self._n, self._mean, self._m2, self._nonfinite`` in place, in ONE C++ call (the C++ linear_with_stats
+        kernel, then the C++ merge); None when this state is not on the CPU or the op is missing.
+
+        Returned as the extension's direct binding of the op's C++ function (no dispatcher boxing, no Python
+        frame), so for eager calls without an autograd graph only; validated CPU inputs (the function checks
+        shapes, dtypes and devices itself). Callers read the state attributes at each call, so they follow
+        :meth:`to`."""
         if self._n.device.type != "cpu" or not _has_fused_op():
             return None
-        return torch.ops.persona_kernels_C.linear_stats_merge_cpu_(
-            x2, weight, bias, row_mask, int(seq_len), self._n, self._mean, self._m2, self._nonfinite)
+        from persona_kernels import _extension
+
+        direct = getattr(_extension.load(), "linear_stats_merge_cpu_", None)
+        return direct if direct is not None else torch.ops.persona_kernels_C.linear_stats_merge_cpu_.default
 
     def merge(self, other: "ActivationStats") -> "ActivationStats":
         """Merge ``other`` (any device) into this one, in place; exact counts. Returns self."""

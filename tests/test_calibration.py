@@ -419,12 +419,12 @@ def test_direct_cpu_path_equals_the_checked_path(tiny):
                 got.append(rec.run(b).logits)
                 if not direct:
                     for slot in rec._slots:
-                        slot.direct = None
+                        slot.fast = None
         if direct and any(s.stats is not None and s.stats.device.type == "cpu" for s in rec._slots):
             from persona_kernels.stats import _has_fused_op
 
             if _has_fused_op():
-                assert any(s.direct is not None for s in rec._slots)
+                assert any(s.fast is not None for s in rec._slots)
         recs.append(rec)
         outs.append(got)
     for a, b in zip(*outs):
@@ -433,6 +433,34 @@ def test_direct_cpu_path_equals_the_checked_path(tiny):
         other = recs[1].stats[name].state_dict()
         for key, value in st.state_dict().items():
             assert torch.equal(value, other[key]), (name, key)
+
+
+def test_parametrized_weights_are_recorded_through_the_parametrization():
+    """The recorder reads weight and bias from the parameter dict only while they are plain entries of it: a
+    parametrized Linear (before the context, or registered while it is active) computes with its
+    parametrized weight, as without the recorder."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5))
+    parametrize.register_parametrization(model[0], "weight", Double())
+    x = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        expected = model(x)
+        rec = StatsRecorder(model)
+        with rec:
+            for _ in range(2):  # the second call takes the per-call fast paths
+                torch.testing.assert_close(rec.run(x), expected, rtol=0, atol=0)
+            parametrize.register_parametrization(model[2], "weight", Double())  # the class changes under it
+            expected = model[2](model[1](model[0](x)))
+            assert "forward" in model[2].__dict__  # still recorded
+            torch.testing.assert_close(rec.run(x), expected, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(rec.run(x), expected, rtol=1e-6, atol=1e-6)
+    assert int(rec.stats["2"].count[0]) == 5 * 12  # four runs and the direct call inside the context
 
 
 def test_training_flags_restored():

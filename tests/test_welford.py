@@ -309,6 +309,36 @@ def test_fused_linear_and_merge_equals_two_step(monkeypatch):
     torch.testing.assert_close(got, ref.mean(0), rtol=1e-6, atol=1e-7)
 
 
+def test_fused_op_direct_binding_equals_the_dispatcher_op():
+    """The eager per-call path calls the op's C++ function through the extension's direct binding: same output
+    and the same state bits as the registered op, and the same argument checks."""
+    import persona_kernels.stats as stats_mod
+    from persona_kernels import _extension
+    from persona_kernels.stats import ActivationStats
+
+    if not stats_mod._has_fused_op():
+        pytest.skip("compiled extension not built")
+    direct = ActivationStats(37)._linear_merge_cpu_op()
+    assert direct is _extension.load().linear_stats_merge_cpu_
+    op = torch.ops.persona_kernels_C.linear_stats_merge_cpu_.default
+    gen = torch.Generator().manual_seed(13)
+    states = [ActivationStats(37), ActivationStats(37)]
+    for seq_len, rows in ((7, 21), (0, 5), (1, 1)):
+        x = torch.randn(rows, 37, generator=gen) * 2 - 1
+        w, b = torch.randn(13, 37, generator=gen), torch.randn(13, generator=gen)
+        mask = torch.rand(rows, generator=gen) < 0.7
+        ys = [fn(x, w, b, mask, seq_len, s._n, s._mean, s._m2, s._nonfinite) for fn, s in zip((direct, op), states)]
+        assert torch.equal(ys[0], ys[1])
+    for key, value in states[0].state_dict().items():
+        assert torch.equal(value, states[1].state_dict()[key]), key
+    s = states[0]
+    with pytest.raises(RuntimeError, match="argument 'weight'"):
+        direct(torch.randn(4, 37), torch.randn(13, 36), None, None, 0, s._n, s._mean, s._m2, s._nonfinite)
+    with pytest.raises(RuntimeError, match="argument 'row_mask'"):
+        direct(torch.randn(4, 37), torch.randn(13, 37), None, torch.ones(3, dtype=torch.bool), 0, s._n, s._mean,
+               s._m2, s._nonfinite)
+
+
 def test_fused_linear_and_merge_scratch_reuse_and_threads(monkeypatch):
     """The fused CPU call keeps its batch partials in per-thread scratch reused across calls: shapes that grow
     and shrink (a sequence split over several chunks, 2-D input, one row) and four Python threads calling at

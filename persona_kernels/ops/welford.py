@@ -15,6 +15,7 @@ L2-norm statistics. A 2-D ``x`` is a bag of tokens without sequences.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -292,15 +293,16 @@ def linear_with_stats(
     return _linear_with_stats_checked(x, weight, bias, stats, token_mask, backend)
 
 
-def _one_call_cpu_merge(x: torch.Tensor, stats: Any, backend: str) -> Optional[Any]:
-    """``stats._linear_merge_cpu`` (GEMM, statistics and merge in one C++ call) when ``backend`` resolves to the
-    C++ kernel on ``x``'s device and ``stats`` has that method, else None. Eager callers only (no autograd
-    graph, not compiling): the recorder resolves it once per module, :func:`_linear_with_stats_checked` per
-    call. The method itself returns None (nothing done) when the state is not on the CPU or the op is missing."""
+def _one_call_cpu_merge(x: torch.Tensor, stats: Any, backend: str) -> Optional[Callable[..., torch.Tensor]]:
+    """``stats._linear_merge_cpu_op()``: the C++ op doing GEMM, statistics and merge in one call, called as
+    ``op(x2, weight, bias, row_mask, seq_len, stats._n, stats._mean, stats._m2, stats._nonfinite)``, when
+    ``backend`` resolves to the C++ kernel on ``x``'s device; else None. Eager callers only (no autograd graph,
+    not compiling): the recorder resolves it once per module, :func:`_linear_with_stats_checked` per call."""
     kernel = get_kernel("linear_with_stats", backend, x.device)
     if kernel is None or kernel is not _cpu_linear_with_stats():
         return None
-    return getattr(stats, "_linear_merge_cpu", None)
+    make = getattr(stats, "_linear_merge_cpu_op", None)
+    return None if make is None else make()
 
 
 def _linear_with_stats_checked(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stats: Any,
@@ -312,9 +314,8 @@ def _linear_with_stats_checked(x: torch.Tensor, weight: torch.Tensor, bias: Opti
     merge = _one_call_cpu_merge(x, stats, backend) if eager else None
     if merge is not None:
         # CPU: kernel and merge in one C++ call (it makes its inputs contiguous itself)
-        y = merge(x2, weight, bias, row_mask, seq_len)
-        if y is not None:
-            return y.reshape(*x.shape[:-1], weight.shape[0])
+        y = merge(x2, weight, bias, row_mask, seq_len, stats._n, stats._mean, stats._m2, stats._nonfinite)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     kernel = get_kernel("linear_with_stats", backend, x.device)
     if eager:
         y, *partials = kernel(
