@@ -401,17 +401,6 @@ class StatsRecorder:
         self._mask_cache[key] = m
         return m
 
-    def _flat_mask_for(self, slot: _Slot, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """:meth:`_mask_for` flattened to the rows of ``x.reshape(-1, K)`` (cached per forward like it)."""
-        key = (x.device, x.shape[:-1], "flat")
-        flat = self._mask_cache.get(key)
-        if flat is None:
-            m = self._mask_for(slot, x)
-            if m is None:
-                return None
-            flat = self._mask_cache[key] = m.reshape(-1)
-        return flat
-
     def _record_only(self, slot: _Slot, input: torch.Tensor) -> None:
         """Record ``input`` into ``slot``'s statistics without computing the Linear (the forward stops here)."""
         from persona_kernels.ops.welford import welford_update
@@ -423,7 +412,8 @@ class StatsRecorder:
     def _set_lean_layout(self, slot: _Slot, x: torch.Tensor, lead: torch.Size) -> None:
         """The flat row mask and sequence length the lean path passes for inputs with leading shape ``lead``
         (computed once per forward and shape)."""
-        self._fast_mask = self._flat_mask_for(slot, x)
+        mask = self._mask_for(slot, x)
+        self._fast_mask = None if mask is None else mask.reshape(-1)
         self._fast_seq = int(lead[-1]) if len(lead) >= 2 else 0
         self._fast_lead = lead
 
