@@ -51,7 +51,15 @@ struct PartialsView {
   int64_t* count;
   float *mean, *m2, *abs_mean, *abs_m2, *seq_sumsq;
 };
-void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out);
+// `then`: nullptr, or called once per channel range [j0, j1) (together covering [0, K)) as soon as that range's
+// partials in `out` are final, possibly from a worker thread of the pass's parallel region: the caller's
+// per-channel work (the recorder's merge) then runs in the same parallel region as the pass.
+struct ChannelHook {
+  void (*fn)(void* ctx, int64_t j0, int64_t j1);
+  void* ctx;
+};
+void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out,
+                           const ChannelHook* then = nullptr);
 // The argument checks of linear_with_stats_cpu (x, weight, row_mask, seq_len), with its messages.
 void check_linear_with_stats_args(const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& row_mask, int64_t seq_len);

@@ -1,11 +1,16 @@
 // Per-channel batch statistics of activations (calibration): welford_partials_cpu, linear_with_stats_cpu.
 //
-// Numerics. Each task owns a fixed chunk of rows and a group of channels. Per channel it keeps a shift
-// (the first valid finite value seen in the chunk) and accumulates, for tiles of at most kTileRows rows,
-// shifted sums  n, Σd, Σd², Σ(|x|-|shift|), Σ(|x|-|shift|)², Σx²  in fp32 vector registers; after each tile
-// they are folded into fp64 accumulators. The shift makes the sums well conditioned (|d| ~ std, not the
-// mean) and the short fp32 runs keep rounding at a few ulps of the tile sums. Chunk partials (fp64) are
-// merged with Chan's formula in chunk order, so results do not depend on the thread count.
+// Numerics. The rows are cut into fixed chunks (a function of the row count only). The pass over one chunk
+// and a group of channels (run_chunk) keeps, per channel, a shift (the first valid finite value seen in the
+// chunk) and accumulates, for tiles of at most kTileRows rows, shifted sums  n, Σd, Σd², Σ(|x|-|shift|),
+// Σ(|x|-|shift|)², Σx²  in fp32 vector registers; after each tile they are folded into fp64 accumulators.
+// The shift makes the sums well conditioned (|d| ~ std, not the mean) and the short fp32 runs keep rounding
+// at a few ulps of the tile sums. Chunk partials (fp64) are merged with Chan's formula in chunk order, so
+// results do not depend on the thread count or on how channels are split over threads.
+//
+// Threads: a run of channels per thread over all chunks (then the chunk merge and the caller's per-channel
+// merge run in the same parallel region), or, with fewer channel blocks than threads, tasks over
+// chunk x channel group followed by a parallel chunk merge.
 //
 // Vectorisation: over channels, blocks of 16 (one zmm, or two ymm). The tile kernel exists for AVX-512
 // (masked ops, masked tail loads), AVX2+FMA+F16C and portable C++ (compiled with target attributes); the
@@ -324,18 +329,58 @@ struct Ctx {
   const bool* mask;  // nullptr = all rows valid
   const Chunk* chunks;
   const Segment* segs;
-  int64_t nchunks, ngroups;
+  int64_t nchunks;
   TileFn tile;
   float* seq_out;   // [S, K]
   double* part;     // [nchunks, 5, K]: n, mean, m2, abs_mean, abs_m2
   double* split_q;  // [nchunks, K]
 };
 
-void run_task(const Ctx& c, int64_t task) {
-  const int64_t ci = task / c.ngroups, g = task % c.ngroups;
+// The batch partials of channels [j0, j1) from the chunk partials: Chan's merge in chunk order, fp64, then
+// rounded to the output's fp32; split sequences' Σx² pieces are summed in order.
+void finish_channels(const Ctx& c, const PartialsView& out, int64_t j0, int64_t j1) {
+  const int64_t k = c.k, nchunks = c.nchunks;
+  const double* pp = c.part;
+  const double* sq = c.split_q;
+  for (int64_t j = j0; j < j1; ++j) {
+    double n = 0, mu = 0, m = 0, amu = 0, am = 0, qacc = 0;
+    for (int64_t ci = 0; ci < nchunks; ++ci) {
+      const double* p = pp + ci * 5 * k;
+      const double nb = p[j];
+      if (nchunks == 1) {  // one chunk: its partials are the batch's (no sequence is split over chunks)
+        n = nb, mu = p[k + j], m = p[2 * k + j], amu = p[3 * k + j], am = p[4 * k + j];
+        break;
+      }
+      if (nb > 0) {
+        const double nn = n + nb, delta = p[k + j] - mu, adelta = p[3 * k + j] - amu;
+        mu += delta * (nb / nn);
+        m += p[2 * k + j] + delta * delta * (n * nb / nn);
+        amu += adelta * (nb / nn);
+        am += p[4 * k + j] + adelta * adelta * (n * nb / nn);
+        n = nn;
+      }
+      const int64_t s = c.chunks[ci].split_seq;
+      if (s >= 0) {
+        const bool first_piece = ci == 0 || c.chunks[ci - 1].split_seq != s;
+        const bool last_piece = ci + 1 == nchunks || c.chunks[ci + 1].split_seq != s;
+        qacc = (first_piece ? 0.0 : qacc) + sq[ci * k + j];
+        if (last_piece) out.seq_sumsq[s * k + j] = static_cast<float>(qacc);
+      }
+    }
+    out.count[j] = static_cast<int64_t>(n);
+    out.mean[j] = static_cast<float>(mu);
+    out.m2[j] = static_cast<float>(m);
+    out.abs_mean[j] = static_cast<float>(amu);
+    out.abs_m2[j] = static_cast<float>(am);
+  }
+}
+
+// The pass over chunk `ci` for channels [j0, j1) (j0 a multiple of kLanes, j1 - j0 <= kGroupChannels): writes
+// the chunk's partials (and its sequences' Σx²) for those channels. Channels are independent, so the result
+// does not depend on how the channels are grouped.
+void run_chunk(const Ctx& c, int64_t ci, int64_t j0, int64_t j1) {
   const Chunk& ch = c.chunks[ci];
   const int64_t k = c.k;
-  const int64_t j0 = g * kGroupChannels, j1 = std::min(k, j0 + kGroupChannels);
   const int nblocks = static_cast<int>((j1 - j0 + kLanes - 1) / kLanes);
   Scratch sc;
   std::memset(&sc, 0, sizeof(sc));
@@ -442,13 +487,15 @@ void check_linear_with_stats_args(const at::Tensor& x, const at::Tensor& weight,
   PK_CHECK_ARG(weight.device().is_cpu(), "weight", "expected a CPU tensor");
 }
 
-void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out) {
+void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out,
+                           const ChannelHook* then) {
   const int64_t rows = x.size(0), k = x.size(1);
   if (rows == 0 || k == 0) {
     const int64_t nseq = seq_len > 0 ? rows / seq_len : 0;
     std::fill(out.count, out.count + k, int64_t{0});
     for (float* p : {out.mean, out.m2, out.abs_mean, out.abs_m2}) std::fill(p, p + k, 0.0f);
     std::fill(out.seq_sumsq, out.seq_sumsq + nseq * k, 0.0f);
+    if (then != nullptr) then->fn(then->ctx, 0, k);
     return;
   }
   // the calling thread's chunk lists, reused (the pool's workers only read them through ctx)
@@ -458,7 +505,6 @@ void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_le
   segs.clear();
   build_chunks(rows, seq_len, chunks, segs);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
-  const int64_t ngroups = (k + kGroupChannels - 1) / kGroupChannels;
   bool any_split = false;
   for (const auto& c : chunks) any_split |= c.split_seq >= 0;
   // chunk partials [nchunks, 5, K] then split pieces [nchunks, K]: each entry written by its task (split
@@ -466,68 +512,51 @@ void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_le
   double* part = static_cast<double*>(thread_scratch(
       ScratchSlot::WelfordChunks, static_cast<size_t>(nchunks * (any_split ? 6 : 5) * k) * sizeof(double)));
   double* split_q = any_split ? part + nchunks * 5 * k : nullptr;
-
-  Ctx ctx{x.data_ptr(), rows, k, mask, chunks.data(), segs.data(), nchunks, ngroups, pick_tile(x.scalar_type()),
+  Ctx ctx{x.data_ptr(), rows, k, mask, chunks.data(), segs.data(), nchunks, pick_tile(x.scalar_type()),
           out.seq_sumsq, part, split_q};
+  // channels [j0, j1) whole: the pass over every chunk, the chunk merge, then the caller's hook
+  auto channels = [&](int64_t j0, int64_t j1) {
+    for (int64_t g0 = j0; g0 < j1; g0 += kGroupChannels) {
+      const int64_t g1 = std::min(j1, g0 + kGroupChannels);
+      for (int64_t ci = 0; ci < nchunks; ++ci) run_chunk(ctx, ci, g0, g1);
+    }
+    finish_channels(ctx, out, j0, j1);
+    if (then != nullptr) then->fn(then->ctx, j0, j1);
+  };
+
   // The pass runs at ~0.2 ns per value on one core: each thread gets at least kMinElementsPerThread values,
   // since waking the thread pool costs more than small batches (and far more on a busy host).
-  const int64_t ntasks = nchunks * ngroups;
-  const int64_t per_task = std::max<int64_t>(1, rows * k / ntasks);
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / per_task);
-  if (grain >= ntasks) {
-    for (int64_t t = 0; t < ntasks; ++t) run_task(ctx, t);
-  } else {
-    at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) run_task(ctx, t);
-    });
-  }
-
-  // Deterministic merge of the chunk partials (Chan et al.), chunk order, fp64.
-  int64_t* cnt_p = out.count;
-  float *mean_p = out.mean, *m2_p = out.m2, *amean_p = out.abs_mean, *am2_p = out.abs_m2, *seq_p = out.seq_sumsq;
-  const double* pp = part;
-  const double* sq = split_q;
-  if (nchunks == 1) {  // one chunk: its partials are the batch's (no sequence is split over chunks)
-    for (int64_t j = 0; j < k; ++j) {
-      cnt_p[j] = static_cast<int64_t>(pp[j]);
-      mean_p[j] = static_cast<float>(pp[k + j]);
-      m2_p[j] = static_cast<float>(pp[2 * k + j]);
-      amean_p[j] = static_cast<float>(pp[3 * k + j]);
-      am2_p[j] = static_cast<float>(pp[4 * k + j]);
-    }
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nblocks = (k + kLanes - 1) / kLanes;
+  const int64_t useful = std::min<int64_t>(nthreads, (rows * k + kMinElementsPerThread - 1) / kMinElementsPerThread);
+  if (useful <= 1 || at::in_parallel_region()) {
+    channels(0, k);
     return;
   }
-  auto merge = [&](int64_t c0, int64_t c1) {
-    for (int64_t j = c0; j < c1; ++j) {
-      double n = 0, mu = 0, m = 0, amu = 0, am = 0, qacc = 0;
-      for (int64_t ci = 0; ci < nchunks; ++ci) {
-        const double* p = pp + ci * 5 * k;
-        const double nb = p[j];
-        if (nb > 0) {
-          const double nn = n + nb, delta = p[k + j] - mu, adelta = p[3 * k + j] - amu;
-          mu += delta * (nb / nn);
-          m += p[2 * k + j] + delta * delta * (n * nb / nn);
-          amu += adelta * (nb / nn);
-          am += p[4 * k + j] + adelta * adelta * (n * nb / nn);
-          n = nn;
-        }
-        const int64_t s = chunks[ci].split_seq;
-        if (s >= 0) {
-          const bool first_piece = ci == 0 || chunks[ci - 1].split_seq != s;
-          const bool last_piece = ci + 1 == nchunks || chunks[ci + 1].split_seq != s;
-          qacc = (first_piece ? 0.0 : qacc) + sq[ci * k + j];
-          if (last_piece) seq_p[s * k + j] = static_cast<float>(qacc);
-        }
-      }
-      cnt_p[j] = static_cast<int64_t>(n);
-      mean_p[j] = static_cast<float>(mu);
-      m2_p[j] = static_cast<float>(m);
-      amean_p[j] = static_cast<float>(amu);
-      am2_p[j] = static_cast<float>(am);
+  if (nblocks >= useful) {
+    // One task per thread-sized run of channel blocks: each thread takes ceil(nblocks / useful) blocks, so
+    // the threads finish together (five 128-channel tasks for K = 576 split 3/2 over two threads), and the
+    // chunk merge and the hook run inside the same parallel region instead of serially after it.
+    const int64_t per = (nblocks + useful - 1) / useful;
+    const int64_t ntasks = (nblocks + per - 1) / per;
+    at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) channels(t * per * kLanes, std::min(k, (t + 1) * per * kLanes));
+    });
+    return;
+  }
+  // few channels, many rows: tasks over chunk x channel group, then the chunk merge over channels
+  const int64_t ngroups = (k + kGroupChannels - 1) / kGroupChannels;
+  const int64_t ntasks = nchunks * ngroups;
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t ci = t / ngroups, g0 = (t % ngroups) * kGroupChannels;
+      run_chunk(ctx, ci, g0, std::min(k, g0 + kGroupChannels));
     }
-  };
-  if (nchunks * k < kMinElementsPerThread / 4) merge(0, k);
-  else at::parallel_for(0, k, 64, merge);
+  });
+  at::parallel_for(0, k, 64, [&](int64_t j0, int64_t j1) {
+    finish_channels(ctx, out, j0, j1);
+    if (then != nullptr) then->fn(then->ctx, j0, j1);
+  });
 }
 
 namespace {

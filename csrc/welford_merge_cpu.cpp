@@ -149,21 +149,27 @@ MergeBlockFn<P> pick_merge_block() {
   return &merge_block_portable<P>;
 }
 
+// Blocks of kMergeBlock channels keep the norms' buffer small (per-thread scratch, (nseq + 2) * block).
+constexpr int64_t kMergeBlock = 256;
+
+// The merge of channels [j0, j1), on the calling thread.
+template <typename P>
+void merge_channels(const MergeArgs<P>& args, MergeBlockFn<P> block, int64_t j0, int64_t j1) {
+  double* l2 = static_cast<double*>(
+      thread_scratch(ScratchSlot::MergeNorms, static_cast<size_t>((args.nseq + 2) * kMergeBlock) * sizeof(double)));
+  for (int64_t j = j0; j < j1; j += kMergeBlock) block(args, j, std::min(j1, j + kMergeBlock), l2);
+}
+
 template <typename P>
 void merge_impl(int64_t k, int64_t* n, double* mean, double* m2, const int64_t* cnt, const P* pmean,
                 const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq,
                 const std::vector<char>& seq_ok, int64_t n_seq_ok) {
-  const MergeBlockFn<P> block = pick_merge_block<P>();
   const MergeArgs<P> args{k, n, mean, m2, cnt, pmean, pm2, pamean, pam2, seq_sumsq, nseq, seq_ok.data(), n_seq_ok};
-  // blocks of kMergeBlock channels keep the norms' buffer small (per-thread scratch, (nseq + 2) * block)
-  constexpr int64_t kMergeBlock = 256;
-  auto body = [&](int64_t b0, int64_t b1) {
-    const int64_t j0 = b0 * kMergeBlock, j1 = std::min(k, b1 * kMergeBlock);
-    double* l2 = static_cast<double*>(
-        thread_scratch(ScratchSlot::MergeNorms, static_cast<size_t>((nseq + 2) * kMergeBlock) * sizeof(double)));
-    for (int64_t j = j0; j < j1; j += kMergeBlock) block(args, j, std::min(j1, j + kMergeBlock), l2);
-  };
+  const MergeBlockFn<P> block = pick_merge_block<P>();
   const int64_t nblocks = (k + kMergeBlock - 1) / kMergeBlock;
+  auto body = [&](int64_t b0, int64_t b1) {
+    merge_channels(args, block, b0 * kMergeBlock, std::min(k, b1 * kMergeBlock));
+  };
   if (k * (2 + nseq) < 65536) body(0, nblocks);
   else at::parallel_for(0, nblocks, 1, body);
 }
@@ -183,13 +189,14 @@ void check_state(const at::Tensor& n, const at::Tensor& mean, const at::Tensor& 
                "nonfinite", "expected an int64 CPU scalar tensor");
 }
 
-// The merge proper on raw partials (P = float or double); `mask`: nullptr or `rows` bools.
-template <typename P>
-void merge_raw(at::Tensor& n, at::Tensor& mean, at::Tensor& m2, at::Tensor& nonfinite, int64_t k, const int64_t* cnt,
-               const P* pmean, const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq,
-               const bool* mask, int64_t seq_len, int64_t rows) {
-  // valid rows and valid sequences from the row mask
-  thread_local std::vector<char> seq_ok;  // the calling thread's, reused
+// What the merge needs beyond the partials: which sequences hold a valid row, their number, and the valid
+// rows. `seq_ok` is the calling thread's buffer (reused); `mask`: nullptr or `rows` bools.
+struct RowCounts {
+  const std::vector<char>* seq_ok;
+  int64_t n_seq_ok, valid_rows;
+};
+RowCounts count_rows(const bool* mask, int64_t seq_len, int64_t rows, int64_t nseq) {
+  thread_local std::vector<char> seq_ok;
   seq_ok.assign(static_cast<size_t>(nseq), 1);
   int64_t valid_rows = rows;
   if (mask != nullptr) {
@@ -203,11 +210,25 @@ void merge_raw(at::Tensor& n, at::Tensor& mean, at::Tensor& m2, at::Tensor& nonf
   }
   int64_t n_seq_ok = 0;
   for (char c : seq_ok) n_seq_ok += c;
+  return RowCounts{&seq_ok, n_seq_ok, valid_rows};
+}
+
+// nonfinite grows by the valid values the batch did not count (inf/NaN).
+void add_nonfinite(at::Tensor& nonfinite, const int64_t* cnt, int64_t k, int64_t valid_rows) {
   int64_t total = 0;
   for (int64_t j = 0; j < k; ++j) total += cnt[j];
-  merge_impl<P>(k, n.data_ptr<int64_t>(), mean.data_ptr<double>(), m2.data_ptr<double>(), cnt, pmean, pm2, pamean,
-                pam2, seq_sumsq, nseq, seq_ok, n_seq_ok);
   nonfinite.data_ptr<int64_t>()[0] += valid_rows * k - total;
+}
+
+// The merge proper on raw partials (P = float or double); `mask`: nullptr or `rows` bools.
+template <typename P>
+void merge_raw(at::Tensor& n, at::Tensor& mean, at::Tensor& m2, at::Tensor& nonfinite, int64_t k, const int64_t* cnt,
+               const P* pmean, const P* pm2, const P* pamean, const P* pam2, const P* seq_sumsq, int64_t nseq,
+               const bool* mask, int64_t seq_len, int64_t rows) {
+  const RowCounts rc = count_rows(mask, seq_len, rows, nseq);
+  merge_impl<P>(k, n.data_ptr<int64_t>(), mean.data_ptr<double>(), m2.data_ptr<double>(), cnt, pmean, pm2, pamean,
+                pam2, seq_sumsq, nseq, *rc.seq_ok, rc.n_seq_ok);
+  add_nonfinite(nonfinite, cnt, k, rc.valid_rows);
 }
 
 void welford_merge_cpu(at::Tensor n, at::Tensor mean, at::Tensor m2, at::Tensor nonfinite, const at::Tensor& count,
@@ -267,6 +288,13 @@ at::Tensor linear_stats_merge_cpu(const at::Tensor& x_in, const at::Tensor& weig
   check_linear_with_stats_args(x_in, weight, row_mask, seq_len);
   const int64_t rows = x_in.size(0), k = x_in.size(1), nseq = seq_len > 0 ? rows / seq_len : 0;
   check_state(n, mean, m2, nonfinite, k);
+  // the state is merged before the GEMM runs, so everything the GEMM could reject is checked first
+  if (bias.has_value() && bias->defined()) {
+    PK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x_in.scalar_type() &&
+                     bias->device().is_cpu(),
+                 "bias", "expected a CPU ", x_in.scalar_type(), " tensor [", weight.size(0), "], got ",
+                 bias->scalar_type(), " ", bias->sizes());
+  }
   const at::Tensor x = x_in.contiguous();
   const at::Tensor rm = row_mask.has_value() && row_mask->defined() ? row_mask->contiguous() : at::Tensor();
   const bool* mask = rm.defined() ? rm.data_ptr<bool>() : nullptr;
@@ -274,11 +302,24 @@ at::Tensor linear_stats_merge_cpu(const at::Tensor& x_in, const at::Tensor& weig
   const size_t bytes = static_cast<size_t>(k) * (sizeof(int64_t) + static_cast<size_t>(4 + nseq) * sizeof(float));
   int64_t* cnt = static_cast<int64_t*>(thread_scratch(ScratchSlot::BatchPartials, bytes));
   float* b = reinterpret_cast<float*>(cnt + k);
-  welford_partials_into(x, mask, seq_len, PartialsView{cnt, b, b + k, b + 2 * k, b + 3 * k, b + 4 * k});
-  at::Tensor y = at::linear(x, weight, bias);
-  merge_raw<float>(n, mean, m2, nonfinite, k, cnt, b, b + k, b + 2 * k, b + 3 * k, b + 4 * k, nseq, mask, seq_len,
-                   rows);
-  return y;
+  // Each channel range is merged into the state as soon as the pass has finished it, inside the pass's
+  // parallel region: on two threads a serial merge after the pass left one core waiting.
+  const RowCounts rc = count_rows(mask, seq_len, rows, nseq);
+  const MergeArgs<float> args{k,  n.data_ptr<int64_t>(), mean.data_ptr<double>(), m2.data_ptr<double>(), cnt, b,
+                              b + k, b + 2 * k, b + 3 * k, b + 4 * k, nseq, rc.seq_ok->data(), rc.n_seq_ok};
+  struct HookCtx {
+    const MergeArgs<float>* args;
+    MergeBlockFn<float> block;
+  } hook_ctx{&args, pick_merge_block<float>()};
+  const ChannelHook hook{[](void* c, int64_t j0, int64_t j1) {
+                           const auto* h = static_cast<const HookCtx*>(c);
+                           merge_channels(*h->args, h->block, j0, j1);
+                         },
+                         &hook_ctx};
+  welford_partials_into(x, mask, seq_len, PartialsView{cnt, b, b + k, b + 2 * k, b + 3 * k, b + 4 * k}, &hook);
+  add_nonfinite(nonfinite, cnt, k, rc.valid_rows);
+  // the GEMM after the pass: x is then still in the caches (see linear_with_stats_cpu)
+  return at::linear(x, weight, bias);
 }
 
 TORCH_LIBRARY_FRAGMENT(persona_kernels_C, m) {

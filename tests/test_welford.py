@@ -142,18 +142,43 @@ def test_cpu_isa_variants(monkeypatch, isa, dtype):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="C++ kernels not built")
 def test_cpu_deterministic_across_threads():
-    x = _data(8000, 150, torch.float32, torch.Generator().manual_seed(5))  # above the parallel threshold
+    """The partials, and the fused call's merged state, are the same bits for any thread count. The shapes take
+    each parallel split: many chunks and a split sequence over channel runs, a calibration batch (one chunk,
+    K = 576: the recorder's shape) over channel runs with the merge inside the pass, and too few channel
+    blocks for the threads (tasks over chunk x channel group, 3 and 4 threads)."""
+    import persona_kernels.stats as stats_mod
+    from persona_kernels.stats import ActivationStats
+
     kernel = dispatch.get_kernel("welford_partials", "cpu", "cpu")
+    fused = ActivationStats(1)._linear_merge_cpu_op() if stats_mod._has_fused_op() else None
+    gen = torch.Generator().manual_seed(5)
+    cases = [(8000, 150, 100), (2600, 70, 1300), (272, 576, 17), (20000, 20, 0), (30000, 9, 3000)]
     threads = torch.get_num_threads()
+    runs: dict[int, list] = {}
+    data = []
+    for rows, k, seq_len in cases:
+        x = _data(rows, k, torch.float32, gen)
+        x[7, k // 3] = float("nan")
+        mask = torch.rand(rows, generator=gen) > 0.05
+        data.append((x, torch.randn(5, k, generator=gen), mask, seq_len))
     try:
-        torch.set_num_threads(1)
-        a = kernel(x, None, 100)
-        torch.set_num_threads(max(2, threads))
-        b = kernel(x, None, 100)
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            out = []
+            for x, w, mask, seq_len in data:
+                out.append(kernel(x, mask, seq_len))
+                if fused is not None:
+                    st = ActivationStats(x.shape[1])
+                    for _ in range(2):  # the second call merges into a non-empty state
+                        fused(x, w, None, mask, seq_len, st._n, st._mean, st._m2, st._nonfinite)
+                    out.append(tuple(st.state_dict().values()))  # (y is the GEMM's: its bits may vary)
+            runs[n] = out
     finally:
         torch.set_num_threads(threads)
-    for u, v in zip(a, b):
-        assert torch.equal(u, v)
+    for n in (2, 3, 4):
+        for got, want in zip(runs[n], runs[1]):
+            for u, v in zip(got, want):
+                assert torch.equal(u, v), n
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -337,6 +362,12 @@ def test_fused_op_direct_binding_equals_the_dispatcher_op():
     with pytest.raises(RuntimeError, match="argument 'row_mask'"):
         direct(torch.randn(4, 37), torch.randn(13, 37), None, torch.ones(3, dtype=torch.bool), 0, s._n, s._mean,
                s._m2, s._nonfinite)
+    before = {key: value.clone() for key, value in s.state_dict().items()}
+    for fn in (direct, op):  # the state is merged before the GEMM: a bias the GEMM would reject leaves it as it was
+        with pytest.raises(RuntimeError, match="argument 'bias'"):
+            fn(torch.randn(4, 37), torch.randn(13, 37), torch.randn(12), None, 0, s._n, s._mean, s._m2, s._nonfinite)
+    for key, value in s.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_fused_linear_and_merge_scratch_reuse_and_threads(monkeypatch):
