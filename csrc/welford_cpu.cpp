@@ -347,11 +347,7 @@ void finish_channels(const Ctx& c, const PartialsView& out, int64_t j0, int64_t 
     for (int64_t ci = 0; ci < nchunks; ++ci) {
       const double* p = pp + ci * 5 * k;
       const double nb = p[j];
-      if (nchunks == 1) {  // one chunk: its partials are the batch's (no sequence is split over chunks)
-        n = nb, mu = p[k + j], m = p[2 * k + j], amu = p[3 * k + j], am = p[4 * k + j];
-        break;
-      }
-      if (nb > 0) {
+      if (nb > 0) {  // the first chunk with values enters exactly (weight nb / nn = 1, cross term * 0)
         const double nn = n + nb, delta = p[k + j] - mu, adelta = p[3 * k + j] - amu;
         mu += delta * (nb / nn);
         m += p[2 * k + j] + delta * delta * (n * nb / nn);

@@ -269,8 +269,9 @@ class ActivationStats:
     def _linear_merge_cpu_op(self) -> Optional[Callable[..., torch.Tensor]]:
         """The C++ op ``linear_stats_merge_cpu_(x2, weight, bias, row_mask, seq_len, n, mean, m2, nonfinite)``,
         i.e. ``F.linear(x2, weight, bias)`` with the batch's statistics merged into the state passed as
-        ``self._n, self._mean, self._m2, self._nonfinite`` in place, in ONE C++ call (the C++ linear_with_stats
-        kernel, then the C++ merge); None when this state is not on the CPU or the op is missing.
+        ``self._n, self._mean, self._m2, self._nonfinite`` in place, in ONE C++ call (the statistics pass, each
+        channel run merged into the state as the pass finishes it, then the GEMM); None when this state is not on
+        the CPU or the op is missing.
 
         Returned as the extension's direct binding of the op's C++ function (no dispatcher boxing, no Python
         frame), so for eager calls without an autograd graph only; validated CPU inputs (the function checks
