@@ -41,7 +41,7 @@ Isa cpu_isa();
 
 // `bytes` bytes of 64-byte aligned memory owned by the calling thread, one buffer per slot, reused by the
 // thread's later calls (a forward's kernel calls then allocate no scratch). module.cpp.
-enum class ScratchSlot { GatedPanel = 0, WelfordChunks = 1, BatchPartials = 2, MergeNorms = 3, Count = 4 };
+enum class ScratchSlot { GatedPanel = 0, WelfordChunks = 1, BatchPartials = 2, MergeNorms = 3, GatedBlock = 4, Count = 5 };
 void* thread_scratch(ScratchSlot slot, size_t bytes);
 
 // welford_cpu.cpp. Per-channel batch partials of a contiguous 2-D CPU x [R, K], written into caller-owned

@@ -1,28 +1,38 @@
 // Bitmask-gated linear on the CPU: y = x @ (W * G)^T + b with G = m + gamma * (1 - m).
 //
 // m comes bit-packed (int32 [N, ceil(K/32)], bit b of word w in row n = m[n, 32w + b], padding bits
-// zero). W is never modified or copied as a whole. Two strategies:
+// zero). W is never modified or copied as a whole. Strategies:
 //
 // * small M (decode): one pass over W and the bits. A block of NR weight rows is gated on the fly
 //   (16 mask bits = one __mmask16 of fp32 lanes; _mm512_mask_mul_ps scales the pruned lanes by gamma)
 //   and every gated vector is used for MR rows of x held in registers; the next block is prefetched
 //   meanwhile. bf16 weights on CPUs with AVX512_BF16 use the bf16 dot product (32 mask bits = one
 //   __mmask32 of bf16 lanes, fp32 accumulation; gamma * w is rounded to bf16, exact for gamma 0 / 1);
-//   other dtypes convert to fp32 (F16C for fp16, a 16-bit shift for bf16), x once up front.
-// * large M (prefill): each thread gates its range of W rows panel by panel (about 2 MiB) into its
-//   own buffer and hands each panel to the GEMM torch uses (MKL / oneDNN), writing straight into a
+//   when x takes several passes of MR rows, the first pass also stores each gated block in per-thread
+//   scratch and the later passes read it, so every weight vector is gated once. Other dtypes convert
+//   to fp32 (F16C for fp16, a 16-bit shift for bf16), x once up front.
+// * large M (prefill), bf16 on CPUs with AVX512_BF16: a GEMM of our own. x is packed once per call into
+//   32-row tiles of column pairs; each thread gates 12 weight rows at a time into scratch (W read once,
+//   the next rows prefetched meanwhile) and multiplies them with every x tile (bf16 dot products, fp32
+//   accumulation, 24 accumulators of 16 rows).
+// * large M, other dtypes or CPUs: each thread gates its range of W rows panel by panel (about 2 MiB) into
+//   its own buffer and hands each panel to the GEMM torch uses (MKL / oneDNN), writing straight into a
 //   column slice of y. bf16 runs a bf16 GEMM where the CPU has AVX512_BF16 (gamma * w rounded to bf16).
+// gamma = 0 removes the pruned bf16 weights with a zeroing move (exact zeros, as the Triton kernels do; the
+// fp32-lane kernels multiply by gamma).
 //
 // ISA: AVX-512, AVX2 or portable, picked per call by persona_kernels::cpu_isa() (which honours
 // PERSONA_KERNELS_CPU_ISA). Functions are compiled for each ISA with GCC target attributes, so the
 // file builds without -march. Environment knobs for tests and tuning: PERSONA_KERNELS_CPU_NO_BF16DOT=1
-// disables the AVX512_BF16 small-M kernel, PERSONA_KERNELS_GATED_LINEAR_GEMM_M sets the row count
+// disables the AVX512_BF16 kernels (small M and our GEMM), PERSONA_KERNELS_GATED_LINEAR_GEMM_M sets the row count
 // from which the GEMM path is used, PERSONA_KERNELS_GATED_LINEAR_PANEL the panel rows.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -45,12 +55,12 @@ namespace {
 using at::BFloat16;
 using at::Half;
 
-// Rows of x at or above which the panel + GEMM path is used. Measured single-threaded on an AVX-512
-// EPYC (Zen 5) with MKL / oneDNN: the fp32 block kernels beat MKL's sgemm up to about 192 rows, the
-// bf16 dot-product kernels and oneDNN's bf16 GEMM cross over near 24 rows (other cases use the fp32
-// value). Overridable with PERSONA_KERNELS_GATED_LINEAR_GEMM_M.
+// Rows of x at or above which the GEMM path is used. Measured on an AVX-512 AMD EPYC: the fp32 block kernels
+// beat MKL's sgemm up to about 192 rows (1 thread); for bf16 with AVX512_BF16 our own GEMM (32-row tiles)
+// matches the block kernels at 32 rows and beats them above (1 and 2 threads, 1024x4096 and 4096x4096).
+// Overridable with PERSONA_KERNELS_GATED_LINEAR_GEMM_M.
 constexpr int64_t kGemmMinRowsF32 = 128;
-constexpr int64_t kGemmMinRowsBf16 = 24;
+constexpr int64_t kGemmMinRowsBf16 = 32;
 // Panel of gated weights handed to one GEMM call (per thread): about 2 MiB, so it stays in cache.
 constexpr int64_t kPanelBytes = int64_t{2} << 20;
 
@@ -103,16 +113,17 @@ inline bool bit_of(const uint32_t* row_bits, int64_t k) { return (row_bits[k >> 
 // ----------------------------------------------------------------------------------------------
 // `pf` points at the weight rows the next call will read (same layout); the vector kernels prefetch
 // them while they compute, so the next block's DRAM traffic overlaps this block's arithmetic.
-using BlockFn = void (*)(const void* x, int64_t ldx, const void* w, int64_t K, const uint32_t* bits, int64_t words,
-                         float gamma, float* sums, const void* pf);
+// Weight rows have row stride ldw. `st` / `lds`: where a storing kernel writes the gated rows (see SmallKernels).
+using BlockFn = void (*)(const void* x, int64_t ldx, const void* w, int64_t ldw, int64_t K, const uint32_t* bits,
+                         int64_t words, float gamma, float* sums, const void* pf, void* st, int64_t lds);
 
 constexpr int kMaxNR = 4;
 constexpr int kMaxMR = 8;
 
 // Portable scalar kernel (any dtype, compiler's own vectorisation only).
 template <typename WT, int NR, int MR>
-void block_portable(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits, int64_t words,
-                    float gamma, float* sums, const void* pf) {
+void block_portable(const void* xv, int64_t ldx, const void* wv, int64_t ldw, int64_t K, const uint32_t* bits,
+                    int64_t words, float gamma, float* sums, const void* pf, void*, int64_t) {
   const float* x = static_cast<const float*>(xv);
   const WT* w = static_cast<const WT*>(wv);
   float acc[NR][MR] = {};
@@ -120,7 +131,7 @@ void block_portable(const void* xv, int64_t ldx, const void* wv, int64_t K, cons
     float g[NR];
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
-      const float wk = to_float(w[r * K + k]);
+      const float wk = to_float(w[r * ldw + k]);
       g[r] = bit_of(bits + r * words, k) ? wk : wk * gamma;
     }
 #pragma GCC unroll 8
@@ -196,16 +207,17 @@ struct Acc512 {
 // One 16-lane step at column k of the fp32-lane block kernel (Full: all 16 lanes valid, so the
 // masked loads compile away).
 template <typename WT, int NR, int MR, bool Full>
-PK_TARGET_AVX512 inline void step_avx512(Acc512<NR, MR>& acc, const float* x, int64_t ldx, const WT* w, int64_t K,
+PK_TARGET_AVX512 inline void step_avx512(Acc512<NR, MR>& acc, const float* x, int64_t ldx, const WT* w, int64_t ldw,
+                                         int64_t K,
                                          const uint32_t* bits, int64_t words, __m512 g, const WT* wp, int64_t k) {
   const __mmask16 valid = Full ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
   __m512 wr[NR];
 #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r) {
     const __mmask16 keep = static_cast<__mmask16>(bits[r * words + (k >> 5)] >> (k & 16));
-    wr[r] = gated16_avx512<WT>(w + r * K + k, keep, valid, g);
+    wr[r] = gated16_avx512<WT>(w + r * ldw + k, keep, valid, g);
     if (Full && (k * sizeof(WT)) % 64 == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + r * ldw + k), _MM_HINT_T1);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
@@ -216,8 +228,9 @@ PK_TARGET_AVX512 inline void step_avx512(Acc512<NR, MR>& acc, const float* x, in
 }
 
 template <typename WT, int NR, int MR>
-PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
-                                   int64_t words, float gamma, float* sums, const void* pf) {
+PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, int64_t ldw, int64_t K,
+                                   const uint32_t* bits, int64_t words, float gamma, float* sums, const void* pf, void*,
+                                   int64_t) {
   const float* x = static_cast<const float*>(xv);
   const WT* w = static_cast<const WT*>(wv);
   const WT* wp = static_cast<const WT*>(pf);
@@ -225,8 +238,8 @@ PK_TARGET_AVX512 void block_avx512(const void* xv, int64_t ldx, const void* wv, 
   Acc512<NR, MR> acc;
   acc.zero();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) step_avx512<WT, NR, MR, true>(acc, x, ldx, w, K, bits, words, g, wp, k);
-  if (k < K) step_avx512<WT, NR, MR, false>(acc, x, ldx, w, K, bits, words, g, wp, k);
+  for (; k + 16 <= K; k += 16) step_avx512<WT, NR, MR, true>(acc, x, ldx, w, ldw, K, bits, words, g, wp, k);
+  if (k < K) step_avx512<WT, NR, MR, false>(acc, x, ldx, w, ldw, K, bits, words, g, wp, k);
   acc.store(sums);
 }
 
@@ -238,7 +251,7 @@ PK_TARGET_AVX512 inline __m512i load32_bf16(const BFloat16* p, __mmask32 valid) 
 
 PK_TARGET_AVX512BF16 inline __m512i gated32_bf16(const BFloat16* p, __mmask32 keep, __mmask32 valid, __m512 g) {
   // 32 bf16 lanes -> two fp32 halves, pruned lanes times gamma, rounded back to bf16 (exact for
-  // gamma 0 and 1). A 16-bit zeroing blend would be enough for gamma = 0 but is slower on AMD Zen.
+  // gamma 0 and 1; gamma = 0 takes the cheaper zeroing move of gate32_mode instead).
   __m512i v = load32_bf16(p, valid);
   PK_OPAQUE(v);
   __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
@@ -249,17 +262,39 @@ PK_TARGET_AVX512BF16 inline __m512i gated32_bf16(const BFloat16* p, __mmask32 ke
   return (__m512i)(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
+// Gating of the bf16-dot kernel: Mul scales the pruned lanes by gamma in fp32 (any gamma), Zero clears
+// them (gamma = 0, one 16-bit zeroing move), None reads already gated weights. Store additionally writes
+// each gated vector to `st` (same layout as w), so later passes over the block can run with None.
+enum GateMode : int { kGateNone = 0, kGateMul = 1, kGateZero = 2, kGateStore = 4 };
+
+template <int Mode>
+PK_TARGET_AVX512BF16 inline __m512i gate32_mode(const BFloat16* p, uint32_t keep, __mmask32 valid, __m512 g) {
+  if constexpr ((Mode & 3) == kGateMul) {
+    return gated32_bf16(p, keep, valid, g);
+  } else if constexpr ((Mode & 3) == kGateZero) {
+    __m512i v = load32_bf16(p, valid);
+    PK_OPAQUE(v);
+    return _mm512_maskz_mov_epi16(static_cast<__mmask32>(keep), v);
+  } else {
+    return load32_bf16(p, valid);
+  }
+}
+
 // One 32-lane step at column k of the bf16-dot block kernel (x in bf16; Full as for step_avx512).
-template <int NR, int MR, bool Full>
+template <int Mode, int NR, int MR, bool Full>
 PK_TARGET_AVX512BF16 inline void step_bf16dot(Acc512<NR, MR>& acc, const BFloat16* x, int64_t ldx, const BFloat16* w,
-                                              int64_t K, const uint32_t* bits, int64_t words, __m512 g,
-                                              const BFloat16* wp, int64_t k) {
+                                              int64_t ldw, int64_t K, const uint32_t* bits, int64_t words, __m512 g,
+                                              const BFloat16* wp, BFloat16* st, int64_t lds, int64_t k) {
   const __mmask32 valid = Full ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
   __m512i wr[NR];
 #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r) {
-    wr[r] = gated32_bf16(w + r * K + k, bits[r * words + (k >> 5)], valid, g);
-    if (Full) _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + k), PK_PF_HINT);
+    wr[r] = gate32_mode<Mode>(w + r * ldw + k, (Mode & 3) ? bits[r * words + (k >> 5)] : 0u, valid, g);
+    if (Full) _mm_prefetch(reinterpret_cast<const char*>(wp + r * ldw + k), PK_PF_HINT);
+    if constexpr ((Mode & kGateStore) != 0) {
+      if (Full) _mm512_storeu_si512(st + r * lds + k, wr[r]);
+      else _mm512_mask_storeu_epi16(st + r * lds + k, valid, wr[r]);
+    }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
@@ -269,18 +304,20 @@ PK_TARGET_AVX512BF16 inline void step_bf16dot(Acc512<NR, MR>& acc, const BFloat1
   }
 }
 
-template <int NR, int MR>
-PK_TARGET_AVX512BF16 void block_bf16dot(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
-                                        int64_t words, float gamma, float* sums, const void* pf) {
+template <int Mode, int NR, int MR>
+PK_TARGET_AVX512BF16 void block_bf16dot(const void* xv, int64_t ldx, const void* wv, int64_t ldw, int64_t K,
+                                        const uint32_t* bits, int64_t words, float gamma, float* sums, const void* pf,
+                                        void* stv, int64_t lds) {
   const BFloat16* x = static_cast<const BFloat16*>(xv);
   const BFloat16* w = static_cast<const BFloat16*>(wv);
   const BFloat16* wp = static_cast<const BFloat16*>(pf);
+  BFloat16* st = static_cast<BFloat16*>(stv);
   const __m512 g = _mm512_set1_ps(gamma);
   Acc512<NR, MR> acc;
   acc.zero();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) step_bf16dot<NR, MR, true>(acc, x, ldx, w, K, bits, words, g, wp, k);
-  if (k < K) step_bf16dot<NR, MR, false>(acc, x, ldx, w, K, bits, words, g, wp, k);
+  for (; k + 32 <= K; k += 32) step_bf16dot<Mode, NR, MR, true>(acc, x, ldx, w, ldw, K, bits, words, g, wp, st, lds, k);
+  if (k < K) step_bf16dot<Mode, NR, MR, false>(acc, x, ldx, w, ldw, K, bits, words, g, wp, st, lds, k);
   acc.store(sums);
 }
 
@@ -302,8 +339,9 @@ PK_TARGET_AVX2 inline __m256 load8_avx2<BFloat16>(const BFloat16* p) {
 }
 
 template <typename WT, int NR, int MR>
-PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int64_t K, const uint32_t* bits,
-                               int64_t words, float gamma, float* sums, const void* pf) {
+PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int64_t ldw, int64_t K,
+                               const uint32_t* bits, int64_t words, float gamma, float* sums, const void* pf, void*,
+                               int64_t) {
   const float* x = static_cast<const float*>(xv);
   const WT* w = static_cast<const WT*>(wv);
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -322,7 +360,7 @@ PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int6
       const int b8 = static_cast<int>((bits[r * words + (k >> 5)] >> (k & 31)) & 0xFFu);
       const __m256 keep = _mm256_castsi256_ps(
           _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(b8), lane_bit), lane_bit));
-      const __m256 v = load8_avx2<WT>(w + r * K + k);
+      const __m256 v = load8_avx2<WT>(w + r * ldw + k);
       wr[r] = _mm256_mul_ps(v, _mm256_blendv_ps(g, one, keep));
     }
 #pragma GCC unroll 8
@@ -340,7 +378,7 @@ PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int6
       const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
       float s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
       for (int64_t k = kv; k < K; ++k) {
-        const float wk = to_float(w[r * K + k]);
+        const float wk = to_float(w[r * ldw + k]);
         s += x[i * ldx + k] * (bit_of(bits + r * words, k) ? wk : wk * gamma);
       }
       sums[i * NR + r] = s;
@@ -394,10 +432,11 @@ BlockTable float_table(Isa isa) {
 }
 
 #if PK_X86
+template <int Mode>
 BlockTable bf16dot_table() {
   BlockTable t;
   // 3 weight rows x 8 rows of x: 24 accumulators; M = 16 takes two passes over each weight block.
-  PK_FILL_TABLE(block_bf16dot, 3, 8, );
+  PK_FILL_TABLE(block_bf16dot, 3, 8, Mode,);
   return t;
 }
 #endif
@@ -423,27 +462,66 @@ void run_chunks(int64_t n, int64_t chunk, const F& body) {
   });
 }
 
-// Runs the block kernels over all of y. x: [M, K] rows of the type the table expects.
+// Block kernels of one small-M strategy: `gate` gates W on the fly for every pass of MR rows of x. For kernels
+// with `store` and `plain` (same NR and MR), when x takes several passes the first pass (`store`) also writes
+// each gated block to per-thread scratch and the later ones (`plain`) read it: each weight vector is gated
+// once instead of once per pass, which halves the work at M = 16 when W is cache-resident.
+struct SmallKernels {
+  const BlockTable* gate;
+  const BlockTable* store = nullptr;
+  const BlockTable* plain = nullptr;
+};
+
+// Row strides that are a multiple of 2 KiB put column k of every row in one or two sets of a 32 KiB 8-way L1
+// cache, so the 8 rows of x and the 3 weight rows a block kernel reads at once evict each other: M = 16 on a
+// cache-resident 1024x4096 bf16 weight ran 1.3-1.8x of F.linear in some processes and 0.9-1.0x in others,
+// depending on where x landed. Such x is copied to rows 64 bytes longer, and gated blocks are stored so.
+inline int64_t unaliased_stride(int64_t K, int64_t elem) { return (K * elem) % 2048 == 0 ? K + 64 / elem : K; }
+
+// x (contiguous [M, K]) itself, or a copy with unaliased row stride when several rows are read at once.
+torch::Tensor unaliased_rows(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), ld = unaliased_stride(K, x.element_size());
+  if (ld == K || M <= 4) return x;
+  torch::Tensor rows = torch::empty({M, ld}, x.options()).narrow(1, 0, K);
+  rows.copy_(x);
+  return rows;
+}
+
+// Runs the block kernels over all of y. x: [M, K] rows of the type the tables expect, row stride x.stride(0).
 template <typename OT>
-void run_small(const BlockTable& t, const void* x, size_t x_elem, const void* w, size_t w_elem, const uint32_t* bits,
-               const float* bias, OT* y, int64_t M, int64_t N, int64_t K, int64_t words, float gamma) {
+void run_small(const SmallKernels& kernels, const torch::Tensor& x, const void* w, size_t w_elem,
+               const uint32_t* bits, const float* bias, OT* y, int64_t M, int64_t N, int64_t K, int64_t words,
+               float gamma) {
+  const BlockTable& t = *kernels.gate;
   const int nr = t.nr;
   const int64_t nblocks = (N + nr - 1) / nr;
-  const char* xb = static_cast<const char*>(x);
+  const char* xb = static_cast<const char*>(x.data_ptr());
+  const int64_t ldx = x.stride(0), x_row = ldx * static_cast<int64_t>(x.element_size());
   const char* wb = static_cast<const char*>(w);
+  const bool once = kernels.store != nullptr && kernels.plain != nullptr && M > t.mr_max;
+  const int64_t lds = unaliased_stride(K, static_cast<int64_t>(w_elem));  // row stride of a stored block
   // About 64 weight rows per chunk, fewer when there is little work.
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64 / nr, nblocks / (4 * at::get_num_threads())));
   run_chunks(nblocks, chunk, [&](int64_t b0, int64_t b1) {
     float sums[kMaxNR * kMaxMR];
+    void* st = once ? thread_scratch(ScratchSlot::GatedBlock, static_cast<size_t>(nr * lds) * w_elem) : nullptr;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * nr;
       const int rows = static_cast<int>(std::min<int64_t>(nr, N - n0));
       for (int64_t m0 = 0; m0 < M; m0 += t.mr_max) {
         const int mr = static_cast<int>(std::min<int64_t>(t.mr_max, M - m0));
-        const void* xm = xb + m0 * K * x_elem;
+        const void* xm = xb + m0 * x_row;
         if (rows == nr) {
-          const char* wn = wb + std::min<int64_t>(n0 + nr, N - nr) * K * w_elem;  // next block (or this one)
-          t.main[mr - 1](xm, K, wb + n0 * K * w_elem, K, bits + n0 * words, words, gamma, sums, wn);
+          const void* wn = wb + std::min<int64_t>(n0 + nr, N - nr) * K * w_elem;  // next block (or this one)
+          const void* wcur = wb + n0 * K * w_elem;
+          const uint32_t* bcur = bits + n0 * words;
+          if (!once) {
+            t.main[mr - 1](xm, ldx, wcur, K, K, bcur, words, gamma, sums, wn, nullptr, 0);
+          } else if (m0 == 0) {  // gate, use and store the block
+            kernels.store->main[mr - 1](xm, ldx, wcur, K, K, bcur, words, gamma, sums, wn, st, lds);
+          } else {  // the stored gated block
+            kernels.plain->main[mr - 1](xm, ldx, st, lds, K, bcur, words, gamma, sums, st, nullptr, 0);
+          }
           for (int i = 0; i < mr; ++i)
             for (int r = 0; r < nr; ++r) {
               const float v = sums[i * nr + r] + (bias ? bias[n0 + r] : 0.0f);
@@ -453,7 +531,7 @@ void run_small(const BlockTable& t, const void* x, size_t x_elem, const void* w,
           for (int r = 0; r < rows; ++r) {
             const int64_t n = n0 + r;
             const char* wr = wb + n * K * w_elem;
-            t.single[mr - 1](xm, K, wr, K, bits + n * words, words, gamma, sums, wr);
+            t.single[mr - 1](xm, ldx, wr, K, K, bits + n * words, words, gamma, sums, wr, nullptr, 0);
             for (int i = 0; i < mr; ++i) y[(m0 + i) * N + n] = static_cast<OT>(sums[i] + (bias ? bias[n] : 0.0f));
           }
         }
@@ -508,20 +586,29 @@ PK_TARGET_AVX512 void gate_f32_avx512(const WT* w, const uint32_t* bits, int64_t
   }
 }
 
-PK_TARGET_AVX512BF16 void gate_bf16_avx512(const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K,
-                                           int64_t words, float gamma, BFloat16* out) {
+// Gates `rows` weight rows (row stride K) into `out` (row stride ldo >= K); with ldo > K and odd K the element
+// after the row is zeroed (the column pair that straddles the end of a row in our GEMM).
+template <int Mode>
+PK_TARGET_AVX512BF16 void gate_rows_ld(const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words,
+                                       float gamma, BFloat16* out, int64_t ldo) {
   const __m512 g = _mm512_set1_ps(gamma);
   for (int64_t r = 0; r < rows; ++r) {
     const BFloat16* wr = w + r * K;
     const uint32_t* br = bits + r * words;
-    BFloat16* o = out + r * K;
+    BFloat16* o = out + r * ldo;
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32) _mm512_storeu_si512(o + k, gated32_bf16(wr + k, br[k >> 5], ~0u, g));
+    for (; k + 32 <= K; k += 32) _mm512_storeu_si512(o + k, gate32_mode<Mode>(wr + k, br[k >> 5], ~0u, g));
     if (k < K) {
       const __mmask32 valid = static_cast<__mmask32>((1ull << (K - k)) - 1u);
-      _mm512_mask_storeu_epi16(o + k, valid, gated32_bf16(wr + k, br[k >> 5], valid, g));
+      _mm512_mask_storeu_epi16(o + k, valid, gate32_mode<Mode>(wr + k, br[k >> 5], valid, g));
     }
+    if (K % 2 && ldo > K) o[K].x = 0;
   }
+}
+
+PK_TARGET_AVX512BF16 void gate_bf16_avx512(const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K,
+                                           int64_t words, float gamma, BFloat16* out) {
+  gate_rows_ld<kGateMul>(w, bits, rows, K, words, gamma, out, K);
 }
 
 template <typename WT>
@@ -566,6 +653,114 @@ void gate_rows_bf16(bool vector, const BFloat16* w, const uint32_t* bits, int64_
 #endif
   gate_bf16_portable(w, bits, rows, K, words, gamma, out);
 }
+
+#if PK_X86
+// ---- bf16 GEMM of our own (AVX512_BF16): gating fused into the only pass that prepares W ----
+// x is packed once per call into tiles of 32 rows in column-pair order; each thread gates 12 weight rows at a
+// time into scratch (natural layout) and runs the 32 x 12 tile kernel over every x tile, broadcasting one
+// gated (w[n, 2p], w[n, 2p+1]) pair per row against 32 rows' x pairs: 24 accumulators of 16 rows each.
+constexpr int kTileM = 32;
+constexpr int kTileN = 12;
+
+// x [M, K] (row stride ldx) -> xp: tile t, column pair p holds rows t*32 .. t*32+31 as dwords
+// (x[m, 2p] | x[m, 2p+1] << 16) at xp[(t * KP + p) * 32 + i]; rows beyond M and the column beyond odd K are 0.
+// Column pairs [p0, p1) only (threads packing disjoint pair ranges write disjoint cache lines).
+void pack_x_pairs(const BFloat16* x, int64_t ldx, int64_t M, int64_t K, uint32_t* xp, int64_t p0, int64_t p1) {
+  const int64_t KP = (K + 1) / 2, T = (M + kTileM - 1) / kTileM, full = std::min(p1, K / 2);
+  for (int64_t t = 0; t < T; ++t)
+    for (int i = 0; i < kTileM; ++i) {
+      const int64_t m = t * kTileM + i;
+      uint32_t* out = xp + t * KP * kTileM + i;
+      if (m >= M) {
+        for (int64_t p = p0; p < p1; ++p) out[p * kTileM] = 0;
+        continue;
+      }
+      const uint16_t* row = reinterpret_cast<const uint16_t*>(x + m * ldx);
+      for (int64_t p = p0; p < full; ++p) {
+        uint32_t v;
+        std::memcpy(&v, row + 2 * p, 4);
+        out[p * kTileM] = v;
+      }
+      if (K % 2 && p1 == KP) out[(KP - 1) * kTileM] = row[K - 1];
+    }
+}
+
+// One tile: rows 32t .. 32t+31 of x against NR gated rows (row stride ldg dwords). Writes
+// stage[r * 32 + i] = bf16(sum_p x pair p of row 32t + i . w[r] pair p + bias[r]). Meanwhile prefetches the first
+// pf_lines cache lines from pf into L2 (the weight rows the thread gates next), one per column pair.
+template <int NR>
+PK_TARGET_AVX512BF16 void tile_bf16(const uint32_t* xp, const uint32_t* wg, int64_t ldg, int64_t KP, const float* bias,
+                                    uint16_t* stage, const char* pf, int64_t pf_lines) {
+  __m512 acc[NR][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < KP; ++p) {
+    if (p < pf_lines) _mm_prefetch(pf + p * 64, _MM_HINT_T1);
+    const __m512i x0 = _mm512_loadu_si512(xp + p * kTileM), x1 = _mm512_loadu_si512(xp + p * kTileM + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const __m512i wv = _mm512_set1_epi32(static_cast<int>(wg[r * ldg + p]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)x0, (__m512bh)wv);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)x1, (__m512bh)wv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+    const __m512 b = _mm512_set1_ps(bias ? bias[r] : 0.0f);
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_add_ps(acc[r][1], b), _mm512_add_ps(acc[r][0], b));
+    _mm512_storeu_si512(stage + r * kTileM, (__m512i)v);
+  }
+}
+
+using TileFn = void (*)(const uint32_t*, const uint32_t*, int64_t, int64_t, const float*, uint16_t*, const char*,
+                        int64_t);
+template <int... R>
+constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
+  return {&tile_bf16<R + 1>...};
+}
+
+torch::Tensor gated_linear_own_bf16(const torch::Tensor& x, const torch::Tensor& weight, const uint32_t* bits,
+                                    const float* bias, float gamma) {
+  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1), words = packed_words(K);
+  const int64_t KP = (K + 1) / 2, T = (M + kTileM - 1) / kTileM;
+  torch::Tensor xp = torch::empty({T * KP * kTileM}, x.options().dtype(torch::kInt32));
+  uint32_t* xpp = reinterpret_cast<uint32_t*>(xp.data_ptr<int32_t>());
+  const BFloat16* xb = x.data_ptr<BFloat16>();
+  run_chunks(KP, std::max<int64_t>(64, KP / (2 * at::get_num_threads())),
+             [&](int64_t p0, int64_t p1) { pack_x_pairs(xb, x.stride(0), M, K, xpp, p0, p1); });
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  BFloat16* yp = y.data_ptr<BFloat16>();
+  const BFloat16* w = weight.data_ptr<BFloat16>();
+  const int64_t ldg = unaliased_stride(KP, 4);  // dwords per gated row
+  static constexpr auto tiles = tile_table(std::make_integer_sequence<int, kTileN>{});
+  const int64_t nblocks = (N + kTileN - 1) / kTileN;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(4, nblocks / (4 * at::get_num_threads())));
+  run_chunks(nblocks, chunk, [&](int64_t b0, int64_t b1) {
+    uint32_t* wg = static_cast<uint32_t*>(thread_scratch(ScratchSlot::GatedBlock, kTileN * ldg * 4));
+    alignas(64) uint16_t stage[kTileN * kTileM];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kTileN;
+      const int rows = static_cast<int>(std::min<int64_t>(kTileN, N - n0));
+      BFloat16* wgb = reinterpret_cast<BFloat16*>(wg);
+      if (gamma == 0.0f) gate_rows_ld<kGateZero>(w + n0 * K, bits + n0 * words, rows, K, words, gamma, wgb, 2 * ldg);
+      else gate_rows_ld<kGateMul>(w + n0 * K, bits + n0 * words, rows, K, words, gamma, wgb, 2 * ldg);
+      for (int64_t t = 0; t < T; ++t) {
+        // the first tile prefetches the next block's weight rows (contiguous in W)
+        const int64_t next = std::min<int64_t>(kTileN, N - n0 - rows);
+        const int64_t lines = t == 0 && b + 1 < b1 && next > 0 ? next * K * 2 / 64 : 0;
+        tiles[rows - 1](xpp + t * KP * kTileM, wg, ldg, KP, bias ? bias + n0 : nullptr, stage,
+                        reinterpret_cast<const char*>(w + (n0 + rows) * K), lines);
+        const int mrows = static_cast<int>(std::min<int64_t>(kTileM, M - t * kTileM));
+        for (int i = 0; i < mrows; ++i) {
+          uint16_t* yr = reinterpret_cast<uint16_t*>(yp + (t * kTileM + i) * N + n0);
+          for (int r = 0; r < rows; ++r) yr[r] = stage[r * kTileM + i];
+        }
+      }
+    }
+  });
+  return y;
+}
+#endif  // PK_X86
 
 // Large M: the threads of one parallel region claim panels of W rows one at a time, gate each into
 // their own buffer and multiply it with the GEMM torch uses (inside the parallel region MKL / oneDNN
@@ -649,39 +844,51 @@ torch::Tensor gated_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
   const Isa isa = cpu_isa();
   const bool bf16_dot = dtype == torch::kBFloat16 && isa == Isa::Avx512 && bf16_dot_enabled();
 
+  torch::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->contiguous().to(torch::kFloat);
+  const float* bptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+
   if (M >= gemm_min_rows(bf16_dot)) {
+#if PK_X86
+    if (bf16_dot) return gated_linear_own_bf16(xc, wc, bits, bptr, gamma);  // packs x itself
+#endif
     // bf16 GEMM only where the CPU multiplies bf16 natively; elsewhere fp32 is faster.
     const bool bf16_gemm = dtype == torch::kBFloat16 && cpu_has_avx512bf16();
     return gated_linear_gemm(xc, wc, bits, bias, gamma, isa, bf16_gemm);
   }
 
-  torch::Tensor bias_f;
-  if (bias.has_value()) bias_f = bias->contiguous().to(torch::kFloat);
-  const float* bptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   torch::Tensor y = torch::empty({M, N}, x.options());
 
 #if PK_X86
   if (bf16_dot) {
-    static const BlockTable table = bf16dot_table();
-    run_small(table, xc.data_ptr(), 2, wc.data_ptr(), 2, bits, bptr, y.data_ptr<BFloat16>(), M, N, K, words, gamma);
+    // gamma = 0 clears the pruned lanes (one move), other gammas scale them in fp32; with several passes
+    // of x rows the first pass also stores the gated block and the later ones read it.
+    static const BlockTable mul = bf16dot_table<kGateMul>(), zero = bf16dot_table<kGateZero>();
+    static const BlockTable mul_store = bf16dot_table<kGateMul | kGateStore>();
+    static const BlockTable zero_store = bf16dot_table<kGateZero | kGateStore>();
+    static const BlockTable plain = bf16dot_table<kGateNone>();
+    const bool z = gamma == 0.0f;
+    const SmallKernels kernels{z ? &zero : &mul, z ? &zero_store : &mul_store, &plain};
+    run_small(kernels, unaliased_rows(xc), wc.data_ptr(), 2, bits, bptr, y.data_ptr<BFloat16>(), M, N, K, words,
+              gamma);
     return y;
   }
 #endif
-  const torch::Tensor xf = xc.to(torch::kFloat);  // converted once (no copy for fp32)
+  const torch::Tensor xf = unaliased_rows(xc.to(torch::kFloat));  // converted once (no copy for fp32)
   switch (dtype) {
     case torch::kFloat: {
       const BlockTable table = float_table<float>(isa);
-      run_small(table, xf.data_ptr(), 4, wc.data_ptr(), 4, bits, bptr, y.data_ptr<float>(), M, N, K, words, gamma);
+      run_small(SmallKernels{&table}, xf, wc.data_ptr(), 4, bits, bptr, y.data_ptr<float>(), M, N, K, words, gamma);
       break;
     }
     case torch::kHalf: {
       const BlockTable table = float_table<Half>(isa);
-      run_small(table, xf.data_ptr(), 4, wc.data_ptr(), 2, bits, bptr, y.data_ptr<Half>(), M, N, K, words, gamma);
+      run_small(SmallKernels{&table}, xf, wc.data_ptr(), 2, bits, bptr, y.data_ptr<Half>(), M, N, K, words, gamma);
       break;
     }
     default: {
       const BlockTable table = float_table<BFloat16>(isa);
-      run_small(table, xf.data_ptr(), 4, wc.data_ptr(), 2, bits, bptr, y.data_ptr<BFloat16>(), M, N, K, words,
+      run_small(SmallKernels{&table}, xf, wc.data_ptr(), 2, bits, bptr, y.data_ptr<BFloat16>(), M, N, K, words,
                 gamma);
     }
   }

@@ -147,9 +147,27 @@ def test_cpu_isa_fallbacks_and_paths(isa_mode, dtype, path, monkeypatch):
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_panels_and_default_threshold(dtype):
-    # Several GEMM panels (N > 128 rows) and an M large enough for the default GEMM path.
-    check("cpu", (70,), 300, 100, dtype, 0.3, True)
+    # Several GEMM panels (N > 128 rows) and an M large enough for the default GEMM path (96 rows for bf16
+    # with AVX512_BF16, 128 otherwise); below it the block kernels.
+    check("cpu", (130,), 300, 100, dtype, 0.3, True)
     check("cpu", (20,), 131, 65, dtype, 0.0, False)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gamma", [0.0, 0.3])
+def test_cpu_block_kernels_over_several_passes_of_x(dtype, gamma, monkeypatch):
+    # M above one pass of x rows (8 for the bf16 dot kernel, 6 for fp32 lanes): with bf16 the first pass
+    # gates each block of weight rows into scratch and the later passes read it. Odd K (tail lanes of the
+    # stored vectors), a row tail N % 3, and the scratch reused across calls of different K.
+    monkeypatch.setenv("PERSONA_KERNELS_GATED_LINEAR_GEMM_M", "1000000000")
+    for m, n, k in ((9, 7, 31), (16, 64, 172), (17, 11, 257), (40, 5, 64), (95, 13, 33)):
+        x, w, packed, b, mask = make_case((m,), n, k, dtype, gamma)
+        y = pk.gated_linear(x, w, packed, b, gamma, backend="cpu")
+        assert_close(y, reference(x, w, mask, b, gamma), dtype, k)
+        # every row as computed in a call of its own 8-row slice (single pass, gated in registers): same bits
+        slices = torch.cat([pk.gated_linear(x[i:i + 8], w, packed, b, gamma, backend="cpu") for i in range(0, m, 8)])
+        torch.testing.assert_close(y, slices, rtol=0, atol=0)
 
 
 @needs_cpu
@@ -168,6 +186,28 @@ def test_cpu_many_row_chunks_and_concurrent_callers(dtype):
         assert_close(y, ref, dtype, 64)
 
 
+@needs_cpu
+@pytest.mark.parametrize("gamma", [0.0, 0.3])
+def test_cpu_gemm_path_tiles_and_threads(gamma, monkeypatch):
+    # The GEMM path for every M (bf16 with AVX512_BF16: our own GEMM over 32-row tiles of x and 12-row blocks
+    # of W; otherwise gated panels + the BLAS GEMM): partial tiles in M and N, odd K (the column pair that
+    # straddles the end of a row), bias. Every output element is computed in a fixed order, so 1 and 2 torch
+    # threads give the same bits.
+    monkeypatch.setenv("PERSONA_KERNELS_GATED_LINEAR_GEMM_M", "1")
+    before = torch.get_num_threads()
+    try:
+        for m, n, k in ((1, 1, 1), (31, 12, 2), (32, 13, 33), (33, 25, 64), (70, 37, 129), (5, 100, 4096)):
+            x, w, packed, b, mask = make_case((m,), n, k, torch.bfloat16, gamma)
+            torch.set_num_threads(1)
+            y1 = pk.gated_linear(x, w, packed, b, gamma, backend="cpu")
+            assert_close(y1, reference(x, w, mask, b, gamma), torch.bfloat16, k)
+            torch.set_num_threads(2)
+            y2 = pk.gated_linear(x, w, packed, b, gamma, backend="cpu")
+            torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thread")
 def torch_threads(request):
     before = torch.get_num_threads()
@@ -183,7 +223,7 @@ def test_cpu_thread_split_boundaries(dtype, torch_threads, monkeypatch):
     # chunks: N of 1, of one chunk, of many chunks with a partial last block and a partial last panel.
     monkeypatch.setenv("PERSONA_KERNELS_GATED_LINEAR_PANEL", "16")  # many panels with a short last one
     for n in (1, 2, 5, 64, 199, 1001):
-        for m_shape in ((0,), (1,), (9,), (2, 15), (40,)):  # 40 rows: GEMM path (default threshold)
+        for m_shape in ((0,), (1,), (9,), (2, 15), (40,), (130,)):  # 130 rows: GEMM path (default threshold)
             check("cpu", m_shape, n, 67, dtype, 0.3, bias=n % 2 == 1)
     # non-contiguous x through both paths
     check("cpu", (33, 2), 199, 40, dtype, 0.0, x_transform=lambda x: x.transpose(0, 1))
