@@ -665,24 +665,63 @@ constexpr int kTileN = 12;
 // x [M, K] (row stride ldx) -> xp: tile t, column pair p holds rows t*32 .. t*32+31 as dwords
 // (x[m, 2p] | x[m, 2p+1] << 16) at xp[(t * KP + p) * 32 + i]; rows beyond M and the column beyond odd K are 0.
 // Column pairs [p0, p1) only (threads packing disjoint pair ranges write disjoint cache lines).
-void pack_x_pairs(const BFloat16* x, int64_t ldx, int64_t M, int64_t K, uint32_t* xp, int64_t p0, int64_t p1) {
+// 16 x 16 dwords: r[i] = row i (16 column pairs) -> r[c] = column pair c of rows 0..15.
+PK_TARGET_AVX512 inline void transpose16_dwords(__m512i r[16]) {
+  __m512i t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {  // u[i + j], 128-bit lane L: column 4L + j of rows i .. i+3
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), b = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512i d = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(a, c, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(b, d, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+PK_TARGET_AVX512 void pack_x_pairs(const BFloat16* x, int64_t ldx, int64_t M, int64_t K, uint32_t* xp, int64_t p0,
+                                   int64_t p1) {
   const int64_t KP = (K + 1) / 2, T = (M + kTileM - 1) / kTileM, full = std::min(p1, K / 2);
-  for (int64_t t = 0; t < T; ++t)
-    for (int i = 0; i < kTileM; ++i) {
-      const int64_t m = t * kTileM + i;
-      uint32_t* out = xp + t * KP * kTileM + i;
-      if (m >= M) {
-        for (int64_t p = p0; p < p1; ++p) out[p * kTileM] = 0;
-        continue;
+  for (int64_t t = 0; t < T; ++t) {
+    uint32_t* tile = xp + t * KP * kTileM;
+    // 16 rows x 16 column pairs at a time through a register transpose; rows past M are zero
+    for (int h = 0; h < kTileM; h += 16) {
+      const uint16_t* src[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t m = t * kTileM + h + i;
+        src[i] = m < M ? reinterpret_cast<const uint16_t*>(x + m * ldx) : nullptr;
       }
-      const uint16_t* row = reinterpret_cast<const uint16_t*>(x + m * ldx);
-      for (int64_t p = p0; p < full; ++p) {
-        uint32_t v;
-        std::memcpy(&v, row + 2 * p, 4);
-        out[p * kTileM] = v;
+      int64_t p = p0;
+      for (; p + 16 <= full; p += 16) {
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = src[i] ? _mm512_loadu_si512(src[i] + 2 * p) : _mm512_setzero_si512();
+        transpose16_dwords(r);
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c) _mm512_storeu_si512(tile + (p + c) * kTileM + h, r[c]);
       }
-      if (K % 2 && p1 == KP) out[(KP - 1) * kTileM] = row[K - 1];
+      for (; p < p1; ++p)  // the remaining pairs, and the pair that straddles an odd K
+        for (int i = 0; i < 16; ++i) {
+          uint32_t v = 0;
+          if (src[i] != nullptr && p < K / 2) std::memcpy(&v, src[i] + 2 * p, 4);
+          else if (src[i] != nullptr && 2 * p < K) v = src[i][2 * p];
+          tile[p * kTileM + h + i] = v;
+        }
     }
+  }
 }
 
 // One tile: rows 32t .. 32t+31 of x against NR gated rows (row stride ldg dwords). Writes
