@@ -41,7 +41,7 @@
 #include <immintrin.h>
 #define PK_X86 1
 #define PK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#define PK_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+#define PK_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,bmi2")))
 #define PK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
 #define PK_X86 0
@@ -263,14 +263,28 @@ PK_TARGET_AVX512BF16 inline __m512i gated32_bf16(const BFloat16* p, __mmask32 ke
 }
 
 // Gating of the bf16-dot kernel: Mul scales the pruned lanes by gamma in fp32 (any gamma), Zero clears
-// them (gamma = 0, one 16-bit zeroing move), None reads already gated weights. Store additionally writes
-// each gated vector to `st` (same layout as w), so later passes over the block can run with None.
-enum GateMode : int { kGateNone = 0, kGateMul = 1, kGateZero = 2, kGateStore = 4 };
+// them (gamma = 0, one 16-bit zeroing move), None reads already gated weights. Split scales like Mul but
+// leaves each 32-column block in "split" order, the 16 even columns then the 16 odd ones: the even / odd
+// bf16 of a dword become fp32 with one shift / one AND (no lane widening), and one conversion packs them
+// back. A dot product is the same sum in any column order, so split weights are used with x rows
+// permuted the same way (split_rows) and padded to whole blocks. Store additionally writes each gated
+// vector to `st`, so later passes over the block can run with None (| SplitLayout for split blocks).
+enum GateMode : int { kGateNone = 0, kGateMul = 1, kGateZero = 2, kGateSplit = 3, kGateStore = 4, kSplitLayout = 8 };
+
+constexpr bool split_layout(int mode) { return (mode & 3) == kGateSplit || (mode & kSplitLayout) != 0; }
 
 template <int Mode>
 PK_TARGET_AVX512BF16 inline __m512i gate32_mode(const BFloat16* p, uint32_t keep, __mmask32 valid, __m512 g) {
   if constexpr ((Mode & 3) == kGateMul) {
     return gated32_bf16(p, keep, valid, g);
+  } else if constexpr ((Mode & 3) == kGateSplit) {
+    __m512i v = load32_bf16(p, valid);
+    PK_OPAQUE(v);
+    __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    even = _mm512_mask_mul_ps(even, static_cast<__mmask16>(~_pext_u32(keep, 0x55555555u)), even, g);
+    odd = _mm512_mask_mul_ps(odd, static_cast<__mmask16>(~_pext_u32(keep, 0xAAAAAAAAu)), odd, g);
+    return (__m512i)(_mm512_cvtne2ps_pbh(odd, even));
   } else if constexpr ((Mode & 3) == kGateZero) {
     __m512i v = load32_bf16(p, valid);
     PK_OPAQUE(v);
@@ -285,20 +299,24 @@ template <int Mode, int NR, int MR, bool Full>
 PK_TARGET_AVX512BF16 inline void step_bf16dot(Acc512<NR, MR>& acc, const BFloat16* x, int64_t ldx, const BFloat16* w,
                                               int64_t ldw, int64_t K, const uint32_t* bits, int64_t words, __m512 g,
                                               const BFloat16* wp, BFloat16* st, int64_t lds, int64_t k) {
+  // Split layout: x rows and stored blocks are padded to whole 32-column blocks (zeros), read in full.
+  constexpr bool split = split_layout(Mode);
   const __mmask32 valid = Full ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
+  const __mmask32 padded = split ? ~0u : valid;
   __m512i wr[NR];
 #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r) {
-    wr[r] = gate32_mode<Mode>(w + r * ldw + k, (Mode & 3) ? bits[r * words + (k >> 5)] : 0u, valid, g);
+    wr[r] = gate32_mode<Mode>(w + r * ldw + k, (Mode & 3) ? bits[r * words + (k >> 5)] : 0u,
+                              (Mode & 3) ? valid : padded, g);
     if (Full) _mm_prefetch(reinterpret_cast<const char*>(wp + r * ldw + k), PK_PF_HINT);
     if constexpr ((Mode & kGateStore) != 0) {
-      if (Full) _mm512_storeu_si512(st + r * lds + k, wr[r]);
+      if (Full || split) _mm512_storeu_si512(st + r * lds + k, wr[r]);
       else _mm512_mask_storeu_epi16(st + r * lds + k, valid, wr[r]);
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    const __m512i xi = load32_bf16(x + i * ldx + k, valid);
+    const __m512i xi = load32_bf16(x + i * ldx + k, padded);
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) acc.v[r][i] = _mm512_dpbf16_ps(acc.v[r][i], (__m512bh)(wr[r]), (__m512bh)(xi));
   }
@@ -470,6 +488,7 @@ struct SmallKernels {
   const BlockTable* gate;
   const BlockTable* store = nullptr;
   const BlockTable* plain = nullptr;
+  int64_t block = 1;  // stored rows are padded to a multiple of this many columns (32 for the split layout)
 };
 
 // Row strides that are a multiple of 2 KiB put column k of every row in one or two sets of a 32 KiB 8-way L1
@@ -487,6 +506,29 @@ torch::Tensor unaliased_rows(const torch::Tensor& x) {
   return rows;
 }
 
+#if PK_X86
+// The split order of a 32-column block (see GateMode): lane j holds column 2j (j < 16) or 2(j - 16) + 1.
+PK_TARGET_AVX512 inline __m512i split_block(__m512i v) {
+  alignas(64) static const uint16_t order[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                                 1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(order), v);
+}
+
+// bf16 x (contiguous [M, K]) -> its rows in split order, zero-padded to whole 32-column blocks; [M, stride].
+PK_TARGET_AVX512 torch::Tensor split_rows(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), ld = unaliased_stride((K + 31) / 32 * 32, 2);
+  torch::Tensor out = torch::empty({M, ld}, x.options());
+  const BFloat16* src = x.data_ptr<BFloat16>();
+  BFloat16* dst = out.data_ptr<BFloat16>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 valid = K - k >= 32 ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
+      _mm512_storeu_si512(dst + m * ld + k, split_block(_mm512_maskz_loadu_epi16(valid, src + m * K + k)));
+    }
+  return out;
+}
+#endif
+
 // Runs the block kernels over all of y. x: [M, K] rows of the type the tables expect, row stride x.stride(0).
 template <typename OT>
 void run_small(const SmallKernels& kernels, const torch::Tensor& x, const void* w, size_t w_elem,
@@ -499,7 +541,8 @@ void run_small(const SmallKernels& kernels, const torch::Tensor& x, const void* 
   const int64_t ldx = x.stride(0), x_row = ldx * static_cast<int64_t>(x.element_size());
   const char* wb = static_cast<const char*>(w);
   const bool once = kernels.store != nullptr && kernels.plain != nullptr && M > t.mr_max;
-  const int64_t lds = unaliased_stride(K, static_cast<int64_t>(w_elem));  // row stride of a stored block
+  const int64_t padded_k = (K + kernels.block - 1) / kernels.block * kernels.block;
+  const int64_t lds = unaliased_stride(padded_k, static_cast<int64_t>(w_elem));  // row stride of a stored block
   // About 64 weight rows per chunk, fewer when there is little work.
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64 / nr, nblocks / (4 * at::get_num_threads())));
   run_chunks(nblocks, chunk, [&](int64_t b0, int64_t b1) {
@@ -586,12 +629,13 @@ PK_TARGET_AVX512 void gate_f32_avx512(const WT* w, const uint32_t* bits, int64_t
   }
 }
 
-// Gates `rows` weight rows (row stride K) into `out` (row stride ldo >= K); with ldo > K and odd K the element
-// after the row is zeroed (the column pair that straddles the end of a row in our GEMM).
+// Gates `rows` weight rows (row stride K) into `out` (row stride ldo >= K). With ldo >= K rounded up to 32 the
+// last block is written whole (zeros past K), as our GEMM reads it; Split needs that.
 template <int Mode>
 PK_TARGET_AVX512BF16 void gate_rows_ld(const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words,
                                        float gamma, BFloat16* out, int64_t ldo) {
   const __m512 g = _mm512_set1_ps(gamma);
+  const bool whole = ldo >= (K + 31) / 32 * 32;
   for (int64_t r = 0; r < rows; ++r) {
     const BFloat16* wr = w + r * K;
     const uint32_t* br = bits + r * words;
@@ -600,9 +644,10 @@ PK_TARGET_AVX512BF16 void gate_rows_ld(const BFloat16* w, const uint32_t* bits, 
     for (; k + 32 <= K; k += 32) _mm512_storeu_si512(o + k, gate32_mode<Mode>(wr + k, br[k >> 5], ~0u, g));
     if (k < K) {
       const __mmask32 valid = static_cast<__mmask32>((1ull << (K - k)) - 1u);
-      _mm512_mask_storeu_epi16(o + k, valid, gate32_mode<Mode>(wr + k, br[k >> 5], valid, g));
+      const __m512i v = gate32_mode<Mode>(wr + k, br[k >> 5], valid, g);
+      if (whole) _mm512_storeu_si512(o + k, v);
+      else _mm512_mask_storeu_epi16(o + k, valid, v);
     }
-    if (K % 2 && ldo > K) o[K].x = 0;
   }
 }
 
@@ -662,9 +707,10 @@ void gate_rows_bf16(bool vector, const BFloat16* w, const uint32_t* bits, int64_
 constexpr int kTileM = 32;
 constexpr int kTileN = 12;
 
-// x [M, K] (row stride ldx) -> xp: tile t, column pair p holds rows t*32 .. t*32+31 as dwords
-// (x[m, 2p] | x[m, 2p+1] << 16) at xp[(t * KP + p) * 32 + i]; rows beyond M and the column beyond odd K are 0.
-// Column pairs [p0, p1) only (threads packing disjoint pair ranges write disjoint cache lines).
+// x [M, K] (row stride ldx) -> xp: tile t, column pair p (of KB = K rounded up to 32, halved) holds rows
+// t*32 .. t*32+31 as dwords (x[m, 2p] | x[m, 2p+1] << 16) at xp[(t * KB + p) * 32 + i], each 32-column block in
+// split order when `split` (see GateMode); rows beyond M and columns beyond K are 0. Column pairs [p0, p1), both
+// multiples of 16 (threads packing disjoint pair ranges write disjoint cache lines).
 // 16 x 16 dwords: r[i] = row i (16 column pairs) -> r[c] = column pair c of rows 0..15.
 PK_TARGET_AVX512 inline void transpose16_dwords(__m512i r[16]) {
   __m512i t[16], u[16];
@@ -693,33 +739,29 @@ PK_TARGET_AVX512 inline void transpose16_dwords(__m512i r[16]) {
 }
 
 PK_TARGET_AVX512 void pack_x_pairs(const BFloat16* x, int64_t ldx, int64_t M, int64_t K, uint32_t* xp, int64_t p0,
-                                   int64_t p1) {
-  const int64_t KP = (K + 1) / 2, T = (M + kTileM - 1) / kTileM, full = std::min(p1, K / 2);
+                                   int64_t p1, bool split) {
+  const int64_t KB = (K + 31) / 32 * 16, T = (M + kTileM - 1) / kTileM;
   for (int64_t t = 0; t < T; ++t) {
-    uint32_t* tile = xp + t * KP * kTileM;
-    // 16 rows x 16 column pairs at a time through a register transpose; rows past M are zero
+    uint32_t* tile = xp + t * KB * kTileM;
+    // 16 rows x 16 column pairs (one 32-column block) at a time through a register transpose
     for (int h = 0; h < kTileM; h += 16) {
-      const uint16_t* src[16];
+      const BFloat16* src[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t m = t * kTileM + h + i;
-        src[i] = m < M ? reinterpret_cast<const uint16_t*>(x + m * ldx) : nullptr;
+        src[i] = m < M ? x + m * ldx : nullptr;
       }
-      int64_t p = p0;
-      for (; p + 16 <= full; p += 16) {
+      for (int64_t p = p0; p < p1; p += 16) {
+        const __mmask32 valid = K - 2 * p >= 32 ? ~0u : static_cast<__mmask32>((1ull << (K - 2 * p)) - 1u);
         __m512i r[16];
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) r[i] = src[i] ? _mm512_loadu_si512(src[i] + 2 * p) : _mm512_setzero_si512();
+        for (int i = 0; i < 16; ++i) {
+          r[i] = src[i] ? _mm512_maskz_loadu_epi16(valid, src[i] + 2 * p) : _mm512_setzero_si512();
+          if (split) r[i] = split_block(r[i]);
+        }
         transpose16_dwords(r);
 #pragma GCC unroll 16
         for (int c = 0; c < 16; ++c) _mm512_storeu_si512(tile + (p + c) * kTileM + h, r[c]);
       }
-      for (; p < p1; ++p)  // the remaining pairs, and the pair that straddles an odd K
-        for (int i = 0; i < 16; ++i) {
-          uint32_t v = 0;
-          if (src[i] != nullptr && p < K / 2) std::memcpy(&v, src[i] + 2 * p, 4);
-          else if (src[i] != nullptr && 2 * p < K) v = src[i][2 * p];
-          tile[p * kTileM + h + i] = v;
-        }
     }
   }
 }
@@ -761,16 +803,17 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 torch::Tensor gated_linear_own_bf16(const torch::Tensor& x, const torch::Tensor& weight, const uint32_t* bits,
                                     const float* bias, float gamma) {
   const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1), words = packed_words(K);
-  const int64_t KP = (K + 1) / 2, T = (M + kTileM - 1) / kTileM;
-  torch::Tensor xp = torch::empty({T * KP * kTileM}, x.options().dtype(torch::kInt32));
+  const int64_t KB = (K + 31) / 32 * 16, T = (M + kTileM - 1) / kTileM;  // column pairs, whole blocks
+  const bool split = gamma != 0.0f;  // gamma = 0: zeroing move, natural order; else split order (see GateMode)
+  torch::Tensor xp = torch::empty({T * KB * kTileM}, x.options().dtype(torch::kInt32));
   uint32_t* xpp = reinterpret_cast<uint32_t*>(xp.data_ptr<int32_t>());
   const BFloat16* xb = x.data_ptr<BFloat16>();
-  run_chunks(KP, std::max<int64_t>(64, KP / (2 * at::get_num_threads())),
-             [&](int64_t p0, int64_t p1) { pack_x_pairs(xb, x.stride(0), M, K, xpp, p0, p1); });
+  run_chunks(KB, std::max<int64_t>(64, KB / (2 * at::get_num_threads())) / 16 * 16,
+             [&](int64_t p0, int64_t p1) { pack_x_pairs(xb, x.stride(0), M, K, xpp, p0, p1, split); });
   torch::Tensor y = torch::empty({M, N}, x.options());
   BFloat16* yp = y.data_ptr<BFloat16>();
   const BFloat16* w = weight.data_ptr<BFloat16>();
-  const int64_t ldg = unaliased_stride(KP, 4);  // dwords per gated row
+  const int64_t ldg = unaliased_stride(KB, 4);  // dwords per gated row
   static constexpr auto tiles = tile_table(std::make_integer_sequence<int, kTileN>{});
   const int64_t nblocks = (N + kTileN - 1) / kTileN;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(4, nblocks / (4 * at::get_num_threads())));
@@ -781,13 +824,13 @@ torch::Tensor gated_linear_own_bf16(const torch::Tensor& x, const torch::Tensor&
       const int64_t n0 = b * kTileN;
       const int rows = static_cast<int>(std::min<int64_t>(kTileN, N - n0));
       BFloat16* wgb = reinterpret_cast<BFloat16*>(wg);
-      if (gamma == 0.0f) gate_rows_ld<kGateZero>(w + n0 * K, bits + n0 * words, rows, K, words, gamma, wgb, 2 * ldg);
-      else gate_rows_ld<kGateMul>(w + n0 * K, bits + n0 * words, rows, K, words, gamma, wgb, 2 * ldg);
+      if (split) gate_rows_ld<kGateSplit>(w + n0 * K, bits + n0 * words, rows, K, words, gamma, wgb, 2 * ldg);
+      else gate_rows_ld<kGateZero>(w + n0 * K, bits + n0 * words, rows, K, words, gamma, wgb, 2 * ldg);
       for (int64_t t = 0; t < T; ++t) {
         // the first tile prefetches the next block's weight rows (contiguous in W)
         const int64_t next = std::min<int64_t>(kTileN, N - n0 - rows);
         const int64_t lines = t == 0 && b + 1 < b1 && next > 0 ? next * K * 2 / 64 : 0;
-        tiles[rows - 1](xpp + t * KP * kTileM, wg, ldg, KP, bias ? bias + n0 : nullptr, stage,
+        tiles[rows - 1](xpp + t * KB * kTileM, wg, ldg, KB, bias ? bias + n0 : nullptr, stage,
                         reinterpret_cast<const char*>(w + (n0 + rows) * K), lines);
         const int mrows = static_cast<int>(std::min<int64_t>(kTileM, M - t * kTileM));
         for (int i = 0; i < mrows; ++i) {
@@ -900,16 +943,20 @@ torch::Tensor gated_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
 
 #if PK_X86
   if (bf16_dot) {
-    // gamma = 0 clears the pruned lanes (one move), other gammas scale them in fp32; with several passes
-    // of x rows the first pass also stores the gated block and the later ones read it.
-    static const BlockTable mul = bf16dot_table<kGateMul>(), zero = bf16dot_table<kGateZero>();
-    static const BlockTable mul_store = bf16dot_table<kGateMul | kGateStore>();
-    static const BlockTable zero_store = bf16dot_table<kGateZero | kGateStore>();
+    // gamma = 0 clears the pruned lanes (one move), other gammas scale them in fp32 in the split column
+    // order (x permuted to match); with several passes of x rows the first pass also stores the gated
+    // block and the later ones read it.
+    static const BlockTable zero = bf16dot_table<kGateZero>(), zero_store = bf16dot_table<kGateZero | kGateStore>();
     static const BlockTable plain = bf16dot_table<kGateNone>();
-    const bool z = gamma == 0.0f;
-    const SmallKernels kernels{z ? &zero : &mul, z ? &zero_store : &mul_store, &plain};
-    run_small(kernels, unaliased_rows(xc), wc.data_ptr(), 2, bits, bptr, y.data_ptr<BFloat16>(), M, N, K, words,
-              gamma);
+    static const BlockTable split = bf16dot_table<kGateSplit>(), split_store = bf16dot_table<kGateSplit | kGateStore>();
+    static const BlockTable split_plain = bf16dot_table<kGateNone | kSplitLayout>();
+    if (gamma == 0.0f) {
+      run_small(SmallKernels{&zero, &zero_store, &plain}, unaliased_rows(xc), wc.data_ptr(), 2, bits, bptr,
+                y.data_ptr<BFloat16>(), M, N, K, words, gamma);
+    } else {
+      run_small(SmallKernels{&split, &split_store, &split_plain, 32}, split_rows(xc), wc.data_ptr(), 2, bits, bptr,
+                y.data_ptr<BFloat16>(), M, N, K, words, gamma);
+    }
     return y;
   }
 #endif
