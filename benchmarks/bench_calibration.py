@@ -99,7 +99,11 @@ def paired_overhead(model: nn.Module, batches: dict[str, list[dict]], repeats: i
     by a ``StatsRecorder(stop_early=False)`` (the same work plus the statistics; installing and removing the
     recorder is timed too) run back to back, ``repeats`` times in alternating order (``time_interleaved``).
     Adjacent pairs see the same machine state, so drifts of a shared host that hit whole-mode timings seconds
-    apart cancel. Returns the geometric-mean ratio - 1 with a bootstrap 95 % interval over all pairs."""
+    apart cancel. Returns the geometric-mean ratio - 1 with a bootstrap 95 % interval over all pairs.
+
+    A third mode in the same rotation records with the recorded Linears' GEMM forced back to the one torch
+    calls (``PERSONA_KERNELS_CPU_OWN_GEMM=0``): ``aten_gemm`` is its overhead over plain, the cost of the
+    statistics alone, without the fp32 GEMM of our own (csrc/linear_fp32_cpu.cpp) the recorder runs."""
     import math
 
     from persona_kernels.bench.timing import clock_for_threads
@@ -117,16 +121,27 @@ def paired_overhead(model: nn.Module, batches: dict[str, list[dict]], repeats: i
         with torch.no_grad(), rec:
             rec.run(b)
 
-    log_rec, log_plain = [], []
+    def recorded_aten_gemm(b: dict) -> None:
+        os.environ["PERSONA_KERNELS_CPU_OWN_GEMM"] = "0"  # read by the C++ op at every call
+        try:
+            recorded(b)
+        finally:
+            del os.environ["PERSONA_KERNELS_CPU_OWN_GEMM"]
+
+    logs: dict[str, list[float]] = {"plain": [], "recorded": [], "aten_gemm": []}
     for bl in batches.values():
         for b in bl:
-            t = time_interleaved({"plain": lambda b=b: plain(b), "recorded": lambda b=b: recorded(b)}, repeats,
-                                 warmup=1, clock=clock)
-            log_rec += [math.log(v) for v in t["recorded"].samples]
-            log_plain += [math.log(v) for v in t["plain"].samples]
-    est = paired_difference(log_rec, log_plain)
-    return {"overhead": math.exp(est.mean) - 1, "low": math.exp(est.low) - 1, "high": math.exp(est.high) - 1,
-            "pairs": est.n, "clock": clock}
+            t = time_interleaved({"plain": lambda b=b: plain(b), "recorded": lambda b=b: recorded(b),
+                                  "aten_gemm": lambda b=b: recorded_aten_gemm(b)}, repeats, warmup=1, clock=clock)
+            for mode, samples in logs.items():
+                samples += [math.log(v) for v in t[mode].samples]
+
+    def over_plain(mode: str) -> dict[str, Any]:
+        est = paired_difference(logs[mode], logs["plain"])
+        return {"overhead": math.exp(est.mean) - 1, "low": math.exp(est.low) - 1, "high": math.exp(est.high) - 1,
+                "pairs": est.n, "clock": clock}
+
+    return {**over_plain("recorded"), "aten_gemm": over_plain("aten_gemm")}
 
 
 def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[int]]], pad_id: int,
@@ -177,9 +192,11 @@ def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[i
         overhead, speedup = ratios(cpu, bs)
         wall_overhead, wall_speedup = ratios(wall, bs)
         paired = paired_overhead(model, batches[bs], overhead_repeats)
+        aten = paired["aten_gemm"]
         print(f"  [{label}] batch {bs}: paired statistics overhead {100 * paired['overhead']:+.1f} % "
-              f"[{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}] ({paired['pairs']} pairs, "
-              f"{paired['clock']} clock)", flush=True)
+              f"[{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}], with torch's GEMM "
+              f"{100 * aten['overhead']:+.1f} % [{100 * aten['low']:+.1f}, {100 * aten['high']:+.1f}] "
+              f"({paired['pairs']} pairs, {paired['clock']} clock)", flush=True)
         keys = {"plain": f"plain@{bs}", "whole": f"whole@{bs}", "stats": f"stats@{bs}", "singles": "singles",
                 "hooks": "hooks"}
         rows.append({
@@ -211,10 +228,12 @@ def bench_model(label: str, model: nn.Module, token_lists: dict[str, list[list[i
 
 
 def per_call_breakdown(hidden: int = 576, inter: int = 1536, tokens: int = 256, repeats: int = 30) -> list[dict]:
-    """CPU microseconds per call at SmolLM2's recording shapes: F.linear, the raw fused kernel, and the full
-    ``linear_with_stats`` (argument checks, custom-op dispatch and the float64 merge into ActivationStats)."""
+    """CPU microseconds per call at SmolLM2's recording shapes: F.linear, our fp32 GEMM alone, the raw fused
+    kernel (statistics pass, then our GEMM), and the full ``linear_with_stats`` (argument checks, custom-op
+    dispatch and the float64 merge into ActivationStats)."""
     import torch.nn.functional as F
 
+    from persona_kernels import _extension
     from persona_kernels.dispatch import get_kernel
     from persona_kernels.ops.welford import linear_with_stats
     from persona_kernels.stats import ActivationStats
@@ -230,6 +249,7 @@ def per_call_breakdown(hidden: int = 576, inter: int = 1536, tokens: int = 256, 
         x2, m2 = x.reshape(-1, k), mask.reshape(-1)
         fns = {
             "F.linear": lambda: F.linear(x, w),
+            "our GEMM": lambda: _extension.ops().linear_fp32_cpu(x2, w, None),
             "fused kernel": lambda: kernel(x2, w, None, m2, seq),
             "linear_with_stats": lambda: linear_with_stats(x, w, None, st, mask),
         }
@@ -262,12 +282,16 @@ def _markdown(report: dict[str, Any]) -> str:
         "(installing and removing the recorder included) back to back, in alternating order; it is the geometric "
         "mean of the pair ratios - 1 with a bootstrap 95 % interval (process CPU time on 1 thread, wall clock on "
         "more). (b')/(a) - 1 compares whole runs timed seconds apart and moves by several percent with the load "
-        "of the shared host.",
+        "of the shared host. The recorded Linears (fp32, AVX-512) run an fp32 GEMM of our own "
+        "(csrc/linear_fp32_cpu.cpp) inside the statistics pass's parallel region, where plain forwards run "
+        "torch's (MKL); *the same with torch's GEMM* is a third mode of the same pairs, recording with "
+        "`PERSONA_KERNELS_CPU_OWN_GEMM=0`: the cost of the statistics alone.",
         "",
     ]
     header = ["model", "params", "threads", "batch", "tokens (padded)", "(a) plain s", "(b') whole s", "(b) stats s",
               "(c) hooks s", "(d) singles s", "(b')/(a) - 1", "statistics overhead, paired [95 % CI] (<= 3 %)",
-              "hooks / stats (c)/(b) (>= 3x)", "(d)/(a)", "wall: (b')/(a) - 1, hooks / stats"]
+              "the same with torch's GEMM", "hooks / stats (c)/(b) (>= 3x)", "(d)/(a)",
+              "wall: (b')/(a) - 1, hooks / stats"]
     rows = []
     for r in report["results"]:
         m, p = r["median_cpu_s"], r["stats_overhead_paired"]
@@ -278,18 +302,24 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{100 * r['stats_overhead_whole_mode']:+.1f} %",
             f"{100 * p['overhead']:+.1f} % [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}], {p['clock']} "
             f"{'ok' if r['overhead_target_met'] else 'MISSED'}",
+            (f"{100 * a['overhead']:+.1f} % [{100 * a['low']:+.1f}, {100 * a['high']:+.1f}]"
+             if (a := p.get("aten_gemm")) else "-"),
             f"{r['hooks_over_stats']:.2f}x {'ok' if r['speedup_target_met'] else 'MISSED'}",
             f"{r['singles_over_plain']:.2f}x",
             f"{100 * r['stats_overhead_wall']:+.1f} %, {r['hooks_over_stats_wall']:.2f}x",
         ])
     lines += markdown_table(header, rows)
     if report.get("per_call_us"):
-        lines += ["", "Where (b)'s overhead comes from, per call at SmolLM2's recording shapes (CPU microseconds, "
-                  "1 thread, mean of the faster half of 30 calls); `linear_with_stats` adds the argument checks, the "
-                  "custom-op dispatch and the float64 merge into ActivationStats to the fused kernel:", ""]
+        lines += ["", "Where (b)'s time goes, per call at SmolLM2's recording shapes (CPU microseconds, 1 thread, "
+                  "mean of the faster half of 30 calls): torch's GEMM, ours alone, the fused kernel (statistics "
+                  "pass, then our GEMM); `linear_with_stats` adds the argument checks, the custom-op dispatch and "
+                  "the float64 merge into ActivationStats to the fused kernel:", ""]
         lines += markdown_table(
-            ["x @ W^T", "F.linear", "fused kernel", "linear_with_stats", "kernel over F.linear", "rest per call"],
-            [[row["shape"], f"{row['F.linear']:.0f}", f"{row['fused kernel']:.0f}", f"{row['linear_with_stats']:.0f}",
+            ["x @ W^T", "F.linear", "our GEMM", "fused kernel", "linear_with_stats", "our GEMM / F.linear",
+             "kernel over our GEMM", "kernel over F.linear", "rest per call"],
+            [[row["shape"], f"{row['F.linear']:.0f}", f"{row['our GEMM']:.0f}", f"{row['fused kernel']:.0f}",
+              f"{row['linear_with_stats']:.0f}", f"{row['our GEMM'] / row['F.linear']:.2f}x",
+              f"{100 * (row['fused kernel'] / row['our GEMM'] - 1):+.1f} %",
               f"{100 * (row['fused kernel'] / row['F.linear'] - 1):+.1f} %",
               f"{row['linear_with_stats'] - row['fused kernel']:.0f} us"] for row in report["per_call_us"]])
     lines += [

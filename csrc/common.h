@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #define PK_CHECK_ARG(cond, name, ...) TORCH_CHECK(cond, "persona_kernels: argument '", name, "': ", __VA_ARGS__)
 
@@ -16,6 +17,10 @@ namespace persona_kernels {
 
 // Number of int32 words per row of a packed mask with `k` input features.
 inline int64_t packed_words(int64_t k) { return (k + 31) / 32; }
+
+// A row stride (in elements of `elem` bytes) for K-element rows that is not a multiple of 2 KiB: such strides put
+// column k of every row in one or two sets of a 32 KiB 8-way L1 cache, so rows read together evict each other.
+inline int64_t unaliased_stride(int64_t K, int64_t elem) { return (K * elem) % 2048 == 0 ? K + 64 / elem : K; }
 
 // Runtime CPU feature checks (GCC/Clang builtins; false on other compilers/architectures).
 inline bool cpu_has_avx2_fma() {
@@ -41,8 +46,37 @@ Isa cpu_isa();
 
 // `bytes` bytes of 64-byte aligned memory owned by the calling thread, one buffer per slot, reused by the
 // thread's later calls (a forward's kernel calls then allocate no scratch). module.cpp.
-enum class ScratchSlot { GatedPanel = 0, WelfordChunks = 1, BatchPartials = 2, MergeNorms = 3, GatedBlock = 4, Count = 5 };
+enum class ScratchSlot {
+  GatedPanel = 0,
+  WelfordChunks = 1,
+  BatchPartials = 2,
+  MergeNorms = 3,
+  GatedBlock = 4,
+  GemmPack = 5,
+  Count = 6
+};
 void* thread_scratch(ScratchSlot slot, size_t bytes);
+
+// linear_fp32_cpu.cpp. fp32 y = x W^T + b with a GEMM of our own (AVX-512): whether it applies to these
+// arguments (fp32, >= 32 rows, AVX-512 not capped, PERSONA_KERNELS_CPU_OWN_GEMM != 0), rows [m0, m1) of y on
+// the calling thread, the row range of task `task` of `ntasks`, and all rows over the thread pool.
+// x: row stride ldx; w: contiguous [N, K]; y: contiguous [M, N]; bias: nullptr or N floats.
+struct LinearFp32Args {
+  const float* x;
+  int64_t ldx;
+  const float* w;
+  const float* bias;
+  float* y;
+  int64_t M, N, K;
+};
+bool linear_fp32_own_applies(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+void linear_fp32_rows(const float* x, int64_t ldx, const float* w, int64_t N, int64_t K, const float* bias, float* y,
+                      int64_t m0, int64_t m1);
+std::pair<int64_t, int64_t> linear_fp32_task_rows(int64_t M, int64_t task, int64_t ntasks);
+void linear_fp32_parallel(const LinearFp32Args& a);
+// x, weight, bias contiguous fp32, y [M, N].
+LinearFp32Args linear_fp32_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                at::Tensor& y);
 
 // welford_cpu.cpp. Per-channel batch partials of a contiguous 2-D CPU x [R, K], written into caller-owned
 // buffers: count[K], mean/m2/abs_mean/abs_m2[K] and seq_sumsq[R / seq_len, K] (seq_len > 0); every entry
@@ -58,11 +92,24 @@ struct ChannelHook {
   void (*fn)(void* ctx, int64_t j0, int64_t j1);
   void* ctx;
 };
-void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out,
-                           const ChannelHook* then = nullptr);
-// The argument checks of linear_with_stats_cpu (x, weight, row_mask, seq_len), with its messages.
+// `also`: nullptr, or work to run in the pass's parallel region after the statistics: when the pass runs as one
+// task per thread of the pool, each task then calls also->fn(also->ctx, task, ntasks) and the function returns
+// true; otherwise nothing calls it and the function returns false (the caller then does that work itself).
+struct TaskHook {
+  void (*fn)(void* ctx, int64_t task, int64_t ntasks);
+  void* ctx;
+};
+bool welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out,
+                           const ChannelHook* then = nullptr, const TaskHook* also = nullptr);
+// The argument checks of linear_with_stats_cpu (x, weight, bias, row_mask, seq_len), with its messages.
 void check_linear_with_stats_args(const at::Tensor& x, const at::Tensor& weight,
-                                  const c10::optional<at::Tensor>& row_mask, int64_t seq_len);
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& row_mask,
+                                  int64_t seq_len);
+// The statistics pass of contiguous x into `out` (with `then`, see welford_partials_into) and y = x W^T + b, for
+// arguments that passed check_linear_with_stats_args: with the fp32 GEMM of linear_fp32_cpu.cpp inside the
+// pass's parallel region where it applies, else at::linear after the pass.
+at::Tensor stats_then_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             const bool* mask, int64_t seq_len, const PartialsView& out, const ChannelHook* then);
 
 // welford_merge_cpu.cpp. linear_with_stats_cpu then the in-place merge into the running state (n, mean, m2,
 // nonfinite), in one call: the op linear_stats_merge_cpu_, also bound directly in the Python module

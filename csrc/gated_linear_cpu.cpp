@@ -48,6 +48,7 @@
 #endif
 
 #include "common.h"
+#include "transpose_avx512.h"
 
 namespace persona_kernels {
 namespace {
@@ -491,11 +492,9 @@ struct SmallKernels {
   int64_t block = 1;  // stored rows are padded to a multiple of this many columns (32 for the split layout)
 };
 
-// Row strides that are a multiple of 2 KiB put column k of every row in one or two sets of a 32 KiB 8-way L1
-// cache, so the 8 rows of x and the 3 weight rows a block kernel reads at once evict each other: M = 16 on a
-// cache-resident 1024x4096 bf16 weight ran 1.3-1.8x of F.linear in some processes and 0.9-1.0x in others,
-// depending on where x landed. Such x is copied to rows 64 bytes longer, and gated blocks are stored so.
-inline int64_t unaliased_stride(int64_t K, int64_t elem) { return (K * elem) % 2048 == 0 ? K + 64 / elem : K; }
+// Row strides that are a multiple of 2 KiB (see unaliased_stride in common.h): M = 16 on a cache-resident
+// 1024x4096 bf16 weight ran 1.3-1.8x of F.linear in some processes and 0.9-1.0x in others, depending on where
+// x landed. Such x is copied to rows 64 bytes longer, and gated blocks are stored so.
 
 // x (contiguous [M, K]) itself, or a copy with unaliased row stride when several rows are read at once.
 torch::Tensor unaliased_rows(const torch::Tensor& x) {
@@ -711,33 +710,6 @@ constexpr int kTileN = 12;
 // t*32 .. t*32+31 as dwords (x[m, 2p] | x[m, 2p+1] << 16) at xp[(t * KB + p) * 32 + i], each 32-column block in
 // split order when `split` (see GateMode); rows beyond M and columns beyond K are 0. Column pairs [p0, p1), both
 // multiples of 16 (threads packing disjoint pair ranges write disjoint cache lines).
-// 16 x 16 dwords: r[i] = row i (16 column pairs) -> r[c] = column pair c of rows 0..15.
-PK_TARGET_AVX512 inline void transpose16_dwords(__m512i r[16]) {
-  __m512i t[16], u[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {  // u[i + j], 128-bit lane L: column 4L + j of rows i .. i+3
-    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-#pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j) {
-    const __m512i a = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), b = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
-    const __m512i c = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
-    const __m512i d = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
-    r[j] = _mm512_shuffle_i32x4(a, c, 0x88);
-    r[4 + j] = _mm512_shuffle_i32x4(a, c, 0xDD);
-    r[8 + j] = _mm512_shuffle_i32x4(b, d, 0x88);
-    r[12 + j] = _mm512_shuffle_i32x4(b, d, 0xDD);
-  }
-}
-
 PK_TARGET_AVX512 void pack_x_pairs(const BFloat16* x, int64_t ldx, int64_t M, int64_t K, uint32_t* xp, int64_t p0,
                                    int64_t p1, bool split) {
   const int64_t KB = (K + 31) / 32 * 16, T = (M + kTileM - 1) / kTileM;

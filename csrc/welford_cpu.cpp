@@ -474,17 +474,24 @@ void check_partials_args(const at::Tensor& x, const c10::optional<at::Tensor>& r
 }  // namespace
 
 void check_linear_with_stats_args(const at::Tensor& x, const at::Tensor& weight,
-                                  const c10::optional<at::Tensor>& row_mask, int64_t seq_len) {
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& row_mask,
+                                  int64_t seq_len) {
   check_partials_args(x, row_mask, seq_len);
   PK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1), "weight", "expected shape [N, ", x.size(1),
                "], got ", weight.sizes());
   PK_CHECK_ARG(weight.scalar_type() == x.scalar_type(), "weight", "dtype ", weight.scalar_type(),
                " does not match x's dtype ", x.scalar_type());
   PK_CHECK_ARG(weight.device().is_cpu(), "weight", "expected a CPU tensor");
+  if (bias.has_value() && bias->defined()) {
+    PK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x.scalar_type() &&
+                     bias->device().is_cpu(),
+                 "bias", "expected a CPU ", x.scalar_type(), " tensor [", weight.size(0), "], got ",
+                 bias->scalar_type(), " ", bias->sizes());
+  }
 }
 
-void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out,
-                           const ChannelHook* then) {
+bool welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out,
+                           const ChannelHook* then, const TaskHook* also) {
   const int64_t rows = x.size(0), k = x.size(1);
   if (rows == 0 || k == 0) {
     const int64_t nseq = seq_len > 0 ? rows / seq_len : 0;
@@ -492,7 +499,7 @@ void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_le
     for (float* p : {out.mean, out.m2, out.abs_mean, out.abs_m2}) std::fill(p, p + k, 0.0f);
     std::fill(out.seq_sumsq, out.seq_sumsq + nseq * k, 0.0f);
     if (then != nullptr) then->fn(then->ctx, 0, k);
-    return;
+    return false;
   }
   // the calling thread's chunk lists, reused (the pool's workers only read them through ctx)
   thread_local std::vector<Chunk> chunks;
@@ -527,7 +534,7 @@ void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_le
   const int64_t useful = std::min<int64_t>(nthreads, (rows * k + kMinElementsPerThread - 1) / kMinElementsPerThread);
   if (useful <= 1 || at::in_parallel_region()) {
     channels(0, k);
-    return;
+    return false;
   }
   if (nblocks >= useful) {
     // One task per thread-sized run of channel blocks: each thread takes ceil(nblocks / useful) blocks, so
@@ -535,10 +542,15 @@ void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_le
     // chunk merge and the hook run inside the same parallel region instead of serially after it.
     const int64_t per = (nblocks + useful - 1) / useful;
     const int64_t ntasks = (nblocks + per - 1) / per;
+    // `also` runs in the tasks only when there is one task per thread
+    const bool with_also = also != nullptr && ntasks == nthreads;
     at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) channels(t * per * kLanes, std::min(k, (t + 1) * per * kLanes));
+      for (int64_t t = t0; t < t1; ++t) {
+        channels(t * per * kLanes, std::min(k, (t + 1) * per * kLanes));
+        if (with_also) also->fn(also->ctx, t, ntasks);
+      }
     });
-    return;
+    return with_also;
   }
   // few channels, many rows: tasks over chunk x channel group, then the chunk merge over channels
   const int64_t ngroups = (k + kGroupChannels - 1) / kGroupChannels;
@@ -553,14 +565,43 @@ void welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_le
     finish_channels(ctx, out, j0, j1);
     if (then != nullptr) then->fn(then->ctx, j0, j1);
   });
+  return false;
+}
+
+at::Tensor stats_then_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             const bool* mask, int64_t seq_len, const PartialsView& out, const ChannelHook* then) {
+  // Statistics pass first, while x is still in the caches from the op that produced it, then the GEMM.
+  // Measured on a freshly produced x (as in a forward), 1 thread, SmolLM2 shapes: +1.2..3.8 % over the
+  // plain GEMM in this order vs +2.7..7.3 % in the other (the GEMM's packing evicts x).
+  if (!linear_fp32_own_applies(x, weight, bias)) {
+    welford_partials_into(x, mask, seq_len, out, then);
+    return at::linear(x, weight, bias);
+  }
+  const at::Tensor wc = weight.contiguous();
+  const c10::optional<at::Tensor> bc =
+      bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+  const LinearFp32Args args = linear_fp32_args(x, wc, bc, y);
+  // each thread computes its rows of y as soon as its channels' statistics are done
+  const TaskHook gemm{[](void* c, int64_t task, int64_t ntasks) {
+                        const auto& a = *static_cast<const LinearFp32Args*>(c);
+                        const auto [m0, m1] = linear_fp32_task_rows(a.M, task, ntasks);
+                        linear_fp32_rows(a.x, a.ldx, a.w, a.N, a.K, a.bias, a.y, m0, m1);
+                      },
+                      const_cast<LinearFp32Args*>(&args)};
+  if (!welford_partials_into(x, mask, seq_len, out, then, &gemm)) linear_fp32_parallel(args);
+  return y;
 }
 
 namespace {
 
 using Partials = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The partials as new tensors, for arguments that passed check_partials_args.
-Partials partials_tensors(const at::Tensor& x_in, const c10::optional<at::Tensor>& row_mask, int64_t seq_len) {
+// The partials as new tensors, for arguments that passed check_partials_args, written by
+// pass(x contiguous, mask or nullptr, view of the outputs).
+template <typename Pass>
+Partials partials_tensors(const at::Tensor& x_in, const c10::optional<at::Tensor>& row_mask, int64_t seq_len,
+                          const Pass& pass) {
   const at::Tensor x = x_in.contiguous();
   const at::Tensor mask = row_mask.has_value() && row_mask->defined() ? row_mask->contiguous() : at::Tensor();
   const int64_t rows = x.size(0), k = x.size(1), nseq = seq_len > 0 ? rows / seq_len : 0;
@@ -569,26 +610,28 @@ Partials partials_tensors(const at::Tensor& x_in, const c10::optional<at::Tensor
   at::Tensor mean = at::empty({k}, f32), m2 = at::empty({k}, f32);
   at::Tensor amean = at::empty({k}, f32), am2 = at::empty({k}, f32);
   at::Tensor seq = at::empty({nseq, k}, f32);
-  welford_partials_into(x, mask.defined() ? mask.data_ptr<bool>() : nullptr, seq_len,
-                        PartialsView{count.data_ptr<int64_t>(), mean.data_ptr<float>(), m2.data_ptr<float>(),
-                                     amean.data_ptr<float>(), am2.data_ptr<float>(), seq.data_ptr<float>()});
+  pass(x, mask.defined() ? mask.data_ptr<bool>() : nullptr,
+       PartialsView{count.data_ptr<int64_t>(), mean.data_ptr<float>(), m2.data_ptr<float>(), amean.data_ptr<float>(),
+                    am2.data_ptr<float>(), seq.data_ptr<float>()});
   return {count, mean, m2, amean, am2, seq};
 }
 
 Partials welford_partials_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& row_mask, int64_t seq_len) {
   check_partials_args(x, row_mask, seq_len);
-  return partials_tensors(x, row_mask, seq_len);
+  return partials_tensors(x, row_mask, seq_len, [&](const at::Tensor& xc, const bool* mask, const PartialsView& out) {
+    welford_partials_into(xc, mask, seq_len, out);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_with_stats_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& row_mask, int64_t seq_len) {
-  check_linear_with_stats_args(x, weight, row_mask, seq_len);
-  // Statistics pass first, while x is still in the caches from the op that produced it, then the GEMM.
-  // Measured on a freshly produced x (as in a forward), 1 thread, SmolLM2 shapes: +1.2..3.8 % over the
-  // plain GEMM in this order vs +2.7..7.3 % in the other (the GEMM's packing evicts x).
-  auto stats = partials_tensors(x, row_mask, seq_len);
-  at::Tensor y = at::linear(x, weight, bias);
+  check_linear_with_stats_args(x, weight, bias, row_mask, seq_len);
+  at::Tensor y;
+  auto stats = partials_tensors(x, row_mask, seq_len, [&](const at::Tensor& xc, const bool* mask,
+                                                          const PartialsView& out) {
+    y = stats_then_linear(xc, weight, bias, mask, seq_len, out, nullptr);
+  });
   return {y, std::get<0>(stats), std::get<1>(stats), std::get<2>(stats), std::get<3>(stats), std::get<4>(stats),
           std::get<5>(stats)};
 }

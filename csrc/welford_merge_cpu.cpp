@@ -285,16 +285,10 @@ at::Tensor linear_stats_merge_cpu(const at::Tensor& x_in, const at::Tensor& weig
                                   const c10::optional<at::Tensor>& bias,
                                   const c10::optional<at::Tensor>& row_mask, int64_t seq_len, at::Tensor n,
                                   at::Tensor mean, at::Tensor m2, at::Tensor nonfinite) {
-  check_linear_with_stats_args(x_in, weight, row_mask, seq_len);
+  // the state is merged before the GEMM runs, so everything the GEMM could reject is checked first
+  check_linear_with_stats_args(x_in, weight, bias, row_mask, seq_len);
   const int64_t rows = x_in.size(0), k = x_in.size(1), nseq = seq_len > 0 ? rows / seq_len : 0;
   check_state(n, mean, m2, nonfinite, k);
-  // the state is merged before the GEMM runs, so everything the GEMM could reject is checked first
-  if (bias.has_value() && bias->defined()) {
-    PK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x_in.scalar_type() &&
-                     bias->device().is_cpu(),
-                 "bias", "expected a CPU ", x_in.scalar_type(), " tensor [", weight.size(0), "], got ",
-                 bias->scalar_type(), " ", bias->sizes());
-  }
   const at::Tensor x = x_in.contiguous();
   const at::Tensor rm = row_mask.has_value() && row_mask->defined() ? row_mask->contiguous() : at::Tensor();
   const bool* mask = rm.defined() ? rm.data_ptr<bool>() : nullptr;
@@ -316,10 +310,10 @@ at::Tensor linear_stats_merge_cpu(const at::Tensor& x_in, const at::Tensor& weig
                            merge_channels(*h->args, h->block, j0, j1);
                          },
                          &hook_ctx};
-  welford_partials_into(x, mask, seq_len, PartialsView{cnt, b, b + k, b + 2 * k, b + 3 * k, b + 4 * k}, &hook);
+  at::Tensor y = stats_then_linear(x, weight, bias, mask, seq_len,
+                                   PartialsView{cnt, b, b + k, b + 2 * k, b + 3 * k, b + 4 * k}, &hook);
   add_nonfinite(nonfinite, cnt, k, rc.valid_rows);
-  // the GEMM after the pass: x is then still in the caches (see linear_with_stats_cpu)
-  return at::linear(x, weight, bias);
+  return y;
 }
 
 TORCH_LIBRARY_FRAGMENT(persona_kernels_C, m) {
