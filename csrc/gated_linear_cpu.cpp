@@ -650,11 +650,6 @@ PK_TARGET_AVX512BF16 void gate_rows_ld(const BFloat16* w, const uint32_t* bits, 
   }
 }
 
-PK_TARGET_AVX512BF16 void gate_bf16_avx512(const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K,
-                                           int64_t words, float gamma, BFloat16* out) {
-  gate_rows_ld<kGateMul>(w, bits, rows, K, words, gamma, out, K);
-}
-
 template <typename WT>
 PK_TARGET_AVX2 void gate_f32_avx2(const WT* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words,
                                   float gamma, float* out) {
@@ -693,7 +688,7 @@ void gate_rows_f32(Isa isa, const WT* w, const uint32_t* bits, int64_t rows, int
 void gate_rows_bf16(bool vector, const BFloat16* w, const uint32_t* bits, int64_t rows, int64_t K, int64_t words,
                     float gamma, BFloat16* out) {
 #if PK_X86
-  if (vector) return gate_bf16_avx512(w, bits, rows, K, words, gamma, out);
+  if (vector) return gate_rows_ld<kGateMul>(w, bits, rows, K, words, gamma, out, K);
 #endif
   gate_bf16_portable(w, bits, rows, K, words, gamma, out);
 }
