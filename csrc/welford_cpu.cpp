@@ -581,14 +581,14 @@ at::Tensor stats_then_linear(const at::Tensor& x, const at::Tensor& weight, cons
   const c10::optional<at::Tensor> bc =
       bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
-  const LinearFp32Args args = linear_fp32_args(x, wc, bc, y);
+  LinearFp32Args args = linear_fp32_args(x, wc, bc, y);
   // each thread computes its rows of y as soon as its channels' statistics are done
   const TaskHook gemm{[](void* c, int64_t task, int64_t ntasks) {
                         const auto& a = *static_cast<const LinearFp32Args*>(c);
                         const auto [m0, m1] = linear_fp32_task_rows(a.M, task, ntasks);
                         linear_fp32_rows(a.x, a.ldx, a.w, a.N, a.K, a.bias, a.y, m0, m1);
                       },
-                      const_cast<LinearFp32Args*>(&args)};
+                      &args};
   if (!welford_partials_into(x, mask, seq_len, out, then, &gemm)) linear_fp32_parallel(args);
   return y;
 }
