@@ -57,10 +57,12 @@ enum class ScratchSlot {
 };
 void* thread_scratch(ScratchSlot slot, size_t bytes);
 
-// linear_fp32_cpu.cpp. fp32 y = x W^T + b with a GEMM of our own (AVX-512): whether it applies to these
-// arguments (fp32, >= 32 rows, AVX-512 not capped, PERSONA_KERNELS_CPU_OWN_GEMM != 0), rows [m0, m1) of y on
-// the calling thread, the row range of task `task` of `ntasks`, and all rows over the thread pool.
-// x: row stride ldx; w: contiguous [N, K]; y: contiguous [M, N]; bias: nullptr or N floats.
+// linear_fp32_cpu.cpp. The weight and bias checks of a linear (weight [N, K] and an optional bias [N] on the
+// CPU, x's dtype), with messages naming the argument. fp32 y = x W^T + b with a GEMM of our own (AVX-512):
+// whether it applies to these arguments (fp32, >= 32 rows, AVX-512 not capped, PERSONA_KERNELS_CPU_OWN_GEMM
+// != 0), the rows of task `task` of `ntasks` (whole 32-row tiles) on the calling thread, and all rows over the
+// thread pool. x: row stride ldx; w: contiguous [N, K]; y: contiguous [M, N]; bias: nullptr or N floats.
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 struct LinearFp32Args {
   const float* x;
   int64_t ldx;
@@ -70,9 +72,7 @@ struct LinearFp32Args {
   int64_t M, N, K;
 };
 bool linear_fp32_own_applies(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
-void linear_fp32_rows(const float* x, int64_t ldx, const float* w, int64_t N, int64_t K, const float* bias, float* y,
-                      int64_t m0, int64_t m1);
-std::pair<int64_t, int64_t> linear_fp32_task_rows(int64_t M, int64_t task, int64_t ntasks);
+void linear_fp32_task(const LinearFp32Args& a, int64_t task, int64_t ntasks);
 void linear_fp32_parallel(const LinearFp32Args& a);
 // x, weight, bias contiguous fp32, y [M, N].
 LinearFp32Args linear_fp32_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -129,6 +129,20 @@ constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int,
 
 }  // namespace
 
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  PK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1), "weight", "expected shape [N, ", x.size(1),
+               "], got ", weight.sizes());
+  PK_CHECK_ARG(weight.scalar_type() == x.scalar_type(), "weight", "dtype ", weight.scalar_type(),
+               " does not match x's dtype ", x.scalar_type());
+  PK_CHECK_ARG(weight.device().is_cpu(), "weight", "expected a CPU tensor, got device ", weight.device());
+  if (bias.has_value() && bias->defined()) {
+    PK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x.scalar_type() &&
+                     bias->device().is_cpu(),
+                 "bias", "expected a CPU ", x.scalar_type(), " tensor [", weight.size(0), "], got ",
+                 bias->scalar_type(), " ", bias->sizes());
+  }
+}
+
 bool linear_fp32_own_applies(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
 #if PK_X86
   const char* env = std::getenv("PERSONA_KERNELS_CPU_OWN_GEMM");
@@ -144,6 +158,9 @@ bool linear_fp32_own_applies(const at::Tensor& x, const at::Tensor& weight, cons
 #endif
 }
 
+namespace {
+
+// Rows [m0, m1) of y on the calling thread. x: row stride ldx; w: contiguous [N, K]; y: contiguous [M, N].
 void linear_fp32_rows(const float* x, int64_t ldx, const float* w, int64_t N, int64_t K, const float* bias, float* y,
                       int64_t m0, int64_t m1) {
 #if PK_X86
@@ -184,24 +201,21 @@ void linear_fp32_rows(const float* x, int64_t ldx, const float* w, int64_t N, in
 #endif
 }
 
-std::pair<int64_t, int64_t> linear_fp32_task_rows(int64_t M, int64_t task, int64_t ntasks) {
-  const int64_t per = ((M + ntasks - 1) / ntasks + kTileM - 1) / kTileM * kTileM;
-  return {std::min(M, task * per), std::min(M, (task + 1) * per)};
+}  // namespace
+
+void linear_fp32_task(const LinearFp32Args& a, int64_t task, int64_t ntasks) {
+  // whole tiles per task (the last one takes what is left)
+  const int64_t per = ((a.M + ntasks - 1) / ntasks + kTileM - 1) / kTileM * kTileM;
+  linear_fp32_rows(a.x, a.ldx, a.w, a.N, a.K, a.bias, a.y, std::min(a.M, task * per), std::min(a.M, (task + 1) * per));
 }
 
 void linear_fp32_parallel(const LinearFp32Args& a) {
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
   // at least two tiles' worth of rows per thread
   const int64_t ntasks = std::max<int64_t>(1, std::min<int64_t>(nthreads, a.M / (2 * kTileM)));
-  if (ntasks == 1) {
-    linear_fp32_rows(a.x, a.ldx, a.w, a.N, a.K, a.bias, a.y, 0, a.M);
-    return;
-  }
+  if (ntasks == 1) return linear_fp32_task(a, 0, 1);
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto [m0, m1] = linear_fp32_task_rows(a.M, t, ntasks);
-      linear_fp32_rows(a.x, a.ldx, a.w, a.N, a.K, a.bias, a.y, m0, m1);
-    }
+    for (int64_t t = t0; t < t1; ++t) linear_fp32_task(a, t, ntasks);
   });
 }
 
@@ -217,16 +231,7 @@ namespace {
 // The op: y = x W^T + b with the GEMM above where it applies (fp32, AVX-512, at least 32 rows), else at::linear.
 at::Tensor linear_fp32_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   PK_CHECK_ARG(x.dim() == 2 && x.device().is_cpu(), "x", "expected a 2-D CPU tensor [M, K], got ", x.sizes());
-  PK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.device().is_cpu(), "weight",
-               "expected a CPU tensor [N, ", x.size(1), "], got ", weight.sizes());
-  PK_CHECK_ARG(weight.scalar_type() == x.scalar_type(), "weight", "dtype ", weight.scalar_type(),
-               " does not match x's dtype ", x.scalar_type());
-  if (bias.has_value() && bias->defined()) {
-    PK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x.scalar_type() &&
-                     bias->device().is_cpu(),
-                 "bias", "expected a CPU ", x.scalar_type(), " tensor [", weight.size(0), "], got ",
-                 bias->scalar_type(), " ", bias->sizes());
-  }
+  check_linear_args(x, weight, bias);
   if (!linear_fp32_own_applies(x, weight, bias)) return at::linear(x, weight, bias);
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const c10::optional<at::Tensor> bc =

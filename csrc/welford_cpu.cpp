@@ -477,17 +477,7 @@ void check_linear_with_stats_args(const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& row_mask,
                                   int64_t seq_len) {
   check_partials_args(x, row_mask, seq_len);
-  PK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1), "weight", "expected shape [N, ", x.size(1),
-               "], got ", weight.sizes());
-  PK_CHECK_ARG(weight.scalar_type() == x.scalar_type(), "weight", "dtype ", weight.scalar_type(),
-               " does not match x's dtype ", x.scalar_type());
-  PK_CHECK_ARG(weight.device().is_cpu(), "weight", "expected a CPU tensor");
-  if (bias.has_value() && bias->defined()) {
-    PK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x.scalar_type() &&
-                     bias->device().is_cpu(),
-                 "bias", "expected a CPU ", x.scalar_type(), " tensor [", weight.size(0), "], got ",
-                 bias->scalar_type(), " ", bias->sizes());
-  }
+  check_linear_args(x, weight, bias);
 }
 
 bool welford_partials_into(const at::Tensor& x, const bool* mask, int64_t seq_len, const PartialsView& out,
@@ -584,9 +574,7 @@ at::Tensor stats_then_linear(const at::Tensor& x, const at::Tensor& weight, cons
   LinearFp32Args args = linear_fp32_args(x, wc, bc, y);
   // each thread computes its rows of y as soon as its channels' statistics are done
   const TaskHook gemm{[](void* c, int64_t task, int64_t ntasks) {
-                        const auto& a = *static_cast<const LinearFp32Args*>(c);
-                        const auto [m0, m1] = linear_fp32_task_rows(a.M, task, ntasks);
-                        linear_fp32_rows(a.x, a.ldx, a.w, a.N, a.K, a.bias, a.y, m0, m1);
+                        linear_fp32_task(*static_cast<const LinearFp32Args*>(c), task, ntasks);
                       },
                       &args};
   if (!welford_partials_into(x, mask, seq_len, out, then, &gemm)) linear_fp32_parallel(args);

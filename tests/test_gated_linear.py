@@ -375,3 +375,34 @@ def test_cpu_tensors_are_dispatched_to_the_cpp_kernel(monkeypatch):
         assert calls == [1]
     finally:
         dispatch._cached_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_eager_inference_runs_the_kernel_without_the_custom_op(backend, monkeypatch):
+    # Eager calls with nothing to record (no grad, no tracing, no subclass or Python mode) run the backend kernel
+    # directly, skipping the custom op's dispatch; every other call must still go through the op. Both give the
+    # same bits.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, packed, b, _ = make_case((2, 5), 7, 45, torch.float32, 0.3)
+    via_op = torch.ops.persona_kernels.gated_linear(x, w, packed, b, 0.3, backend)
+    real_op = _gated_linear_module._gated_linear_op
+    calls = []
+    monkeypatch.setattr(_gated_linear_module, "_gated_linear_op", lambda *a: calls.append(1) or real_op(*a))
+
+    direct = pk.gated_linear(x, w, packed, b, 0.3, backend=backend)
+    with torch.no_grad():
+        direct_no_grad = pk.gated_linear(x, w.requires_grad_(), packed, b, 0.3, backend=backend)
+    assert calls == []
+    assert torch.equal(direct, via_op) and torch.equal(direct_no_grad, via_op)
+
+    y = pk.gated_linear(x, w, packed, b, 0.3, backend=backend)  # w requires grad: autograd needs the op
+    assert calls == [1] and y.requires_grad
+    w.requires_grad_(False)
+    with torch.device("cpu"):  # a torch function mode
+        pk.gated_linear(x, w, packed, b, 0.3, backend=backend)
+    assert calls == [1, 1]
+    with FakeTensorMode() as mode:  # fake tensors and a dispatch mode: shape propagation through the op's fake
+        fx, fw, fp, fb = (mode.from_tensor(t) for t in (x, w, packed, b))
+        assert pk.gated_linear(fx, fw, fp, fb, 0.3, backend=backend).shape == (2, 5, 7)
+    assert calls == [1, 1, 1]

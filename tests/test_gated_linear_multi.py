@@ -173,3 +173,19 @@ def test_sorted_runs_and_single_persona_batches(backend):
     check(backend, (11,), 20, 70, 3, torch.float32, [0.0, 0.4, 1.0], index=index)
     check(backend, (11,), 20, 70, 3, torch.float32, 0.2, index=torch.full((11,), 1))
     check(backend, (2, 4), 20, 70, 3, torch.float32, 0.0, index=torch.tensor([[2, 2, 2, 2], [0, 0, 0, 0]]))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_eager_inference_runs_the_kernel_without_the_custom_op(backend, monkeypatch):
+    # As for gated_linear: eager inference calls the kernel directly (same bits as the op); a call that needs
+    # autograd still goes through the op.
+    x, w, b, _, bank = make_case((3, 4), 9, 70, 2, torch.float32)
+    index = torch.randint(-1, 2, (3, 4))
+    via_op = torch.ops.persona_kernels.gated_linear_multi(x, w, bank, index, b, [0.2, 0.0], backend)
+    real_op = _multi_module._gated_linear_multi_op
+    calls = []
+    monkeypatch.setattr(_multi_module, "_gated_linear_multi_op", lambda *a: calls.append(1) or real_op(*a))
+    assert torch.equal(pk.gated_linear_multi(x, w, bank, index, b, [0.2, 0.0], backend=backend), via_op)
+    assert calls == []
+    y = pk.gated_linear_multi(x.requires_grad_(), w, bank, index, b, [0.2, 0.0], backend=backend)
+    assert calls == [1] and y.requires_grad

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from persona_kernels.dispatch import check_backend, get_kernel, reference_kernel, register_device_kernels
+from persona_kernels.dispatch import check_backend, direct_call_ok, get_kernel, reference_kernel, register_device_kernels
 from persona_kernels.ops.packing import packed_words
 from persona_kernels.utils import errors
 
@@ -162,6 +162,8 @@ def gated_linear(
     check_gated_linear_args(x, weight, packed_mask, bias)
     errors.check_gamma("gated_linear", gamma)
     check_backend("gated_linear", backend)
+    if direct_call_ok(x, weight, packed_mask, bias):  # eager inference: the kernel the op would run
+        return _run(get_kernel("gated_linear", backend, x.device), x, weight, packed_mask, bias, gamma, backend)
     if backend != "auto" and not torch.compiler.is_compiling():
         get_kernel("gated_linear", backend, x.device)  # raise now if unavailable, with the backend's message
     return _gated_linear_op(x, weight, packed_mask, bias, float(gamma), backend)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from persona_kernels.dispatch import check_backend, get_kernel, reference_kernel, register_device_kernels
+from persona_kernels.dispatch import check_backend, direct_call_ok, get_kernel, reference_kernel, register_device_kernels
 from persona_kernels.ops.gated_linear import _contiguous, check_gated_linear_args, run_rows
 from persona_kernels.ops.packing import packed_words
 from persona_kernels.utils.errors import fail
@@ -150,6 +150,9 @@ def gated_linear_multi(
     """
     check_gated_linear_multi_args(x, weight, packed_bank, persona_index, bias, backend, validate_index)
     gammas = _gammas(gamma, packed_bank.shape[0])
+    if direct_call_ok(x, weight, packed_bank, persona_index, bias):  # eager inference: the kernel the op would run
+        return _run(get_kernel("gated_linear_multi", backend, x.device), x, weight, packed_bank, persona_index, bias,
+                    gammas, backend)
     if backend != "auto":
         get_kernel("gated_linear_multi", backend, x.device)  # raise now if unavailable / not implemented
     return _gated_linear_multi_op(x, weight, packed_bank, persona_index, bias, gammas, backend)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from persona_kernels.dispatch import get_kernel
+from persona_kernels.dispatch import direct_call_ok, get_kernel
 from persona_kernels.ops.gated_linear import _run as run_gated
 from persona_kernels.ops.gated_linear import gated_grads, gated_linear
 from persona_kernels.ops.gated_linear_multi import gated_linear_multi
@@ -27,15 +27,11 @@ from persona_kernels.utils.errors import message
 __all__ = ["persona_forward", "persona_linear"]
 
 
-def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _gated(x, weight, mask, bias, gamma: float, backend: str) -> torch.Tensor:
     """Gated linear; in inference the kernel runs on the module's inputs as they are (validated at patch time)."""
-    if _needs_grad(x, weight, bias) or x.dtype != weight.dtype or x.device != weight.device or x.dim() < 1:
-        return gated_linear(x, weight, mask, bias, gamma, backend=backend)  # validating, differentiable op
-    return run_gated(get_kernel("gated_linear", backend, x.device), x, weight, mask, bias, gamma, backend)
+    if direct_call_ok(x, weight, bias) and x.dtype == weight.dtype and x.device == weight.device and x.dim() >= 1:
+        return run_gated(get_kernel("gated_linear", backend, x.device), x, weight, mask, bias, gamma, backend)
+    return gated_linear(x, weight, mask, bias, gamma, backend=backend)  # validating, differentiable op
 
 
 def persona_forward(
