@@ -167,7 +167,7 @@ def test_report_writer_produces_json_markdown_and_pngs(tmp_path):
     md = (tmp_path / "report.md").read_text()
     for text in ("## gated", "## calibration", "## scoring", "## switching", "## e2e", "Not run: RuntimeError",
                  "![gated](gated.png)", "AMD" if "AMD" in result["machine"]["cpu_model"] else "Machine:",
-                 "Regression guard", "whole / plain (≤ 3 %)", "| +2.0 % | 3.03x |"):
+                 "Regression guard", "stats overhead, whole / plain |", "| +2.0 % ±0% | 3.03x ±0% |"):
         assert text in md, text
     assert md == markdown(result, {k: f"{k}.png" for k in ("gated", "calibration", "scoring", "switching", "e2e")})
     for name in ("gated", "calibration", "scoring", "switching", "e2e"):

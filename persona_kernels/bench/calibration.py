@@ -146,7 +146,11 @@ def run(cfg: Config, model_and_tokenizer=None) -> dict[str, Any]:
     check: dict[str, float] = {}
     rows, skipped = run_cases(make_cases(cfg, model, tok, check), cfg, "calibration")
     return {"title": TITLE, "settings": settings(cfg), "rows": rows, "skipped": skipped, "check": dict(check),
-            "notes": ["whole/plain - 1 = statistics overhead with every forward run whole (target <= 3 %); stats = "
-                      "collect_stats as called by default (forwards stop after the last recorded Linear); "
-                      "hooks/stats = speed-up over the hook approach run one text at a time (target >= 3x)",
+            "notes": ["whole/plain - 1 = statistics overhead with every forward run whole; stats = collect_stats as "
+                      "called by default (forwards stop after the last recorded Linear); hooks/stats = speed-up over "
+                      "the hook approach run one text at a time",
+                      "the targets (overhead <= 3 %, >= 3x over hooks) are measured by benchmarks/bench_calibration.py "
+                      "at full size: 64 texts per persona and the overhead from per-batch pairs. --quick times a few "
+                      "whole passes over 16 texts per persona (one batch each): a smoke test whose spread is wider "
+                      "than the overhead itself",
                       "check: max relative difference of the per-channel RMS, collect_stats vs hooks"]}
