@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from persona_kernels.utils.errors import fail
-from persona_kernels.dispatch import check_backend, get_kernel, reference_kernel, register_device_kernels
+from persona_kernels.dispatch import check_backend, direct_call_ok, get_kernel, reference_kernel, register_device_kernels
 
 # This module does not import persona_kernels.stats (stats imports it): the running state is any object
 # with ActivationStats' ``num_channels``, ``device`` and ``merge_batch`` (duck-typed, one import direction).
@@ -174,16 +174,6 @@ def _lws_backward(ctx, grad_y, *grad_stats):
 _linear_with_stats_op.register_autograd(_lws_backward, setup_context=_lws_setup_context)
 
 
-def _eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
-    """True when the kernel can be called directly instead of through the custom op (saves ~0.1 ms of
-    dispatch per call): eager mode, and no autograd graph to record."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return True
-
-
 @functools.lru_cache(maxsize=None)
 def _cpu_linear_with_stats():
     """The C++ backend's linear_with_stats function (None without the extension)."""
@@ -195,7 +185,7 @@ def _cpu_linear_with_stats():
 
 
 def _partials(x2: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int, backend: str) -> tuple:
-    if _eager_fast_path(x2):
+    if direct_call_ok(x2):
         return tuple(get_kernel("welford_partials", backend, x2.device)(
             x2.contiguous(), None if row_mask is None else row_mask.contiguous(), seq_len))
     return _welford_partials_op(x2, row_mask, seq_len, backend)
@@ -243,7 +233,7 @@ def welford_update(
 
 def _merge(stats: Any, partials, x2: torch.Tensor, row_mask: Optional[torch.Tensor], seq_len: int) -> None:
     """Merge a batch's partials into ``stats`` (one C++ pass on CPU in eager mode, else tensor ops)."""
-    stats.merge_batch(WelfordPartials(*partials), row_mask, seq_len, x2.shape[0], native=_eager_fast_path(x2))
+    stats.merge_batch(WelfordPartials(*partials), row_mask, seq_len, x2.shape[0], native=direct_call_ok(x2))
 
 
 def linear_with_stats(
@@ -310,7 +300,7 @@ def _linear_with_stats_checked(x: torch.Tensor, weight: torch.Tensor, bias: Opti
     """:func:`linear_with_stats` after its argument checks (the recorder calls it directly once a module's
     first call has passed them: the inputs it builds keep their dtype, device and width)."""
     x2, row_mask, seq_len = _layout(x, token_mask)
-    eager = _eager_fast_path(x, weight, bias)
+    eager = direct_call_ok(x, weight, bias)
     merge = _one_call_cpu_merge(x, stats, backend) if eager else None
     if merge is not None:
         # CPU: kernel and merge in one C++ call (it makes its inputs contiguous itself)
