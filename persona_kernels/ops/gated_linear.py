@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from persona_kernels.dispatch import check_backend, direct_call_ok, get_kernel, reference_kernel, register_device_kernels
+from persona_kernels.dispatch import (check_backend, direct_call_ok, get_kernel, reference_kernel,
+                                      register_device_kernels)
 from persona_kernels.ops.packing import packed_words
 from persona_kernels.utils import errors
 

@@ -13,7 +13,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from persona_kernels.dispatch import check_backend, direct_call_ok, get_kernel, reference_kernel, register_device_kernels
+from persona_kernels.dispatch import (check_backend, direct_call_ok, get_kernel, reference_kernel,
+                                      register_device_kernels)
 from persona_kernels.ops.gated_linear import _contiguous, check_gated_linear_args, run_rows
 from persona_kernels.ops.packing import packed_words
 from persona_kernels.utils.errors import fail

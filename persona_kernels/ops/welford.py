@@ -21,7 +21,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from persona_kernels.utils.errors import fail
-from persona_kernels.dispatch import check_backend, direct_call_ok, get_kernel, reference_kernel, register_device_kernels
+from persona_kernels.dispatch import (check_backend, direct_call_ok, get_kernel, reference_kernel,
+                                      register_device_kernels)
 
 # This module does not import persona_kernels.stats (stats imports it): the running state is any object
 # with ActivationStats' ``num_channels``, ``device`` and ``merge_batch`` (duck-typed, one import direction).
