@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common.h"
+#include "simd_loads.h"
 
 namespace persona_kernels {
 namespace {
@@ -204,25 +205,6 @@ PK_AVX512 void tile_avx512(const void* x, int64_t k, const bool* mask, int64_t r
 }
 
 // ---------------------------------------------------------------------------------------------- AVX2
-template <typename T>
-PK_AVX2 inline __m256 load8(const T* p);
-
-template <>
-PK_AVX2 inline __m256 load8<float>(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-
-template <>
-PK_AVX2 inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-template <>
-PK_AVX2 inline __m256 load8<at::Half>(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 struct Acc8 {
   __m256 sh, ash, cnt, s1, s2, a1, a2, q;
 };
@@ -292,8 +274,8 @@ PK_AVX2 inline void tile_avx2_rows(const T* x, int64_t k, const bool* mask, int6
       std::memcpy(static_cast<void*>(tmp), p, sizeof(T) * lanes);
       p = tmp;
     }
-    update8<Seeded>(lo, load8<T>(p), ok0);
-    update8<Seeded>(hi, load8<T>(p + 8), ok1);
+    update8<Seeded>(lo, load8_as_f32<T>(p), ok0);
+    update8<Seeded>(hi, load8_as_f32<T>(p + 8), ok1);
   }
   store_acc8(lo, sc, off);
   store_acc8(hi, sc, off + 8);
