@@ -38,6 +38,11 @@ namespace {
 
 using namespace gated_cpu;
 
+// Cache level the bf16-dot block kernels prefetch the next weight block into (the fp32-lane ones use T1).
+#ifndef PK_PF_HINT
+#define PK_PF_HINT _MM_HINT_T0
+#endif
+
 // Rows of x at or above which the GEMM path is used. Measured on an AVX-512 AMD EPYC: the fp32 block kernels
 // beat MKL's sgemm up to about 192 rows (1 thread); for bf16 with AVX512_BF16 our own GEMM (32-row tiles)
 // matches the block kernels at 32 rows and beats them above (1 and 2 threads, 1024x4096 and 4096x4096).
@@ -79,7 +84,7 @@ void block_portable(const void* xv, int64_t ldx, const void* wv, int64_t ldw, in
     float g[NR];
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
-      const float wk = to_float(w[r * ldw + k]);
+      const float wk = static_cast<float>(w[r * ldw + k]);
       g[r] = bit_of(bits + r * words, k) ? wk : wk * gamma;
     }
 #pragma GCC unroll 8
@@ -239,7 +244,7 @@ PK_TARGET_AVX2 void block_avx2(const void* xv, int64_t ldx, const void* wv, int6
       const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
       float s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
       for (int64_t k = kv; k < K; ++k) {
-        const float wk = to_float(w[r * ldw + k]);
+        const float wk = static_cast<float>(w[r * ldw + k]);
         s += x[i * ldx + k] * (bit_of(bits + r * words, k) ? wk : wk * gamma);
       }
       sums[i * NR + r] = s;

@@ -43,22 +43,6 @@ inline bool cpu_has_avx512bf16() {
 #endif
 }
 
-inline float bf16_bits_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <typename T>
-inline float to_float(T v) {
-  return static_cast<float>(v);
-}
-template <>
-inline float to_float<BFloat16>(BFloat16 v) {
-  return bf16_bits_to_float(v.x);
-}
-
 inline bool bit_of(const uint32_t* row_bits, int64_t k) { return (row_bits[k >> 5] >> (k & 31)) & 1u; }
 
 #if PK_X86
@@ -85,9 +69,6 @@ PK_TARGET_AVX512 inline __m512 load16_avx512<BFloat16>(const BFloat16* p, __mmas
 
 // Keeps the compiler from folding a following mask operation into the load: masked loads with
 // data-dependent masks are much slower than a plain load plus a register blend on AMD Zen.
-#ifndef PK_PF_HINT
-#define PK_PF_HINT _MM_HINT_T0
-#endif
 #define PK_OPAQUE(v) __asm__("" : "+v"(v))
 
 // Gated 16-lane weight vector w * G (lanes outside `valid` are zero). Pruned lanes are multiplied

@@ -39,7 +39,7 @@ void gate_f32_portable(const WT* w, const uint32_t* bits, int64_t rows, int64_t 
                        float* out) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < K; ++k) {
-      const float v = to_float(w[r * K + k]);
+      const float v = static_cast<float>(w[r * K + k]);
       out[r * K + k] = bit_of(bits + r * words, k) ? v : v * gamma;
     }
 }
@@ -49,7 +49,7 @@ void gate_bf16_portable(const BFloat16* w, const uint32_t* bits, int64_t rows, i
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < K; ++k) {
       const BFloat16 v = w[r * K + k];
-      out[r * K + k] = bit_of(bits + r * words, k) ? v : BFloat16(to_float(v) * gamma);
+      out[r * K + k] = bit_of(bits + r * words, k) ? v : BFloat16(static_cast<float>(v) * gamma);
     }
 }
 
@@ -116,7 +116,7 @@ PK_TARGET_AVX2 void gate_f32_avx2(const WT* w, const uint32_t* bits, int64_t row
       _mm256_storeu_ps(o + k, _mm256_mul_ps(load8_as_f32<WT>(wr + k), _mm256_blendv_ps(g, one, keep)));
     }
     for (int64_t k = kv; k < K; ++k) {
-      const float v = to_float(wr[k]);
+      const float v = static_cast<float>(wr[k]);
       o[k] = bit_of(br, k) ? v : v * gamma;
     }
   }

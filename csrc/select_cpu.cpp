@@ -48,11 +48,6 @@ inline uint32_t ordered_key(float v, uint32_t flip) {
   return (b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u)) ^ flip;
 }
 
-template <typename T>
-inline float to_float(T v) {
-  return static_cast<float>(v);
-}
-
 struct Scratch {
   std::vector<uint32_t> keys, cand, sub, sample;
   std::vector<uint8_t> bytes;
@@ -250,13 +245,13 @@ bool row_keys(const T* src, const float* scale, int64_t k, uint32_t flip, uint32
   uint32_t bad = 0;
   if (scale != nullptr) {
     for (int64_t j = 0; j < k; ++j) {
-      const float w = std::fabs(to_float(src[j]));
+      const float w = std::fabs(static_cast<float>(src[j]));
       bad |= static_cast<uint32_t>(float_bits(w) >= 0x7f800000u);
       keys[j] = ordered_key(w * scale[j], flip);
     }
   } else {
     for (int64_t j = 0; j < k; ++j) {
-      const float v = to_float(src[j]);
+      const float v = static_cast<float>(src[j]);
       bad |= static_cast<uint32_t>((float_bits(v) & 0x7fffffffu) > 0x7f800000u);
       keys[j] = ordered_key(v, flip);
     }
